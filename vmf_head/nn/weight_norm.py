@@ -10,7 +10,7 @@ mean direction of mixture component k and ``kappa_k = ||w_k|| / tau`` its concen
 The layer stores exactly the parameters that ``torch.nn.utils.weight_norm(nn.Linear(p, K, bias=False))``
 creates (``weight_g`` of shape (K, 1), ``weight_v`` of shape (K, p), in that order), so checkpoints of
 DINO, iBOT, DINOv2 and lightly heads load into it and back unchanged. It is a plain module rather than that
-function because the function is deprecated (a FutureWarning on every call since torch 2.1), and its
+function because the function is deprecated (torch 2.14 emits a FutureWarning on every call), and its
 replacement, ``torch.nn.utils.parametrizations.weight_norm``, names the parameters
 ``parametrizations.weight.original0/1`` instead. State dicts in that newer layout are accepted on load too.
 """
