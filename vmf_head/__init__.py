@@ -1,8 +1,9 @@
 """vmf-head: von Mises-Fisher prototype heads and losses for DINO and iBOT (DINO-vMF, iBOT-vMF)."""
 
-from .nn import VMFPrototypeHead, iBOTvMFHead
+from .functional import vmf_logits
+from .nn import DINOvMFLoss, VMFPrototypeHead, iBOTvMFHead, iBOTvMFLoss
 from .normalizer import log_vmf_normalizer, vmf_mean_resultant_length
 
 __version__ = "0.1.0"
 
-__all__ = ["log_vmf_normalizer", "vmf_mean_resultant_length", "VMFPrototypeHead", "iBOTvMFHead"]
+__all__ = ["log_vmf_normalizer", "vmf_mean_resultant_length", "VMFPrototypeHead", "iBOTvMFHead", "vmf_logits", "DINOvMFLoss", "iBOTvMFLoss"]

@@ -1,5 +1,7 @@
 """Modules holding state: prototype heads and losses."""
 
 from .dino_head import VMFPrototypeHead
+from .dino_loss import DINOvMFLoss
 from .ibot_head import iBOTvMFHead
+from .ibot_loss import iBOTvMFLoss
 from .weight_norm import WeightNormLinear

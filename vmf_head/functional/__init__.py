@@ -1,0 +1,26 @@
+"""Pure functions (no state) behind the DINO-vMF / iBOT-vMF modules, like ``torch.nn.functional``."""
+
+from .centering import (
+    CENTERINGS,
+    center_teacher,
+    global_batch_means,
+    logit_centering,
+    probability_centering,
+    sinkhorn_centering,
+)
+from .dino_loss import dino_vmf_loss, ibot_patch_vmf_loss, multicrop_cross_entropy
+from .vmf import vmf_correction, vmf_logits
+
+__all__ = [
+    "CENTERINGS",
+    "center_teacher",
+    "dino_vmf_loss",
+    "global_batch_means",
+    "ibot_patch_vmf_loss",
+    "logit_centering",
+    "multicrop_cross_entropy",
+    "probability_centering",
+    "sinkhorn_centering",
+    "vmf_correction",
+    "vmf_logits",
+]

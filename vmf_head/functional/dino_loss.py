@@ -1,0 +1,301 @@
+"""Reference DINO-vMF and iBOT-vMF losses (plain PyTorch), the contract shared with the fused Triton op
+``vmf_head.ops.dino_loss`` (same signatures, same semantics; see ``docs/loss.md``).
+
+The multi-crop cross-entropy of DINO (Caron et al., 2021), with student logits ``l_s`` and teacher
+targets ``q`` of the global views,
+
+    L = 1/n_pairs sum_{i != j} mean_b [ -q_i[b] . log_softmax(l_s_j[b]) ],
+
+is computed with ONE log-softmax per student view (DINO's code recomputes it for every pair):
+``sum_{i != j} -q_i . lsm_j = -(sum_{i != j} q_i) . lsm_j``. The backward is analytic,
+
+    dL/dl_s_j[b] = (n_j softmax(l_s_j[b]) - sum_{i != j} q_i[b]) / (n_pairs B),   n_j = #{i : i != j},
+
+with ``dL/dstudent = dL/dl_s / student_temp`` and ``dL/dstudent_correction = sum_{j,b} dL/dl_s_j[b]``;
+it is computed in place in the buffer that held the log-softmax, so forward plus backward allocate one
+``(n_views B, K)`` float32 buffer (plus the gradient's cast when the input is half precision).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .centering import center_teacher, check_centering
+from .vmf import check_temperature, compute_dtype, no_autocast
+
+
+class _MultiCropCrossEntropy(torch.autograd.Function):
+    """Weighted multi-view cross-entropy between fixed targets and a softmax of student logits.
+
+    Student rows are ``n_views`` stacked views of ``B`` rows; targets are ``G`` stacked views of the
+    same ``B`` rows. Student view ``j`` is paired with every target view ``i`` (``i != j`` when
+    ``skip_same``). Row ``b`` weighs ``row_weight[b]`` (``1/B`` when None); the sum over pairs is
+    divided by the number of pairs.
+    """
+
+    @staticmethod
+    def forward(ctx, student, correction, targets, row_weight, n_views, skip_same, inv_temp):
+        dtype = compute_dtype(student, correction, targets)
+        rows, k = student.shape
+        batch = rows // n_views
+        n_targets = targets.shape[0] // batch if batch else 0
+        n_same = min(n_targets, n_views) if skip_same else 0
+        # n_j: number of target views paired with student view j.
+        n_per_view = torch.full((n_views,), float(n_targets), dtype=dtype, device=student.device)
+        n_per_view[:n_same] -= 1
+        n_pairs = n_views * n_targets - n_same
+
+        logits = student.to(dtype) if student.dtype != dtype else student.mul(inv_temp)
+        if student.dtype != dtype:
+            logits.mul_(inv_temp)
+        if correction is not None:
+            logits += correction.to(dtype)
+        log_p = torch.log_softmax(logits, dim=-1, out=logits).view(n_views, batch, k)
+
+        weight = row_weight.to(dtype) if row_weight is not None else torch.full(
+            (batch,), 1.0 / max(batch, 1), dtype=dtype, device=student.device
+        )
+        weighted = targets.to(dtype).view(n_targets, batch, k) * weight[None, :, None]
+        total = weighted.sum(0)  # sum_i w q_i, paired with every student view
+        cross = torch.mv(log_p.view(n_views, batch * k), total.view(-1)).sum()
+        for i in range(n_same):
+            cross -= torch.dot(weighted[i].view(-1), log_p[i].reshape(-1))
+        loss = -cross / max(n_pairs, 1)
+
+        ctx.save_for_backward(log_p, total, weighted[:n_same], weight, n_per_view)
+        ctx.n_pairs, ctx.inv_temp = max(n_pairs, 1), inv_temp
+        ctx.student_dtype = student.dtype
+        ctx.correction_dtype = correction.dtype if correction is not None else None
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        log_p, total, weighted_same, weight, n_per_view = ctx.saved_tensors
+        n_views, batch, k = log_p.shape
+        # Reuse the log-softmax buffer: grad = coef * (n_j w_b p - sum_{i != j} w_b q_i).
+        coef = grad_loss.to(log_p.dtype) * (ctx.inv_temp / ctx.n_pairs)
+        grad = log_p.exp_()
+        grad *= (coef * n_per_view[:, None] * weight[None, :])[..., None]
+        grad -= total * coef
+        if len(weighted_same):
+            grad[: len(weighted_same)] += weighted_same * coef
+        grad = grad.view(n_views * batch, k)
+        grad_correction = None
+        if ctx.needs_input_grad[1]:
+            grad_correction = (grad.sum(0) / ctx.inv_temp).to(ctx.correction_dtype)
+        return grad.to(ctx.student_dtype), grad_correction, None, None, None, None, None
+
+
+def multicrop_cross_entropy(
+    student_output: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    n_views: int,
+    student_temp: float,
+    student_correction: torch.Tensor | None = None,
+    skip_same_view: bool = True,
+    row_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Multi-crop cross-entropy ``1/n_pairs sum_{pairs (i, j)} sum_b w_b [-q_i[b] . log_softmax(l_s_j[b])]``.
+
+    Args:
+        student_output: ``(n_views * B, K)`` raw student outputs, views stacked (any float dtype).
+        targets: ``(G * B, K)`` target distributions (rows sum to 1), the first G views; not
+            differentiated.
+        n_views: number of student views.
+        student_temp: ``tau_s``; ``l_s = student_output / tau_s + student_correction``.
+        student_correction: ``(K,)`` or None; differentiable.
+        skip_same_view: skip pairs with ``i == j`` (DINO); False pairs every target view with every
+            student view (iBOT's patch term uses one view with ``G = n_views = 1``).
+        row_weight: ``(B,)`` weights ``w_b`` (default ``1/B``: the mean over the batch).
+
+    Returns:
+        Scalar loss in float32 (float64 for float64 inputs). Its backward is analytic (see the module
+        docstring), and it supports one backward pass (the buffer is reused).
+    """
+    inv_temp = 1.0 / check_temperature("student_temp", student_temp)
+    with no_autocast(student_output.device):
+        return _MultiCropCrossEntropy.apply(
+            student_output, student_correction, targets.detach(), row_weight, n_views, skip_same_view, inv_temp
+        )
+
+
+def _check_2d(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (views * batch, K), got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_correction(name: str, correction: torch.Tensor | None, k: int) -> None:
+    if correction is not None and tuple(correction.shape) != (k,):
+        raise ValueError(f"{name} must have shape (K,) = ({k},), got {tuple(correction.shape)}")
+
+
+def check_dino_inputs(
+    student_output: torch.Tensor, teacher_output: torch.Tensor, *, n_views: int, n_global: int
+) -> tuple[int, int]:
+    """Check the shapes of DINO's multi-crop outputs; return ``(B, K)`` or raise a ValueError
+    (TypeError for non-float tensors) naming the problem."""
+    _check_2d("student_output", student_output)
+    _check_2d("teacher_output", teacher_output)
+    for name, n in (("n_views", n_views), ("n_global", n_global)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if n_views < 2 or n_global > n_views:
+        raise ValueError(f"need 2 <= n_views and 1 <= n_global <= n_views, got n_views={n_views}, n_global={n_global}")
+    k = student_output.shape[1]
+    if teacher_output.shape[1] != k:
+        raise ValueError(f"student_output has K={k} prototypes but teacher_output has K={teacher_output.shape[1]}")
+    if student_output.shape[0] % n_views:
+        raise ValueError(
+            f"student_output has {student_output.shape[0]} rows, not divisible by n_views={n_views}"
+        )
+    batch = student_output.shape[0] // n_views
+    if teacher_output.shape[0] != n_global * batch:
+        raise ValueError(
+            f"teacher_output must hold the {n_global} global views of the student's batch of {batch} "
+            f"({n_global * batch} rows), got {teacher_output.shape[0]} rows"
+        )
+    return batch, k
+
+
+def dino_vmf_loss(
+    student_output: torch.Tensor,
+    teacher_output: torch.Tensor,
+    center: torch.Tensor | None,
+    *,
+    n_views: int,
+    n_global: int = 2,
+    student_temp: float,
+    teacher_temp: float,
+    student_correction: torch.Tensor | None = None,
+    teacher_correction: torch.Tensor | None = None,
+    centering: str = "probability",
+    sinkhorn_iterations: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DINO(-vMF) multi-crop loss on the LOCAL batch, and the local statistic for the center update.
+
+    Args:
+        student_output: ``(n_views * B, K)`` raw student outputs ``w_k^T y``, views stacked.
+        teacher_output: ``(n_global * B, K)`` raw teacher outputs of the global views (the first
+            ``n_global`` student views, same order); no gradient.
+        center: ``(1, K)`` logit center (``logit``) or probability center (``probability``); unused
+            (may be None) for ``sinkhorn``.
+        n_views: number of student views (DINO's ``ncrops``), >= 2.
+        n_global: number of teacher views, 1 <= n_global <= n_views.
+        student_temp, teacher_temp: temperatures (the teacher's already scheduled).
+        student_correction: ``(K,)`` ``log C_p(||w_s|| / student_temp)`` or None; differentiable.
+        teacher_correction: ``(K,)`` ``log C_p(||w_t|| / teacher_temp)`` or None; treated as constant.
+        centering: ``"logit"``, ``"probability"`` or ``"sinkhorn"`` (see ``functional.centering``).
+        sinkhorn_iterations: Sinkhorn-Knopp iterations for ``sinkhorn``.
+
+    Returns:
+        ``(loss, batch_stat)``: the scalar loss ``1/n_pairs sum_{i != j} mean_b[-q_i . log_softmax(l_s_j)]``
+        with ``l_s = student_output / student_temp + student_correction`` (float32, or float64 for
+        float64 inputs), and the ``(1, K)`` local-batch statistic for the center (mean raw teacher
+        output for ``logit``, mean uncentred teacher posterior for ``probability``, None for
+        ``sinkhorn``).
+    """
+    check_centering(centering)
+    _, k = check_dino_inputs(student_output, teacher_output, n_views=n_views, n_global=n_global)
+    _check_correction("student_correction", student_correction, k)
+    _check_correction("teacher_correction", teacher_correction, k)
+    q, stat = center_teacher(
+        teacher_output,
+        center,
+        teacher_temp=teacher_temp,
+        teacher_correction=teacher_correction,
+        centering=centering,
+        sinkhorn_iterations=sinkhorn_iterations,
+    )
+    loss = multicrop_cross_entropy(
+        student_output, q, n_views=n_views, student_temp=student_temp, student_correction=student_correction
+    )
+    return loss, stat
+
+
+def check_patch_inputs(student_patch: torch.Tensor, teacher_patch: torch.Tensor, mask: torch.Tensor) -> tuple[int, int, int]:
+    """Check the shapes of iBOT's patch outputs and mask; return ``(images, tokens, K)``."""
+    for name, x in (("student_patch", student_patch), ("teacher_patch", teacher_patch)):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D float tensor (images, tokens, K), got {getattr(x, 'shape', x)!r}")
+    if student_patch.shape != teacher_patch.shape:
+        raise ValueError(
+            f"student_patch {tuple(student_patch.shape)} and teacher_patch {tuple(teacher_patch.shape)} differ in shape"
+        )
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(student_patch.shape[:2]):
+        raise ValueError(f"mask must have shape (images, tokens) = {tuple(student_patch.shape[:2])}, got {getattr(mask, 'shape', mask)!r}")
+    images, tokens, k = student_patch.shape
+    return images, tokens, k
+
+
+def ibot_patch_vmf_loss(
+    student_patch: torch.Tensor,
+    teacher_patch: torch.Tensor,
+    mask: torch.Tensor,
+    center: torch.Tensor | None,
+    *,
+    student_temp: float,
+    teacher_temp: float,
+    student_correction: torch.Tensor | None = None,
+    teacher_correction: torch.Tensor | None = None,
+    centering: str = "probability",
+    sinkhorn_iterations: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """iBOT(-vMF) masked-patch loss on the LOCAL batch, and the local statistic for ``center2``.
+
+    Teacher token ``n`` of image ``b`` is paired with the student's token ``n`` of the SAME view of
+    ``b`` (the student sees a masked copy); images are the global views of every sample, stacked in
+    the same order for student, teacher and mask.
+
+    Args:
+        student_patch: ``(B, N, K)`` raw student patch outputs.
+        teacher_patch: ``(B, N, K)`` raw teacher patch outputs (no gradient).
+        mask: ``(B, N)`` bool, True for the masked tokens (the only ones in the loss).
+        center: ``(1, 1, K)`` center; unused (may be None) for ``sinkhorn``.
+        student_temp, teacher_temp: temperatures (the teacher's is iBOT's scheduled ``teacher_temp2``).
+        student_correction, teacher_correction: ``(K,)`` vMF corrections or None.
+        centering: ``"logit"``, ``"probability"`` or ``"sinkhorn"``. Logit and probability centering
+            use all tokens for the statistic (as iBOT's ``center2``); Sinkhorn balances the masked
+            tokens only (as DINOv2's ``iBOTPatchLoss``).
+        sinkhorn_iterations: Sinkhorn-Knopp iterations for ``sinkhorn``.
+
+    Returns:
+        ``(loss, batch_stat)``: ``mean_b [ sum_{n masked} -q[b,n] . log_softmax(l_s[b,n]) / max(1, #masked_b) ]``
+        (an image without masked tokens contributes 0 to the mean, as iBOT's ``clamp(min=1)``), and
+        the ``(1, 1, K)`` mean over all local tokens of the raw teacher output (``logit``) or of the
+        uncentred teacher posterior (``probability``); None for ``sinkhorn``.
+    """
+    check_centering(centering)
+    images, tokens, k = check_patch_inputs(student_patch, teacher_patch, mask)
+    _check_correction("student_correction", student_correction, k)
+    _check_correction("teacher_correction", teacher_correction, k)
+    mask = mask.to(torch.bool)
+    selected = mask.reshape(-1).nonzero().squeeze(1)
+    kwargs = dict(
+        teacher_temp=teacher_temp,
+        teacher_correction=teacher_correction,
+        centering=centering,
+        sinkhorn_iterations=sinkhorn_iterations,
+    )
+    if centering == "sinkhorn":
+        q, stat = center_teacher(teacher_patch.reshape(-1, k).index_select(0, selected), None, **kwargs)
+    else:
+        q, stat = center_teacher(teacher_patch, center, **kwargs)
+        q = q.reshape(-1, k).index_select(0, selected)
+    per_image = mask.sum(1).clamp(min=1).to(q.dtype) * images
+    token_weight = (1.0 / per_image)[:, None].expand(images, tokens).reshape(-1).index_select(0, selected)
+    loss = multicrop_cross_entropy(
+        student_patch.reshape(-1, k).index_select(0, selected),
+        q,
+        n_views=1,
+        student_temp=student_temp,
+        student_correction=student_correction,
+        skip_same_view=False,
+        row_weight=token_weight,
+    )
+    return loss, stat

@@ -1,0 +1,96 @@
+"""vMF logits of a prototype head: DINO's logits plus the missing log-normaliser (SPEC 2).
+
+DINO's logits ``w_k^T y / tau`` are the log-posterior of a uniform mixture of von Mises-Fisher
+components with means ``mu_k = w_k/||w_k||`` and concentrations ``kappa_k = ||w_k||/tau`` only if every
+normaliser ``C_p(kappa_k)`` is the same. DINO-vMF (Govindarajan et al., ICLR 2023, eq. 6) adds it:
+
+    l_k = w_k^T y / tau + log C_p(||w_k|| / tau)  =  kappa_k mu_k^T y + log C_p(kappa_k).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+
+import torch
+
+from ..normalizer import log_vmf_normalizer
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype the losses compute in: float64 if any input is float64, else float32 (float16 and
+    bfloat16 inputs are promoted so that softmax, log-sum-exp and the normaliser never run in half)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that switches autocast off on ``device`` (the losses choose their own precision)."""
+    if device.type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def check_temperature(name: str, value: object) -> float:
+    """``value`` as a positive finite float, or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < float(value) < float("inf")):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def vmf_correction(
+    prototype_norms: torch.Tensor, temperature: float, p: int, *, mode: str = "exact"
+) -> torch.Tensor:
+    """The vMF correction ``log C_p(prototype_norms / temperature)`` of one branch.
+
+    Args:
+        prototype_norms: ``(K,)`` norms ``||w_k||`` of the prototypes (any float dtype; gradients flow).
+        temperature: the branch's temperature (``tau_s`` or the scheduled ``tau_t``), > 0.
+        p: the dimension of the sphere's ambient space (the head's bottleneck dim, 256 in DINO).
+        mode: ``"exact"`` or ``"approx"``, see :func:`vmf_head.log_vmf_normalizer`.
+
+    Returns:
+        ``(K,)`` tensor in float32 (float64 for float64 norms), differentiable in the norms with the
+        exact derivative ``-A_p(kappa) / temperature``.
+    """
+    temperature = check_temperature("temperature", temperature)
+    if not isinstance(prototype_norms, torch.Tensor) or not prototype_norms.is_floating_point():
+        raise TypeError(f"prototype_norms must be a floating-point tensor, got {type(prototype_norms).__name__}")
+    with no_autocast(prototype_norms.device):
+        kappa = prototype_norms.to(compute_dtype(prototype_norms)) / temperature
+        return log_vmf_normalizer(kappa, p, mode=mode)
+
+
+def vmf_logits(
+    logits: torch.Tensor,
+    prototype_norms: torch.Tensor,
+    temperature: float,
+    p: int,
+    *,
+    mode: str = "exact",
+) -> torch.Tensor:
+    """DINO-vMF logits ``logits / temperature + log C_p(prototype_norms / temperature)``.
+
+    Args:
+        logits: ``(..., K)`` raw head outputs ``w_k^T y`` (y unit length), any float dtype.
+        prototype_norms: ``(K,)`` prototype norms ``||w_k||``; broadcast over the last dim of ``logits``.
+        temperature: the branch's temperature, > 0.
+        p: ambient dimension of the sphere (bottleneck dim).
+        mode: ``"exact"`` or ``"approx"`` normaliser (the approximation is off by a constant in kappa
+            only for large p, which cancels in the softmax).
+
+    Returns:
+        ``(..., K)`` tensor in float32 (float64 if an input is float64), even under autocast, so that
+        its softmax is the Bayes posterior of the uniform vMF mixture ``{(mu_k, kappa_k)}``.
+
+    Raises:
+        ValueError: the last dim of ``logits`` is not the number of norms, or temperature/p/mode are bad.
+    """
+    if prototype_norms.dim() != 1 or logits.shape[-1] != prototype_norms.shape[0]:
+        raise ValueError(
+            f"prototype_norms must have shape (K,) with K = logits.shape[-1] = {logits.shape[-1]}, "
+            f"got {tuple(prototype_norms.shape)}"
+        )
+    correction = vmf_correction(prototype_norms, temperature, p, mode=mode)
+    with no_autocast(logits.device):
+        dtype = compute_dtype(logits, correction)
+        return logits.to(dtype) / temperature + correction.to(dtype)
