@@ -1,0 +1,170 @@
+"""What every integration needs: find the prototype layers inside the user's models, read their norms.
+
+The codebases we patch (facebookresearch/dino, bytedance/ibot, facebookresearch/dinov2, lightly) hold
+their prototypes in the last linear layer of the projection head, ``last_layer`` (iBOT: also
+``last_layer2`` for patch tokens), as ``torch.nn.utils.weight_norm(nn.Linear(p, K, bias=False))``, so
+that ``w_k = g_k v_k / ||v_k||`` and ``||w_k|| = |g_k|`` (SPEC section 1). What the training scripts hand
+around is that head inside wrappers: DINO's/iBOT's ``MultiCropWrapper(backbone, head)``, often inside
+``DistributedDataParallel``; DINOv2's heads sit in a ``ModuleDict``, inside FSDP.
+
+The integrations never replace these layers. They read ``||w_k||`` from them at every step, so parameter
+names, optimizer groups, DDP's parameter registry and checkpoints are exactly those of the unpatched run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FrozenNormsWarning",
+    "unwrap",
+    "find_head",
+    "prototype_norms",
+    "prototype_shape",
+    "warn_if_frozen",
+    "copy_schedule",
+]
+
+
+class FrozenNormsWarning(UserWarning):
+    """The student's prototype norms cannot change, so the vMF correction is a constant."""
+
+
+def _wrapper_types() -> tuple[type, ...]:
+    types: list[type] = [nn.DataParallel, nn.parallel.DistributedDataParallel]
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        types.append(FullyShardedDataParallel)
+    return tuple(types)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DataParallel`` / ``DistributedDataParallel`` / FSDP wrappers (any depth)."""
+    wrappers = _wrapper_types()
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+def find_head(model: nn.Module, layer_names: tuple[str, ...] = ("last_layer",), *, role: str) -> nn.Module:
+    """The unique module of ``model`` (itself or a submodule) holding prototype layers ``layer_names``.
+
+    ``model`` may be the head itself, DINO's/iBOT's ``MultiCropWrapper``, or either inside
+    ``DistributedDataParallel``. ``role`` ("student", "teacher") only makes the error messages precise.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or holds no such module.
+        ValueError: it holds several (e.g. a model owning both the student and the teacher head).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{role} must be an nn.Module (the network or its projection head), got {type(model).__name__}")
+    inner = unwrap(model)
+    found = [
+        (name, module)
+        for name, module in inner.named_modules()
+        if all(isinstance(getattr(module, attr, None), nn.Module) for attr in layer_names)
+    ]
+    wanted = " and ".join(f"`{attr}`" for attr in layer_names)
+    if not found:
+        raise TypeError(
+            f"{role}: no module of {type(inner).__name__} has a prototype layer {wanted} (the last linear layer "
+            "of a DINO/iBOT projection head); pass the head, the MultiCropWrapper holding it, or either inside "
+            "DistributedDataParallel"
+        )
+    if len(found) > 1:
+        names = ", ".join(repr(name or "<the model itself>") for name, _ in found)
+        raise ValueError(f"{role}: {type(inner).__name__} holds several heads with {wanted} ({names}); pass the {role}'s head itself")
+    return found[0][1]
+
+
+def prototype_shape(layer: nn.Module) -> tuple[int, int]:
+    """``(K, p)``: number of prototypes and their dimension, from a linear prototype layer."""
+    try:
+        return int(layer.out_features), int(layer.in_features)
+    except AttributeError:
+        raise TypeError(f"prototype layer {type(layer).__name__} has no in_features/out_features; expected a linear layer") from None
+
+
+def prototype_norms(layer: nn.Module) -> torch.Tensor:
+    """``||w_k||`` for every row of a prototype layer, shape (K,), float32, differentiable.
+
+    Accepted layers (weight ``W`` of shape (K, p)):
+
+    - :class:`vmf_head.nn.WeightNormLinear` (``norms()``) and ``torch.nn.utils.weight_norm``'d linears
+      (DINO, iBOT, DINOv2, lightly): ``|g_k|`` read from ``weight_g`` (K, 1);
+    - ``torch.nn.utils.parametrizations.weight_norm``'d linears: ``|g_k|`` from ``original0``;
+    - plain ``nn.Linear``: the row norms of ``weight``.
+
+    The value is computed from the parameters as they are now, so call this every step. Half-precision
+    parameters (FSDP mixed precision) are promoted: the concentrations ``||w_k|| / tau`` enter log C_p.
+    """
+    norms_fn = getattr(layer, "norms", None)
+    if callable(norms_fn):
+        norms = norms_fn()
+    elif isinstance(getattr(layer, "weight_g", None), torch.Tensor):
+        norms = layer.weight_g.abs().reshape(-1)
+    elif torch.nn.utils.parametrize.is_parametrized(layer, "weight"):
+        original = layer.parametrizations.weight
+        if not hasattr(original, "original0"):
+            raise TypeError(f"{type(layer).__name__}.weight is parametrized, but not by weight_norm")
+        norms = original.original0.abs().reshape(-1)
+    elif isinstance(getattr(layer, "weight", None), torch.Tensor) and layer.weight.dim() == 2:
+        norms = torch.linalg.vector_norm(layer.weight, dim=1)
+    else:
+        raise TypeError(f"cannot read prototype norms from {type(layer).__name__}: expected a (weight-normalised) linear layer")
+    return norms.float()
+
+
+def warn_if_frozen(layer: nn.Module, *, flag: str, stacklevel: int = 3) -> bool:
+    """Warn (:class:`FrozenNormsWarning`) and return True if the student's norms cannot learn.
+
+    ``flag`` names the codebase's switch that frees them (e.g. ``--norm_last_layer false``).
+    """
+    with torch.enable_grad():
+        frozen = not prototype_norms(layer).requires_grad
+    if frozen:
+        warnings.warn(
+            "the student's prototype norms are frozen (weight_g does not require grad), so the vMF correction "
+            "log C_p(||w_k||/tau) is a constant of training; with all norms equal (DINO's weight_g = 1) it is the "
+            f"same for every prototype and DINO-vMF equals DINO. Train with {flag} to learn the norms.",
+            FrozenNormsWarning,
+            stacklevel=stacklevel,
+        )
+    return frozen
+
+
+def copy_schedule(source: object, target: object, name: str) -> None:
+    """Give ``target`` a copy of ``source``'s temperature schedule ``name`` (numpy array or tensor).
+
+    The vMF loss is built from arguments reconstructed from the original loss; copying the array itself
+    afterwards makes the two schedules identical element by element, including forms the arguments
+    cannot express (iBOT's ``mim_start_epoch`` prefix).
+    """
+    if not hasattr(target, name):
+        raise AttributeError(f"{type(target).__name__} has no attribute {name!r} to receive the schedule")
+    value = getattr(source, name)
+    setattr(target, name, value.clone() if isinstance(value, torch.Tensor) else value.copy())
+
+
+def schedule_arguments(schedule) -> tuple[float, float, int, int]:
+    """``(warmup_temp, final_temp, warmup_epochs, nepochs)`` that rebuild a DINO-style schedule's bounds.
+
+    DINO's schedule is ``linspace(warmup, final, warmup_epochs)`` followed by ``final`` until ``nepochs``;
+    these arguments reproduce its length and end points. Use :func:`copy_schedule` for the exact values.
+    """
+    values = [float(v) for v in schedule]
+    if not values:
+        raise ValueError("the teacher temperature schedule is empty (nepochs = 0)")
+    return values[0], values[-1], 0, len(values)
+
+
+def device_of(module: nn.Module, default: Optional[torch.device] = None) -> torch.device:
+    """Device of the first buffer or parameter of ``module`` (``default`` / CPU when it has none)."""
+    for tensor in (*module.buffers(), *module.parameters()):
+        return tensor.device
+    return default or torch.device("cpu")
