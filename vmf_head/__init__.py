@@ -2,8 +2,8 @@
 
 from .functional import vmf_logits
 from .nn import DINOvMFLoss, VMFPrototypeHead, iBOTvMFHead, iBOTvMFLoss
-from .normalizer import log_vmf_normalizer, vmf_mean_resultant_length
+from .normalizer import log_vmf_normalizer, prototype_log_normalizer, vmf_mean_resultant_length
 
 __version__ = "0.1.0"
 
-__all__ = ["log_vmf_normalizer", "vmf_mean_resultant_length", "VMFPrototypeHead", "iBOTvMFHead", "vmf_logits", "DINOvMFLoss", "iBOTvMFLoss"]
+__all__ = ["log_vmf_normalizer", "vmf_mean_resultant_length", "prototype_log_normalizer", "VMFPrototypeHead", "iBOTvMFHead", "vmf_logits", "DINOvMFLoss", "iBOTvMFLoss"]

@@ -1,0 +1,387 @@
+"""Triton kernels for the vMF log-normaliser log C_p(kappa) and its derivative -A_p(kappa).
+
+The kernels mirror the reference algorithm of ``vmf_head.special.bessel`` step for step, with the
+same shift M, term count K and polynomial coefficients (``_debye.shifted_order``,
+``_debye.series_coefficients``), so the two agree to float64 rounding:
+
+1. uniform (Debye) expansion at the shifted order mu = nu + M, nu = p/2 - 1 (DLMF 10.41.3, 10.41.4):
+   s = sqrt(mu^2 + kappa^2), t = mu/s,
+   h_mu = log(I_mu(kappa)/kappa^mu) = s - mu log(mu + s) - log(2 pi s / U(t)^2)/2,
+   Q_mu = I_{mu+1}/(kappa I_mu) = 1/(s + mu) + W(t)/(s U(t));
+2. M steps of the downward recurrence Q_n = 1/(kappa^2 Q_{n+1} + 2(n+1)) (DLMF 10.29.1), with
+   log prod Q_n accumulated as prod Q_n (1 + kappa) so that it neither under- nor overflows;
+3. log C_p = -(p/2) log(2 pi) - h_nu and d/dkappa log C_p = -kappa Q_nu.
+
+``approx`` mode is the seed paper's leading term nu log(nu + s) - s + log(s)/2 - nu log(2 pi) with
+s = hypot(kappa, nu), and its exact derivative.
+
+All arithmetic is float64 whatever the storage dtype: for large p the value is a small difference
+of terms near p log p (p = 65536: 4e5), which float32 arithmetic cannot resolve to the 2e-6 the
+library promises. The float64 constants (order, coefficients, log 2 pi terms) live in a small
+cached float64 tensor per (p, mode, accuracy, device), because Triton passes Python floats to a
+kernel as float32; the temperature of the fused kernels travels as the int64 bit pattern of its
+float64 value for the same reason.
+
+Nothing here synchronises with the host: shapes decide the grid, the per-order constants are
+uploaded once and cached, and there is no data-dependent Python control flow.
+
+Kernels are compiled for CUDA tensors; with ``TRITON_INTERPRET=1`` in the environment *before this
+module is imported* (Triton decides when ``@triton.jit`` runs), they run through Triton's
+interpreter on CPU tensors instead (``INTERPRETED`` records which). The autograd and dispatch layer
+is ``vmf_head.normalizer``; this module only launches kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from ..special import _debye
+from ..special.bessel import tolerance
+
+MODES = ("exact", "approx")
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+# Layout of the float64 constants tensor: a header, then U's and W's coefficients (highest first).
+_MU = tl.constexpr(0)
+_NU = tl.constexpr(1)
+_HALF_LOG_2PI = tl.constexpr(2)
+_HALF_P_LOG_2PI = tl.constexpr(3)
+_NU_LOG_2PI = tl.constexpr(4)
+_HEADER = tl.constexpr(5)
+_NAN = tl.constexpr(math.nan)
+_INF = tl.constexpr(math.inf)
+
+_BLOCK = 1024  # elementwise kernels: elements per program
+_TILE = 4096  # fused kernels: elements of W per program and loop step
+_MAX_BLOCK_D = 256
+
+
+@triton.jit
+def _to_f64(x):
+    # 16-bit floats go through float32: not every GPU converts them to float64 directly.
+    if x.dtype.is_fp16() or x.dtype.is_bf16():
+        x = x.to(tl.float32)
+    return x.to(tl.float64)
+
+
+@triton.jit
+def _from_f64(x, dtype: tl.constexpr):
+    if dtype.is_fp16() or dtype.is_bf16():
+        x = x.to(tl.float32)
+    return x.to(dtype)
+
+
+@triton.jit
+def _horner(params, OFFSET: tl.constexpr, N: tl.constexpr, t):
+    """sum_j c_j t^(N-1-j) for the N coefficients at params[OFFSET:], highest power first."""
+    tl.static_assert(N >= 2)
+    acc = tl.load(params + OFFSET) * t + tl.load(params + OFFSET + 1)
+    for j in tl.static_range(2, N):
+        acc = acc * t + tl.load(params + OFFSET + j)
+    return acc
+
+
+@triton.jit
+def _expansion(x2, params, N_U: tl.constexpr):
+    """s, t and U(t) of the uniform expansion at the shifted order mu, for x2 = kappa^2."""
+    mu = tl.load(params + _MU)
+    s = tl.sqrt(x2 + mu * mu)
+    t = mu / s
+    u = _horner(params, _HEADER, N_U, t)
+    return mu, s, t, u
+
+
+@triton.jit
+def _scaled_ratio_shifted(mu, s, t, u, params, N_U: tl.constexpr, N_W: tl.constexpr):
+    """Q_mu = I_{mu+1}/(kappa I_mu) = 1/(s + mu) + W(t)/(s U(t))."""
+    w = _horner(params, _HEADER + N_U, N_W, t)
+    return 1.0 / (s + mu) + w / (s * u)
+
+
+@triton.jit
+def _log_normalizer_exact(x, params, N_U: tl.constexpr, N_W: tl.constexpr, SHIFT: tl.constexpr):
+    """log C_p(x) for float64 x >= 0 (values outside are fixed by ``_finish``)."""
+    x2 = x * x
+    mu, s, t, u = _expansion(x2, params, N_U)
+    h = (s - mu * tl.log(s + mu)) - 0.5 * tl.log(s / (u * u)) - tl.load(params + _HALF_LOG_2PI)
+    if SHIFT > 0:
+        nu = tl.load(params + _NU)
+        q = _scaled_ratio_shifted(mu, s, t, u, params, N_U, N_W)
+        x1 = 1.0 + x
+        prod = tl.full(x.shape, 1.0, tl.float64)
+        for i in tl.static_range(SHIFT):
+            # order n = nu + SHIFT - 1 - i, so 2(n + 1) = 2(nu + SHIFT - i)
+            q = 1.0 / (2.0 * (nu + (SHIFT - i)) + x2 * q)
+            prod = prod * q * x1
+        h = h - (tl.log(prod) - SHIFT * tl.log(x1))
+    return -tl.load(params + _HALF_P_LOG_2PI) - h
+
+
+@triton.jit
+def _scaled_derivative_exact(x, params, N_U: tl.constexpr, N_W: tl.constexpr, SHIFT: tl.constexpr):
+    """(d/dx log C_p(x)) / x = -Q_nu(x) = -I_{nu+1}(x)/(x I_nu(x)); -1/p at x = 0."""
+    x2 = x * x
+    mu, s, t, u = _expansion(x2, params, N_U)
+    q = _scaled_ratio_shifted(mu, s, t, u, params, N_U, N_W)
+    if SHIFT > 0:
+        nu = tl.load(params + _NU)
+        for i in tl.static_range(SHIFT):
+            q = 1.0 / (2.0 * (nu + (SHIFT - i)) + x2 * q)
+    return -q
+
+
+@triton.jit
+def _hypot_nu(x, nu):
+    # hypot without overflow for large x (nu > 0 in approx mode, so the larger one is positive).
+    a = tl.maximum(x, nu)
+    b = tl.minimum(x, nu)
+    r = b / a
+    return a * tl.sqrt(1.0 + r * r)
+
+
+@triton.jit
+def _log_normalizer_approx(x, params):
+    nu = tl.load(params + _NU)
+    s = _hypot_nu(x, nu)
+    return nu * tl.log(nu + s) - s + 0.5 * tl.log(s) - tl.load(params + _NU_LOG_2PI)
+
+
+@triton.jit
+def _scaled_derivative_approx(x, params):
+    """(d/dx approx)/x = 1/(2 s^2) - 1/(nu + s)."""
+    nu = tl.load(params + _NU)
+    s = _hypot_nu(x, nu)
+    return 0.5 / (s * s) - 1.0 / (nu + s)
+
+
+@triton.jit
+def _log_normalizer(x, params, EXACT: tl.constexpr, N_U: tl.constexpr, N_W: tl.constexpr, SHIFT: tl.constexpr):
+    if EXACT:
+        out = _log_normalizer_exact(x, params, N_U, N_W, SHIFT)
+    else:
+        out = _log_normalizer_approx(x, params)
+    return out
+
+
+@triton.jit
+def _scaled_derivative(x, params, EXACT: tl.constexpr, N_U: tl.constexpr, N_W: tl.constexpr, SHIFT: tl.constexpr):
+    if EXACT:
+        out = _scaled_derivative_exact(x, params, N_U, N_W, SHIFT)
+    else:
+        out = _scaled_derivative_approx(x, params)
+    return out
+
+
+@triton.jit
+def _finish(out, x, at_inf):
+    """The rest of the domain, as the reference maps it: NaN below 0 and at NaN, the limit at +inf."""
+    out = tl.where(x >= 0.0, out, _NAN)
+    return tl.where(x == _INF, at_inf, out)
+
+
+@triton.jit
+def _elementwise_kernel(
+    kappa_ptr, out_ptr, params, n,
+    DERIVATIVE: tl.constexpr, EXACT: tl.constexpr, N_U: tl.constexpr, N_W: tl.constexpr,
+    SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """out = log C_p(kappa), or its derivative -A_p(kappa) when DERIVATIVE, over n flat elements."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = _to_f64(tl.load(kappa_ptr + offs, mask=mask, other=0.0))
+    if DERIVATIVE:
+        out = _finish(x * _scaled_derivative(x, params, EXACT, N_U, N_W, SHIFT), x, -1.0)
+    else:
+        out = _finish(_log_normalizer(x, params, EXACT, N_U, N_W, SHIFT), x, -_INF)
+    tl.store(out_ptr + offs, _from_f64(out, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_norms(w_ptr, rows, row_mask, n_cols, stride_r, stride_c, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """||w_k|| (float64) for the rows ``rows`` of W, summing squares in float64."""
+    acc = tl.zeros([BLOCK_K], dtype=tl.float64)
+    for start in range(0, n_cols, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        m = row_mask[:, None] & (cols < n_cols)[None, :]
+        w = _to_f64(tl.load(w_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=m, other=0.0))
+        acc += tl.sum(w * w, axis=1)
+    return tl.sqrt(acc)
+
+
+@triton.jit(do_not_specialize=["tau_bits"])
+def _prototype_forward_kernel(
+    w_ptr, out_ptr, params, n_rows, n_cols, stride_r, stride_c, tau_bits,
+    EXACT: tl.constexpr, N_U: tl.constexpr, N_W: tl.constexpr, SHIFT: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out_k = log C_p(||w_k|| / tau) for the rows of W (K x D); D = 1 gives |g_k| / tau."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_mask = rows < n_rows
+    tau = tau_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    kappa = _row_norms(w_ptr, rows, row_mask, n_cols, stride_r, stride_c, BLOCK_K, BLOCK_D) / tau
+    out = _finish(_log_normalizer(kappa, params, EXACT, N_U, N_W, SHIFT), kappa, -_INF)
+    tl.store(out_ptr + rows, _from_f64(out, out_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["tau_bits"])
+def _prototype_backward_kernel(
+    grad_ptr, w_ptr, gw_ptr, params, n_rows, n_cols, stride_r, stride_c, gstride_r, gstride_c, tau_bits,
+    EXACT: tl.constexpr, N_U: tl.constexpr, N_W: tl.constexpr, SHIFT: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dL/dw_k = dL/dout_k * (d log C_p/dkappa)(kappa_k) / tau * w_k / ||w_k||.
+
+    With kappa = ||w||/tau and (d log C_p/dkappa)(kappa) = kappa * D(kappa), the factor is
+    D(kappa)/tau^2 * w_k: no division by ||w_k||, and 0 for w_k = 0 as the limit says."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_mask = rows < n_rows
+    tau = tau_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    kappa = _row_norms(w_ptr, rows, row_mask, n_cols, stride_r, stride_c, BLOCK_K, BLOCK_D) / tau
+    g = _to_f64(tl.load(grad_ptr + rows, mask=row_mask, other=0.0))
+    scale = g * _scaled_derivative(kappa, params, EXACT, N_U, N_W, SHIFT) / (tau * tau)
+    for start in range(0, n_cols, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        m = row_mask[:, None] & (cols < n_cols)[None, :]
+        w = _to_f64(tl.load(w_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=m, other=0.0))
+        gw = _from_f64(scale[:, None] * w, gw_ptr.dtype.element_ty)
+        tl.store(gw_ptr + rows[:, None] * gstride_r + cols[None, :] * gstride_c, gw, mask=m)
+
+
+INTERPRETED: bool = type(_elementwise_kernel).__name__ == "InterpretedFunction"
+"""True when the kernels were built under ``TRITON_INTERPRET=1``: they then run on CPU tensors."""
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(p: int, mode: str, tol: float) -> tuple[tuple[float, ...], int, int, int]:
+    """(constants, N_U, N_W, SHIFT): the same (M, K, coefficients) as the reference."""
+    nu = 0.5 * p - 1.0
+    if mode == "exact":
+        shift, terms = _debye.shifted_order(nu, tol)
+        cu, cw = _debye.series_coefficients(nu + shift, terms, tol)
+    else:
+        shift, cu, cw = 0, (), ()
+    header = (nu + shift, nu, 0.5 * _LOG_2PI, 0.5 * p * _LOG_2PI, nu * _LOG_2PI)
+    return header + cu + cw, len(cu), len(cw), shift
+
+
+@functools.lru_cache(maxsize=256)
+def _constants(p: int, mode: str, tol: float, device: torch.device) -> torch.Tensor:
+    # Uploaded once per (order, accuracy, device): a host-to-device copy per call would be a sync point.
+    values = _plan(p, mode, tol)[0]
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def _launch_args(p: int, mode: str, dtype: torch.dtype) -> dict:
+    _, n_u, n_w, shift = _plan(p, mode, tolerance(dtype))
+    return dict(EXACT=mode == "exact", N_U=n_u, N_W=n_w, SHIFT=shift)
+
+
+def _device_guard(t: torch.Tensor):
+    # Triton launches on the current CUDA device; make it the tensor's.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NULL_GUARD
+
+
+class _NullGuard:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL_GUARD = _NullGuard()
+
+
+def _elementwise(kappa: torch.Tensor, p: int, mode: str, derivative: bool) -> torch.Tensor:
+    out = torch.empty_like(kappa)
+    n = kappa.numel()
+    if n == 0:
+        return out
+    # One flat launch when input and output share a dense layout; otherwise work on a contiguous copy.
+    flat_ok = kappa.is_contiguous() and out.is_contiguous()
+    src = kappa if flat_ok else kappa.contiguous()
+    dst = out if flat_ok else torch.empty_like(src)
+    tol = tolerance(kappa.dtype)
+    with _device_guard(kappa):
+        _elementwise_kernel[(triton.cdiv(n, _BLOCK),)](
+            src, dst, _constants(p, mode, tol, kappa.device), n,
+            DERIVATIVE=derivative, BLOCK=_BLOCK, **_launch_args(p, mode, kappa.dtype),
+        )
+    if not flat_ok:
+        out.copy_(dst)
+    return out
+
+
+def log_normalizer(kappa: torch.Tensor, p: int, mode: str) -> torch.Tensor:
+    """log C_p(kappa) elementwise, same shape, dtype and layout as ``kappa`` (one kernel launch).
+
+    Arguments are validated by ``vmf_head.normalizer``; kappa must be a CUDA tensor (a CPU tensor
+    under the interpreter), p an int >= 2, mode ``"exact"`` or ``"approx"``."""
+    return _elementwise(kappa, p, mode, derivative=False)
+
+
+def log_normalizer_derivative(kappa: torch.Tensor, p: int, mode: str) -> torch.Tensor:
+    """d/dkappa log C_p(kappa) (= -A_p(kappa) in exact mode), like ``log_normalizer``."""
+    return _elementwise(kappa, p, mode, derivative=True)
+
+
+def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    # A vector of norms g is a K x 1 matrix: its row norms are |g_k| and w/||w|| is sign(g).
+    return weight if weight.dim() == 2 else weight.unsqueeze(1)
+
+
+def _blocks(n_cols: int) -> tuple[int, int]:
+    block_d = min(triton.next_power_of_2(max(n_cols, 1)), _MAX_BLOCK_D)
+    return max(1, min(_BLOCK, _TILE // block_d)), block_d
+
+
+def _tau_bits(tau: float) -> int:
+    # Triton passes a Python float as float32; the int64 bit pattern carries the exact float64.
+    return struct.unpack("<q", struct.pack("<d", float(tau)))[0]
+
+
+def prototype_log_normalizer(weight: torch.Tensor, tau: float, p: int, mode: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """log C_p(||w_k|| / tau) for the K rows of ``weight`` (K x D), or log C_p(|g_k| / tau) for a
+    vector ``weight`` of K norms; a (K,) tensor of ``out_dtype``. One kernel launch: the row norms
+    are summed in float64 and never written to memory."""
+    w = _as_matrix(weight)
+    n_rows, n_cols = w.shape
+    out = torch.empty(n_rows, dtype=out_dtype, device=weight.device)
+    if n_rows == 0:
+        return out
+    block_k, block_d = _blocks(n_cols)
+    with _device_guard(weight):
+        _prototype_forward_kernel[(triton.cdiv(n_rows, block_k),)](
+            w, out, _constants(p, mode, tolerance(weight.dtype), weight.device), n_rows, n_cols,
+            w.stride(0), w.stride(1), _tau_bits(tau),
+            BLOCK_K=block_k, BLOCK_D=block_d, **_launch_args(p, mode, weight.dtype),
+        )
+    return out
+
+
+def prototype_log_normalizer_backward(
+    grad: torch.Tensor, weight: torch.Tensor, tau: float, p: int, mode: str
+) -> torch.Tensor:
+    """Gradient of ``sum_k grad_k * log C_p(||w_k|| / tau)`` with respect to ``weight``:
+    ``grad_k * (d log C_p/dkappa)(kappa_k) / tau * w_k / ||w_k||`` (0 for a zero row), shaped and
+    strided like ``weight`` (``torch.empty_like``). One kernel launch."""
+    grad_weight = torch.empty_like(weight)
+    w, gw = _as_matrix(weight), _as_matrix(grad_weight)
+    n_rows, n_cols = w.shape
+    if w.numel() == 0:
+        return grad_weight
+    block_k, block_d = _blocks(n_cols)
+    with _device_guard(weight):
+        _prototype_backward_kernel[(triton.cdiv(n_rows, block_k),)](
+            grad.contiguous(), w, gw, _constants(p, mode, tolerance(weight.dtype), weight.device), n_rows, n_cols,
+            w.stride(0), w.stride(1), gw.stride(0), gw.stride(1), _tau_bits(tau),
+            BLOCK_K=block_k, BLOCK_D=block_d, **_launch_args(p, mode, weight.dtype),
+        )
+    return grad_weight
