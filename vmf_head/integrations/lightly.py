@@ -110,8 +110,9 @@ class PatchedLightlyDINOLoss(nn.Module):
             student_norms, teacher_norms, self.output_dim, student_temp=self.student_temp, teacher_temp=temp,
             p=self.p, mode=self.mode,
         )
-        impl = common.loss_backend(self.backend, self.centering, student.device)
-        loss, stat = impl.dino_vmf_loss(
+        # The same backend choice (fused Triton op on CUDA, reference otherwise) as vmf_head.DINOvMFLoss.
+        dino_vmf_loss = common.loss_function("dino_vmf_loss", self.backend, self.centering, student.device)
+        loss, stat = dino_vmf_loss(
             student,
             teacher,
             self.center.view(1, self.output_dim),
