@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import numbers
+from collections.abc import Callable
 from types import ModuleType
 
 import numpy as np
@@ -16,7 +17,9 @@ from ..functional.vmf import check_temperature, vmf_correction
 from ..normalizer import MODES
 
 BACKENDS = ("auto", "triton", "reference")
-# What the fused op supports when it does not say (it declares SUPPORTED_CENTERINGS otherwise).
+# Where the fused Triton version of each contract function lives.
+_FUSED_MODULES = {"dino_vmf_loss": "vmf_head.ops.dino_loss", "ibot_patch_vmf_loss": "vmf_head.ops.ibot_patch_loss"}
+# What a fused module supports when it does not say (it lists its centerings in CENTERINGS otherwise).
 _FUSED_DEFAULT_CENTERINGS = ("logit", "probability")
 
 
@@ -83,40 +86,47 @@ def check_out_dim(name: str, value: object) -> int:
     return value
 
 
-_fused: ModuleType | None = None
-_fused_error: BaseException | None = None
+_imported: dict[str, ModuleType | BaseException] = {}
 
 
-def _import_fused() -> ModuleType | None:
-    """``vmf_head.ops.dino_loss`` if it imports (Triton present), else None; the error is kept."""
-    global _fused, _fused_error
-    if _fused is None and _fused_error is None:
+def _import_fused(name: str) -> ModuleType | BaseException:
+    """The fused module of contract function ``name``, or the ImportError that stopped it (no Triton,
+    or the op is not part of this installation); imported once, on first use."""
+    if name not in _imported:
         try:
-            _fused = importlib.import_module("vmf_head.ops.dino_loss")
-        except ImportError as err:  # no Triton, or the op is not built into this installation
-            _fused_error = err
-    return _fused
+            _imported[name] = importlib.import_module(_FUSED_MODULES[name])
+        except ImportError as err:
+            _imported[name] = err
+    return _imported[name]
 
 
-def loss_backend(backend: str, centering: str, device: torch.device) -> ModuleType:
-    """The module implementing ``dino_vmf_loss`` / ``ibot_patch_vmf_loss`` for this call.
+def loss_function(name: str, backend: str, centering: str, device: torch.device) -> Callable:
+    """The implementation of contract function ``name`` (``"dino_vmf_loss"`` or
+    ``"ibot_patch_vmf_loss"``) to use for this call.
 
-    ``reference``: :mod:`vmf_head.functional.dino_loss`. ``triton``: the fused op
-    :mod:`vmf_head.ops.dino_loss` (RuntimeError if it does not import, ValueError if it does not
-    support ``centering``). ``auto``: the fused op for CUDA inputs when it imports and supports
+    ``reference``: :mod:`vmf_head.functional.dino_loss`. ``triton``: the fused Triton op in
+    :mod:`vmf_head.ops` (RuntimeError if it does not import, ValueError if it does not support
+    ``centering``). ``auto``: the fused op for CUDA inputs when it imports and supports
     ``centering``, the reference otherwise.
     """
+    reference = getattr(_reference, name)
     if backend == "reference" or (backend == "auto" and device.type != "cuda"):
-        return _reference
-    fused = _import_fused()
-    supported = getattr(fused, "SUPPORTED_CENTERINGS", _FUSED_DEFAULT_CENTERINGS)
-    if backend == "auto":
-        return fused if fused is not None and centering in supported else _reference
-    if fused is None:
-        raise RuntimeError(f"backend='triton' needs the fused op vmf_head.ops.dino_loss, which failed to import: {_fused_error!r}")
+        return reference
+    fused = _import_fused(name)
+    if isinstance(fused, BaseException):
+        if backend == "auto":
+            return reference
+        raise RuntimeError(
+            f"backend='triton' needs the fused op {_FUSED_MODULES[name]}, which failed to import: {fused!r}"
+        )
+    supported = getattr(fused, "CENTERINGS", _FUSED_DEFAULT_CENTERINGS)
     if centering not in supported:
-        raise ValueError(f"backend='triton' supports centering in {tuple(supported)}, got {centering!r}; use backend='reference'")
-    return fused
+        if backend == "auto":
+            return reference
+        raise ValueError(
+            f"backend='triton' supports centering in {tuple(supported)}, got {centering!r}; use backend='reference'"
+        )
+    return getattr(fused, name)
 
 
 def corrections(

@@ -99,8 +99,8 @@ class DINOvMFLoss(nn.Module):
         student_correction, teacher_correction = common.corrections(
             student_norms, teacher_norms, k, student_temp=self.student_temp, teacher_temp=temp, p=self.p, mode=self.mode
         )
-        impl = common.loss_backend(self.backend, self.centering, student_output.device)
-        loss, stat = impl.dino_vmf_loss(
+        dino_vmf_loss = common.loss_function("dino_vmf_loss", self.backend, self.centering, student_output.device)
+        loss, stat = dino_vmf_loss(
             student_output,
             teacher_output,
             self.center,

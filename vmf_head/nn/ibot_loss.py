@@ -168,8 +168,12 @@ class iBOTvMFLoss(nn.Module):
         corr2 = common.corrections(
             s_norms[1], t_norms[1], k2, student_temp=self.student_temp, teacher_temp=temp2, p=self.p, mode=self.mode, what="[1] (patch)"
         )
-        impl = common.loss_backend(self.backend, self.centering, student_cls.device)
-        loss_cls, stat = impl.dino_vmf_loss(
+        device = student_cls.device
+        dino_vmf_loss = common.loss_function("dino_vmf_loss", self.backend, self.centering, device)
+        ibot_patch_vmf_loss = common.loss_function("ibot_patch_vmf_loss", self.backend, self.centering, device)
+        # Only the reference does Sinkhorn, and only it takes the iteration count of the patch term.
+        sinkhorn = {"sinkhorn_iterations": self.sinkhorn_iterations} if self.centering == "sinkhorn" else {}
+        loss_cls, stat = dino_vmf_loss(
             student_cls,
             teacher_cls,
             self.center,
@@ -182,7 +186,7 @@ class iBOTvMFLoss(nn.Module):
             centering=self.centering,
             sinkhorn_iterations=self.sinkhorn_iterations,
         )
-        loss_patch, stat2 = impl.ibot_patch_vmf_loss(
+        loss_patch, stat2 = ibot_patch_vmf_loss(
             student_patch,
             teacher_patch,
             mask,
@@ -192,7 +196,7 @@ class iBOTvMFLoss(nn.Module):
             student_correction=corr2[0],
             teacher_correction=corr2[1],
             centering=self.centering,
-            sinkhorn_iterations=self.sinkhorn_iterations,
+            **sinkhorn,
         )
         loss_cls, loss_patch = loss_cls * self.lambda1, loss_patch * self.lambda2
         total = loss_cls + loss_patch
