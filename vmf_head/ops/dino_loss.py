@@ -422,7 +422,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
         acc_dtype = weights.dtype
         acc = dict(device=device, dtype=acc_dtype)
         probability = centering == "probability"
-        center = center.detach().reshape(-1).to(acc_dtype).contiguous()
+        # a copy: the backward needs this centre, and the module updates its buffer in place
+        center = center.detach().reshape(-1).to(acc_dtype, copy=True)
         # as the reference: a centre entry that underflowed gets the smallest normal number
         log_center = center.clamp_min(torch.finfo(acc_dtype).tiny).log() if probability else center
         # Softmaxes, the loss and its gradients are invariant to a constant added to a row of logits.

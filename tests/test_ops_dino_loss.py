@@ -1,0 +1,440 @@
+"""Fused Triton DINO-vMF / iBOT-vMF loss (``vmf_head.ops.dino_loss``, ``vmf_head.ops.ibot_patch_loss``).
+
+Truth is a straightforward float64 re-derivation written here in DINO's and iBOT's eager form (one
+log-softmax per pair, iBOT's masked mean), not the identity the kernels use; the plain-torch
+reference of ``vmf_head.functional`` is compared as well. Without a GPU the kernels run in Triton's
+interpreter on the CPU (``tests/conftest.py`` sets ``TRITON_INTERPRET=1``), so shapes stay small
+(odd K, B and crop counts); the full-size checks are marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+from vmf_head import functional as reference  # noqa: E402
+from vmf_head.nn import DINOvMFLoss  # noqa: E402
+from vmf_head.ops import dino_loss as fused_dino  # noqa: E402
+from vmf_head.ops.ibot_patch_loss import ibot_patch_vmf_loss  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_kernels = pytest.mark.skipif(
+    not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs a CUDA GPU, or TRITON_INTERPRET=1 (tests/conftest.py sets it when there is none)",
+)
+needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent float64 truth
+# ---------------------------------------------------------------------------------------------
+
+
+def _teacher_targets(teacher, center, correction, centering):
+    """(q, batch_stat) in float64 from the definitions (SPEC 3)."""
+    t = teacher.double()
+    corr = 0.0 if correction is None else correction.double()
+    if centering == "logit":
+        return F.softmax((t - center.double()) / TEACHER_TEMP + corr, dim=-1), t.mean(0, keepdim=True)
+    logits = t / TEACHER_TEMP + corr
+    pbar = F.softmax(logits, dim=-1)
+    return F.softmax(logits - center.double().log(), dim=-1), pbar.mean(0, keepdim=True)
+
+
+def eager_dino_loss(student, teacher, center, n_views, n_global, s_corr, t_corr, centering):
+    """DINO's eager loop: a log-softmax for every (teacher view, student view) pair, i != j."""
+    q, stat = _teacher_targets(teacher, center, t_corr, centering)
+    logits = student.double() / STUDENT_TEMP + (0.0 if s_corr is None else s_corr.double())
+    total, pairs = 0.0, 0
+    for i, q_i in enumerate(q.chunk(n_global)):
+        for j, l_j in enumerate(logits.chunk(n_views)):
+            if i != j:
+                total = total + (-q_i * F.log_softmax(l_j, dim=-1)).sum(-1).mean()
+                pairs += 1
+    return total / pairs, stat
+
+
+def eager_ibot_patch_loss(student, teacher, mask, center, s_corr, t_corr, centering):
+    """iBOT's patch term: per image the mean over masked tokens (clamp(min=1)), then the mean."""
+    k = student.shape[-1]
+    q, stat = _teacher_targets(teacher.reshape(-1, k), center.reshape(1, k), t_corr, centering)
+    logits = student.double() / STUDENT_TEMP + (0.0 if s_corr is None else s_corr.double())
+    ce = (-q.view_as(logits) * F.log_softmax(logits, dim=-1)).sum(-1)
+    per_image = (ce * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_image.mean(), stat.reshape(1, 1, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and comparisons
+# ---------------------------------------------------------------------------------------------
+
+
+def _corrections(k, gen, offset=340.0):
+    """vMF-like corrections: log C_256 at kappa ~ 10 is about 340, with a spread over prototypes."""
+    return offset + torch.randn(k, generator=gen, dtype=torch.float64), offset + torch.randn(
+        k, generator=gen, dtype=torch.float64
+    )
+
+
+def _center(k, centering, gen, shape):
+    if centering == "logit":
+        return (0.1 * torch.randn(k, generator=gen, dtype=torch.float64)).reshape(shape)
+    return torch.softmax(torch.randn(k, generator=gen, dtype=torch.float64), 0).reshape(shape)
+
+
+def dino_inputs(k, batch, n_global, n_local, centering, with_corrections, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n_views = n_global + n_local
+    student = 0.5 * torch.randn(n_views * batch, k, generator=gen, dtype=torch.float64)
+    teacher = 0.5 * torch.randn(n_global * batch, k, generator=gen, dtype=torch.float64)
+    s_corr, t_corr = _corrections(k, gen) if with_corrections else (None, None)
+    return student, teacher, _center(k, centering, gen, (1, k)), s_corr, t_corr
+
+
+def _to(x, dtype):
+    """A fresh leaf copy of x on the test device (never the input itself)."""
+    return None if x is None else x.detach().to(device=DEVICE, dtype=dtype, copy=True)
+
+
+def _rel(a, b):
+    """max |a - b| / max |b| (a relative error that ignores the cancellation in near-zero entries)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def run_fused_dino(student, teacher, center, s_corr, t_corr, *, n_views, n_global, centering, dtype, corr_dtype):
+    """Fused loss and gradients; inputs cast to ``dtype`` (corrections to ``corr_dtype``)."""
+    s = _to(student, dtype).requires_grad_()
+    sc = None if s_corr is None else _to(s_corr, corr_dtype).requires_grad_()
+    loss, stat = fused_dino.dino_vmf_loss(
+        s, _to(teacher, dtype), _to(center, corr_dtype), n_views=n_views, n_global=n_global,
+        student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP, student_correction=sc,
+        teacher_correction=_to(t_corr, corr_dtype), centering=centering)
+    loss.backward()
+    return loss, stat, s.grad, None if sc is None else sc.grad
+
+
+def run_truth_dino(student, teacher, center, s_corr, t_corr, *, n_views, n_global, centering):
+    s = student.detach().double().requires_grad_()
+    sc = None if s_corr is None else s_corr.detach().double().requires_grad_()
+    loss, stat = eager_dino_loss(s, teacher.double(), center.double(), n_views, n_global, sc,
+                                 None if t_corr is None else t_corr.double(), centering)
+    loss.backward()
+    return loss, stat, s.grad, None if sc is None else sc.grad
+
+
+def _round(x, dtype):
+    """x as the kernel sees it after the cast to dtype (so the truth shares the input rounding)."""
+    return None if x is None else x.to(dtype).double()
+
+
+# ---------------------------------------------------------------------------------------------
+# DINO term
+# ---------------------------------------------------------------------------------------------
+
+# (K, B, n_global, n_local, centering, vMF corrections)
+DINO_CASES = [
+    (7, 1, 2, 1, "probability", True),
+    (7, 3, 2, 3, "logit", False),
+    (1000, 3, 2, 3, "probability", True),
+    (1000, 1, 2, 1, "logit", True),
+    (1000, 3, 1, 2, "probability", False),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("k, batch, n_global, n_local, centering, with_corr", DINO_CASES)
+def test_dino_float32_matches_eager_truth(k, batch, n_global, n_local, centering, with_corr):
+    inputs = dino_inputs(k, batch, n_global, n_local, centering, with_corr)
+    kw = dict(n_views=n_global + n_local, n_global=n_global, centering=centering)
+    loss, stat, g_s, g_c = run_fused_dino(*inputs, dtype=torch.float32, corr_dtype=torch.float32, **kw)
+    rounded = [_round(x, torch.float32) for x in inputs]
+    t_loss, t_stat, t_g_s, t_g_c = run_truth_dino(*rounded, **kw)
+    assert loss.dtype == stat.dtype == g_s.dtype == torch.float32
+    assert stat.shape == (1, k)
+    assert abs(loss.item() - t_loss.item()) <= 1e-5 * abs(t_loss.item())
+    assert _rel(stat, t_stat) <= 1e-5
+    assert _rel(g_s, t_g_s) <= 1e-5
+    if with_corr:
+        assert g_c.dtype == torch.float32 and _rel(g_c, t_g_c) <= 1e-5
+
+
+@needs_kernels
+def test_dino_many_blocks_and_splits(monkeypatch):
+    """A tile of 128 elements cuts K = 300 into 10 blocks shared by 2 splits per image (3 images, 4
+    target programs) and the 2 teacher rows of B = 1 into 2 splits each: the online log-sum-exp and
+    the host merges of the splits are exercised."""
+    monkeypatch.setattr(fused_dino, "_TILE_ELEMENTS", 128)
+    for batch in (1, 3):
+        inputs = dino_inputs(300, batch, 2, 1, "probability", True, seed=batch)
+        kw = dict(n_views=3, n_global=2, centering="probability")
+        got = run_fused_dino(*inputs, dtype=torch.float32, corr_dtype=torch.float32, **kw)
+        truth = run_truth_dino(*[_round(x, torch.float32) for x in inputs], **kw)
+        for a, b in zip(got, truth):
+            assert _rel(a, b) <= 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("centering", ["logit", "probability"])
+def test_dino_float64_is_exact(centering):
+    """Float64 inputs run the same kernels in float64: agreement to rounding shows the kernel logic
+    (pairing, masks, merges, the lse/dot identity) is exact, independent of float32 tolerances."""
+    inputs = dino_inputs(1000, 3, 2, 3, centering, True, seed=5)
+    kw = dict(n_views=5, n_global=2, centering=centering)
+    got = run_fused_dino(*inputs, dtype=torch.float64, corr_dtype=torch.float64, **kw)
+    truth = run_truth_dino(*inputs, **kw)
+    assert got[0].dtype == got[1].dtype == torch.float64
+    for a, b in zip(got, truth):
+        assert _rel(a, b) <= 1e-12
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2 ** -8), (torch.float16, 2 ** -11)])
+def test_dino_half_inputs_accumulate_in_float32(dtype, tol):
+    """Half-precision outputs: the loss and the statistic are float32 results on the rounded inputs
+    (float32 accuracy); the gradient comes back in the input dtype, rounded once."""
+    inputs = dino_inputs(1000, 3, 2, 3, "probability", True, seed=2)
+    student, teacher = inputs[0], inputs[1]
+    kw = dict(n_views=5, n_global=2, centering="probability")
+    loss, stat, g_s, g_c = run_fused_dino(*inputs, dtype=dtype, corr_dtype=torch.float32, **kw)
+    rounded = (_round(student, dtype), _round(teacher, dtype), *[_round(x, torch.float32) for x in inputs[2:]])
+    t_loss, t_stat, t_g_s, t_g_c = run_truth_dino(*rounded, **kw)
+    assert loss.dtype == torch.float32 and g_s.dtype == dtype and g_c.dtype == torch.float32
+    assert abs(loss.item() - t_loss.item()) <= 1e-5 * abs(t_loss.item())
+    assert _rel(stat, t_stat) <= 1e-5
+    assert _rel(g_c, t_g_c) <= 1e-5
+    assert torch.allclose(g_s.double().cpu(), t_g_s, rtol=tol, atol=tol * float(t_g_s.abs().max()))
+
+
+@needs_kernels
+@pytest.mark.parametrize("k, batch, n_global, n_local, centering, with_corr", DINO_CASES[1:3])
+def test_dino_matches_the_reference_function(k, batch, n_global, n_local, centering, with_corr):
+    """Same contract as ``vmf_head.functional.dino_vmf_loss`` (float32 on both sides)."""
+    inputs = [_to(x, torch.float32) for x in dino_inputs(k, batch, n_global, n_local, centering, with_corr)]
+    kw = dict(n_views=n_global + n_local, n_global=n_global, student_temp=STUDENT_TEMP,
+              teacher_temp=TEACHER_TEMP, teacher_correction=inputs[4], centering=centering)
+    results = []
+    for fn in (fused_dino.dino_vmf_loss, reference.dino_vmf_loss):
+        s = inputs[0].clone().requires_grad_()
+        sc = None if inputs[3] is None else inputs[3].clone().requires_grad_()
+        loss, stat = fn(s, inputs[1], inputs[2], student_correction=sc, **kw)
+        loss.backward()
+        results.append((loss, stat, s.grad) + (() if sc is None else (sc.grad,)))
+    for a, b in zip(*results):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        # the reference rounds float32 logits near 340 (the raw correction); 2e-5 covers both sides
+        assert _rel(a, b) <= 2e-5
+
+
+@needs_kernels
+@settings(max_examples=4, deadline=None)
+@given(shift=st.floats(-500.0, 500.0), seed=st.integers(0, 2 ** 16))
+def test_equal_norms_give_dino(shift, seed):
+    """SPEC 2: with equal prototype norms the correction is one constant and the loss, the statistic
+    and the student gradient are DINO's; the correction's gradient sums to 0 (softmax invariance)."""
+    student, teacher, center, _, _ = dino_inputs(7, 3, 2, 1, "probability", False, seed=seed)
+    const = torch.full((7,), shift, dtype=torch.float64)
+    kw = dict(n_views=3, n_global=2, centering="probability", dtype=torch.float32, corr_dtype=torch.float32)
+    plain = run_fused_dino(student, teacher, center, None, None, **kw)
+    vmf = run_fused_dino(student, teacher, center, const, const, **kw)
+    for a, b in zip(vmf[:3], plain[:3]):
+        assert _rel(a, b) <= 1e-6
+    assert abs(float(vmf[3].sum())) <= 1e-6 * float(vmf[3].abs().max())
+
+
+@needs_kernels
+def test_teacher_gets_no_gradient_and_corrections_are_optional():
+    student, teacher, center, _, t_corr = dino_inputs(7, 3, 2, 1, "logit", True)
+    s = _to(student, torch.float32).requires_grad_()
+    t = _to(teacher, torch.float32).requires_grad_()
+    tc = _to(t_corr, torch.float32).requires_grad_()
+    loss, stat = fused_dino.dino_vmf_loss(s, t, _to(center, torch.float32), n_views=3, student_temp=STUDENT_TEMP,
+                                          teacher_temp=TEACHER_TEMP, teacher_correction=tc, centering="logit")
+    assert not stat.requires_grad
+    loss.backward()
+    assert s.grad is not None and t.grad is None and tc.grad is None
+
+
+# ---------------------------------------------------------------------------------------------
+# iBOT patch term
+# ---------------------------------------------------------------------------------------------
+
+
+def patch_inputs(k, images, tokens, centering, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    student = 0.5 * torch.randn(images, tokens, k, generator=gen, dtype=torch.float64)
+    teacher = 0.5 * torch.randn(images, tokens, k, generator=gen, dtype=torch.float64)
+    mask = torch.rand(images, tokens, generator=gen) < 0.4
+    mask[0] = False  # an image without masked tokens contributes 0 (iBOT's clamp(min=1))
+    mask[-1, 0] = True
+    s_corr, t_corr = _corrections(k, gen)
+    return student, teacher, mask, _center(k, centering, gen, (1, 1, k)), s_corr, t_corr
+
+
+def run_patch(fn, student, teacher, mask, center, s_corr, t_corr, *, centering, dtype, corr_dtype):
+    s = _to(student, dtype).requires_grad_()
+    sc = _to(s_corr, corr_dtype).requires_grad_()
+    loss, stat = fn(s, _to(teacher, dtype), mask.to(DEVICE), _to(center, corr_dtype), student_temp=STUDENT_TEMP,
+                    teacher_temp=TEACHER_TEMP, student_correction=sc, teacher_correction=_to(t_corr, corr_dtype),
+                    centering=centering)
+    loss.backward()
+    return loss, stat, s.grad, sc.grad
+
+
+def truth_patch(student, teacher, mask, center, s_corr, t_corr, *, centering):
+    s = student.detach().double().requires_grad_()
+    sc = s_corr.detach().double().requires_grad_()
+    loss, stat = eager_ibot_patch_loss(s, teacher.double(), mask, center.double(), sc, t_corr.double(), centering)
+    loss.backward()
+    return loss, stat, s.grad, sc.grad
+
+
+@needs_kernels
+@pytest.mark.parametrize("k, images, tokens, centering", [(7, 3, 5, "probability"), (1000, 3, 7, "logit")])
+def test_ibot_patch_float32_matches_eager_truth(k, images, tokens, centering):
+    inputs = patch_inputs(k, images, tokens, centering)
+    got = run_patch(ibot_patch_vmf_loss, *inputs, centering=centering, dtype=torch.float32, corr_dtype=torch.float32)
+    rounded = [x if x.dtype == torch.bool else _round(x, torch.float32) for x in inputs]
+    truth = truth_patch(*rounded, centering=centering)
+    assert got[1].shape == (1, 1, k)
+    for a, b in zip(got, truth):
+        assert _rel(a, b) <= 1e-5
+    assert float(got[2][0].abs().max()) == 0.0  # the unmasked image gets no gradient
+
+
+@needs_kernels
+def test_ibot_patch_float64_and_bfloat16():
+    inputs = patch_inputs(1000, 2, 5, "probability", seed=3)
+    got = run_patch(ibot_patch_vmf_loss, *inputs, centering="probability", dtype=torch.float64,
+                    corr_dtype=torch.float64)
+    for a, b in zip(got, truth_patch(*inputs, centering="probability")):
+        assert _rel(a, b) <= 1e-12
+    got = run_patch(ibot_patch_vmf_loss, *inputs, centering="probability", dtype=torch.bfloat16,
+                    corr_dtype=torch.float32)
+    rounded = (_round(inputs[0], torch.bfloat16), _round(inputs[1], torch.bfloat16), inputs[2],
+               *[_round(x, torch.float32) for x in inputs[3:]])
+    truth = truth_patch(*rounded, centering="probability")
+    assert got[2].dtype == torch.bfloat16
+    for i in (0, 1, 3):
+        assert _rel(got[i], truth[i]) <= 1e-5
+    assert torch.allclose(got[2].double().cpu(), truth[2], rtol=2 ** -8, atol=2 ** -8 * float(truth[2].abs().max()))
+
+
+@needs_kernels
+def test_ibot_patch_matches_the_reference_function():
+    inputs = patch_inputs(1000, 3, 5, "probability", seed=4)
+    kw = dict(centering="probability", dtype=torch.float32, corr_dtype=torch.float32)
+    for a, b in zip(run_patch(ibot_patch_vmf_loss, *inputs, **kw), run_patch(reference.ibot_patch_vmf_loss, *inputs, **kw)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert _rel(a, b) <= 2e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch and argument checks
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_kernels
+def test_module_backend_triton_equals_reference():
+    """``DINOvMFLoss(backend="triton")`` reaches the fused op with the contract's arguments and
+    updates its center like the reference backend."""
+    k, batch = 1000, 3
+    student, teacher, _, _, _ = dino_inputs(k, batch, 2, 1, "probability", False, seed=6)
+    norms = 1.0 + 0.1 * torch.rand(k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    outputs = []
+    for backend in ("triton", "reference"):
+        module = DINOvMFLoss(k, 3, 0.04, 0.07, 2, 4, backend=backend).to(DEVICE)
+        s = _to(student, torch.float32).requires_grad_()
+        n_s = _to(norms, torch.float32).requires_grad_()
+        loss = module(s, _to(teacher, torch.float32), 1, student_norms=n_s, teacher_norms=_to(norms, torch.float32))
+        loss.backward()
+        outputs.append((loss, module.center, s.grad, n_s.grad))
+    for a, b in zip(*outputs):
+        assert _rel(a, b) <= 2e-5
+
+
+def test_rejects_sinkhorn_bad_center_and_devices_without_triton(monkeypatch):
+    student, teacher, center, _, _ = (x.float() if x is not None else None
+                                      for x in dino_inputs(7, 2, 2, 1, "logit", False))
+    kw = dict(n_views=3, student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP)
+    with pytest.raises(ValueError, match="sinkhorn"):
+        fused_dino.dino_vmf_loss(student, teacher, center, centering="sinkhorn", **kw)
+    with pytest.raises(ValueError, match="center"):
+        fused_dino.dino_vmf_loss(student, teacher, center[:, :5], centering="logit", **kw)
+    with pytest.raises(ValueError, match="student_correction"):
+        fused_dino.dino_vmf_loss(student, teacher, center, centering="logit", student_correction=torch.zeros(6), **kw)
+    with pytest.raises(ValueError, match="teacher_temp"):
+        fused_dino.dino_vmf_loss(student, teacher, center, centering="logit", **{**kw, "teacher_temp": 0.0})
+    with pytest.raises(ValueError, match="n_global"):
+        fused_dino.dino_vmf_loss(student, teacher, center, centering="logit", n_global=4, **kw)
+    monkeypatch.setattr(fused_dino, "_interpreting", lambda: False)
+    with pytest.raises(ValueError, match="CUDA"):
+        fused_dino.dino_vmf_loss(student.cpu(), teacher.cpu(), center.cpu(), centering="logit", **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full size on a GPU (run by benchmarks/gpu_check.sh)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("centering", ["logit", "probability"])
+def test_full_size_matches_reference_on_gpu(dtype, centering):
+    """B = 64, 2 + 8 crops, K = 65,536: loss, statistic and gradients equal the reference's."""
+    k, batch, n_views = 65536, 64, 10
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    student = (0.5 * torch.randn(n_views * batch, k, device="cuda", generator=gen)).to(dtype)
+    teacher = (0.5 * torch.randn(2 * batch, k, device="cuda", generator=gen)).to(dtype)
+    s_corr = 340 + torch.randn(k, device="cuda", generator=gen)
+    t_corr = 340 + torch.randn(k, device="cuda", generator=gen)
+    center = _center(k, centering, torch.Generator().manual_seed(1), (1, k)).float().cuda()
+    kw = dict(n_views=n_views, n_global=2, student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP,
+              teacher_correction=t_corr, centering=centering)
+    results = []
+    for fn in (fused_dino.dino_vmf_loss, reference.dino_vmf_loss):
+        s = student.clone().requires_grad_()
+        sc = s_corr.clone().requires_grad_()
+        loss, stat = fn(s, teacher, center, student_correction=sc, **kw)
+        loss.backward()
+        results.append((loss, stat, s.grad, sc.grad))
+    (loss, stat, g_s, g_c), (r_loss, r_stat, r_g_s, r_g_c) = results
+    assert g_s.dtype == dtype
+    assert _rel(loss, r_loss) <= 2e-5 and _rel(stat, r_stat) <= 2e-5 and _rel(g_c, r_g_c) <= 2e-5
+    tol = 2e-5 if dtype == torch.float32 else 2 ** -7  # the gradient is rounded to the input dtype
+    assert _rel(g_s, r_g_s) <= tol
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_full_size_ibot_patch_matches_reference_on_gpu():
+    """iBOT's patch term at 2 x 32 images, 196 tokens, K2 = 8192, bfloat16."""
+    k, images, tokens = 8192, 64, 196
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    student = (0.5 * torch.randn(images, tokens, k, device="cuda", generator=gen)).bfloat16()
+    teacher = (0.5 * torch.randn(images, tokens, k, device="cuda", generator=gen)).bfloat16()
+    mask = torch.rand(images, tokens, device="cuda", generator=gen) < 0.3
+    s_corr = 340 + torch.randn(k, device="cuda", generator=gen)
+    center = torch.full((1, 1, k), 1.0 / k, device="cuda")
+    results = []
+    for fn in (ibot_patch_vmf_loss, reference.ibot_patch_vmf_loss):
+        s = student.clone().requires_grad_()
+        sc = s_corr.clone().requires_grad_()
+        loss, stat = fn(s, teacher, mask, center, student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP,
+                        student_correction=sc, teacher_correction=s_corr, centering="probability")
+        loss.backward()
+        results.append((loss, stat, s.grad, sc.grad))
+    (loss, stat, g_s, g_c), (r_loss, r_stat, r_g_s, r_g_c) = results
+    assert _rel(loss, r_loss) <= 2e-5 and _rel(stat, r_stat) <= 2e-5 and _rel(g_c, r_g_c) <= 2e-5
+    assert _rel(g_s, r_g_s) <= 2 ** -7
