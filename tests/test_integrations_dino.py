@@ -112,6 +112,12 @@ def test_checkpoint_of_patched_run_loads_into_unpatched_dino():
     torch.testing.assert_close(plain_teacher(images), teacher(images), rtol=0, atol=0)
     # resuming: DINO restores the loss state and the optimizer as they were saved
     D.DINOLoss(K, NCROPS, 0.04, 0.07, 3, 5).load_state_dict(checkpoint["dino_loss"])
+    resumed = vmf_dino.patch(plain_student, plain_teacher, _dino_loss())
+    resumed.load_state_dict(checkpoint["dino_loss"], strict=False)
+    torch.testing.assert_close(resumed.center, loss_fn.center, rtol=0, atol=0)
+    # a plain DINO checkpoint's logit center is refused by a probability-centered run
+    with pytest.raises(ValueError, match="not a probability vector"):
+        resumed.load_state_dict(D.DINOLoss(K, NCROPS, 0.04, 0.07, 3, 5).state_dict(), strict=False)
     torch.optim.AdamW(D.get_params_groups(plain_student)).load_state_dict(checkpoint["optimizer"])
     # eval_knn.py / eval_linear.py: --checkpoint_key teacher into a bare backbone
     backbone = D.TinyBackbone()

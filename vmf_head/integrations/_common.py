@@ -27,6 +27,9 @@ __all__ = [
     "prototype_shape",
     "warn_if_frozen",
     "copy_schedule",
+    "schedule_arguments",
+    "device_of",
+    "ProbabilityCenterCheck",
 ]
 
 
@@ -168,3 +171,33 @@ def device_of(module: nn.Module, default: Optional[torch.device] = None) -> torc
     for tensor in (*module.buffers(), *module.parameters()):
         return tensor.device
     return default or torch.device("cpu")
+
+
+class ProbabilityCenterCheck:
+    """Mixin for the patched losses: refuse a checkpoint whose center cannot be a probability center.
+
+    Resuming a plain DINO/iBOT/DINOv2 checkpoint into a run patched with probability centering would
+    load their logit-space center (zeros at the start, raw output means later) into a buffer read as
+    a distribution over prototypes. The training scripts restore the loss's state dict themselves
+    (DINO: ``utils.restart_from_checkpoint``), so the check sits in ``_load_from_state_dict``: a
+    ValueError names the problem instead of a run that trains with a meaningless center.
+    """
+
+    _CENTERS = ("center", "center2")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if getattr(self, "centering", None) == "probability":
+            for name in self._CENTERS:
+                value = state_dict.get(prefix + name)
+                if isinstance(value, torch.Tensor) and value.numel() and not _is_distribution(value):
+                    raise ValueError(
+                        f"the checkpoint's {prefix + name} is not a probability vector (min {float(value.min()):.3g}, "
+                        f"sum {float(value.double().sum()):.6g}): it was written by a run without probability centering "
+                        "(plain DINO/iBOT, or centering='logit'). Start the vMF run from scratch, or patch with "
+                        "centering='logit'."
+                    )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def _is_distribution(center: torch.Tensor) -> bool:
+    return bool((center >= 0).all()) and abs(float(center.double().sum()) - 1.0) < 1e-3

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..nn import DINOvMFLoss
 from ._common import (
+    ProbabilityCenterCheck,
     copy_schedule,
     find_head,
     prototype_norms,
@@ -39,7 +40,7 @@ from ._common import (
 __all__ = ["PatchedDINOLoss", "patch"]
 
 
-class PatchedDINOLoss(DINOvMFLoss):
+class PatchedDINOLoss(ProbabilityCenterCheck, DINOvMFLoss):
     """:class:`vmf_head.DINOvMFLoss` bound to DINO's prototype layers, called as DINO's ``DINOLoss``.
 
     ``forward(student_output, teacher_output, epoch)``: ``student_output`` (ncrops * B, K) and

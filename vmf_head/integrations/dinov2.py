@@ -36,7 +36,7 @@ from torch import nn
 
 from ..functional import center_teacher, global_batch_means, multicrop_cross_entropy, sinkhorn_centering, vmf_correction
 from ..functional.centering import check_centering
-from ._common import device_of, find_head, prototype_norms, prototype_shape, warn_if_frozen
+from ._common import ProbabilityCenterCheck, device_of, find_head, prototype_norms, prototype_shape, warn_if_frozen
 
 __all__ = ["CapturedNorms", "DINOv2vMFLoss", "DINOv2iBOTPatchvMFLoss", "patch"]
 
@@ -64,7 +64,7 @@ class CapturedNorms:
         return self.value
 
 
-class _VMFCenteredLoss(nn.Module):
+class _VMFCenteredLoss(ProbabilityCenterCheck, nn.Module):
     """What DINOv2's two losses share: the teacher targets with the vMF correction and the center."""
 
     def __init__(

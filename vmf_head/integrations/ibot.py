@@ -23,6 +23,7 @@ from torch import nn
 
 from ..nn import iBOTvMFLoss
 from ._common import (
+    ProbabilityCenterCheck,
     copy_schedule,
     find_head,
     prototype_norms,
@@ -45,7 +46,7 @@ def _layers(model: nn.Module, role: str) -> tuple[nn.Module, nn.Module]:
     return head.last_layer, head.last_layer2
 
 
-class PatchediBOTLoss(iBOTvMFLoss):
+class PatchediBOTLoss(ProbabilityCenterCheck, iBOTvMFLoss):
     """:class:`vmf_head.iBOTvMFLoss` bound to iBOT's prototype layers, called as iBOT's ``iBOTLoss``.
 
     ``forward(student_output, teacher_output, student_local_cls, student_mask, epoch)`` with iBOT's

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from ..nn import _loss_common as common
-from ._common import find_head, prototype_norms, prototype_shape, warn_if_frozen
+from ._common import ProbabilityCenterCheck, find_head, prototype_norms, prototype_shape, warn_if_frozen
 
 __all__ = ["PatchedLightlyDINOLoss", "patch"]
 
 
-class PatchedLightlyDINOLoss(nn.Module):
+class PatchedLightlyDINOLoss(ProbabilityCenterCheck, nn.Module):
     """DINO-vMF loss with lightly's ``DINOLoss`` call signature, bound to lightly's prototype layers.
 
     Args:
