@@ -166,3 +166,10 @@ def test_runner_patches_ibot_and_dinov2_layouts(tmp_path):
     """))
     run.run_script("dinov2", str(dinov2_script), [])
     assert out.read_text().split() == ["PatchediBOTLoss", "DINOv2vMFLoss", "DINOv2iBOTPatchvMFLoss"]
+
+
+def test_launcher_rank_argument_goes_to_the_script():
+    # torch.distributed.launch -m puts --local-rank=N right after the module name
+    assert run._split_launcher_arguments(["--local-rank=3", "dino", "main_dino.py", "--epochs", "1"]) == (
+        ["dino", "main_dino.py", "--epochs", "1"], ["--local-rank=3"])
+    assert run._split_launcher_arguments(["dino", "s.py", "--local_rank=1"]) == (["dino", "s.py", "--local_rank=1"], [])
