@@ -155,10 +155,11 @@ def copy_schedule(source: object, target: object, name: str) -> None:
 
 
 def schedule_arguments(schedule) -> tuple[float, float, int, int]:
-    """``(warmup_temp, final_temp, warmup_epochs, nepochs)`` that rebuild a DINO-style schedule's bounds.
+    """``(warmup_temp, final_temp, warmup_epochs, nepochs)`` to construct a vMF loss with a schedule of the
+    same length as ``schedule`` (a DINO-style per-epoch array); :func:`copy_schedule` then sets its values.
 
-    DINO's schedule is ``linspace(warmup, final, warmup_epochs)`` followed by ``final`` until ``nepochs``;
-    these arguments reproduce its length and end points. Use :func:`copy_schedule` for the exact values.
+    DINO's ``linspace(warmup, final, W)`` does not determine ``W`` from the array (W = 1 and W = 2 both
+    give ``[warmup, final, ...]``), hence a constant schedule here and the element-wise copy after.
     """
     values = [float(v) for v in schedule]
     if not values:
