@@ -338,6 +338,43 @@ def _student_backward_kernel(s_ptr, s_stride, t_ptr, t_stride, w_ptr, n_rows, K,
         tl.store(dscorr_ptr + chunk * K + offs, acc, mask=k_ok)
 
 
+@triton.jit
+def _merge_kernel(m_ptr, l_ptr, dot_ptr, qs_ptr, w_ptr, n_splits, n_rows,
+                  m_out_ptr, l_out_ptr, qs_out_ptr, loss_ptr,
+                  WITH_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: merge the per-split states [n_splits, n_rows] of the row kernels into the
+    (max, sum exp) of each row; WITH_LOSS also sums Qsum . l_s and sum(Qsum) over the splits and
+    writes the loss, sum_r w_r (qs_r lse_r - dot_r) over rows of non-zero weight (deterministic)."""
+    total = tl.zeros([BLOCK], ACC)
+    for r0 in range(0, n_rows, BLOCK):
+        rows = r0 + tl.arange(0, BLOCK)
+        ok = rows < n_rows
+        m = tl.full([BLOCK], -3.0e38, ACC)
+        for s in range(n_splits):
+            m = tl.maximum(m, tl.load(m_ptr + s * n_rows + rows, mask=ok, other=-3.0e38))
+        l = tl.zeros([BLOCK], ACC)
+        dot = tl.zeros([BLOCK], ACC)
+        qs = tl.zeros([BLOCK], ACC)
+        for s in range(n_splits):
+            m_s = tl.load(m_ptr + s * n_rows + rows, mask=ok, other=-3.0e38)
+            l += tl.load(l_ptr + s * n_rows + rows, mask=ok, other=0.0) * tl.exp(m_s - m)
+            if WITH_LOSS:
+                dot += tl.load(dot_ptr + s * n_rows + rows, mask=ok, other=0.0)
+                qs += tl.load(qs_ptr + s * n_rows + rows, mask=ok, other=0.0)
+        tl.store(m_out_ptr + rows, m, mask=ok)
+        tl.store(l_out_ptr + rows, l, mask=ok)
+        if WITH_LOSS:
+            tl.store(qs_out_ptr + rows, qs, mask=ok)
+            w = tl.load(w_ptr + rows, mask=ok, other=0.0)
+            # rows of weight 0 were not read (sum exp = 0): they contribute nothing, and log(1) keeps
+            # their discarded term finite
+            active = w != 0.0
+            lse = m + tl.log(tl.where(active, l, 1.0))
+            total += tl.where(active, w * (qs * lse - dot), 0.0)
+    if WITH_LOSS:
+        tl.store(loss_ptr, tl.sum(total, axis=0))
+
+
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
@@ -391,12 +428,19 @@ def _hi_lo(x: float) -> tuple[float, float]:
     return hi, float(np.float32(x - hi))
 
 
-def _merge_lse(m: torch.Tensor, l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# Rows per iteration of the merge kernel.
+_MERGE_ROWS = 1024
+
+
+def _merge(m: torch.Tensor, l: torch.Tensor, ACC) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge per-split online log-sum-exp states [n_splits, rows] into (max, sum exp) per row."""
-    if m.shape[0] == 1:
+    n_splits, n_rows = m.shape
+    if n_splits == 1:
         return m[0], l[0]
-    m_all = m.amax(dim=0)
-    return m_all, (l * torch.exp(m - m_all)).sum(dim=0)
+    m_out, l_out = torch.empty_like(m[0]), torch.empty_like(l[0])
+    _merge_kernel[(1,)](m, l, m, m, m, n_splits, n_rows, m_out, l_out, m_out, m_out,
+                        WITH_LOSS=False, ACC=ACC, BLOCK=_MERGE_ROWS, num_warps=4)
+    return m_out, l_out
 
 
 def _shifted(correction: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -448,9 +492,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
             dummy if tcorr is None else tcorr, *tt, mq, lq, mp, lp, per_split,
             PROBABILITY=probability, HAS_TCORR=tcorr is not None, ACC=ACC, BLOCK_K=bk_t,
             num_warps=_NUM_WARPS)
-        mq, lq = _merge_lse(mq, lq)
+        mq, lq = _merge(mq, lq, ACC)
         if probability:
-            mp, lp = _merge_lse(mp, lp)
+            mp, lp = _merge(mp, lp, ACC)
 
         # 2. centre statistic: mean over teacher rows of the raw output (logit) or of pbar
         bk_c = _block_k(_STAT_ROWS, K)
@@ -481,10 +525,11 @@ class _FusedCrossEntropy(torch.autograd.Function):
             mq, lq, *ts, *tt, ms, ls, dot, qs, per_split,
             PAIR_SELF=layout.pair_self, PROBABILITY=probability, HAS_SCORR=scorr is not None,
             HAS_TCORR=tcorr is not None, ACC=ACC, VIEWS=views_p2, BLOCK_K=bk_s, num_warps=_NUM_WARPS)
-        ms, ls = _merge_lse(ms, ls)
-        dot, qs = dot.sum(dim=0), qs.sum(dim=0)
-        # rows with zero weight were not read (their lse is -inf); they contribute nothing
-        loss = torch.where(weights != 0, weights * (qs * (ms + ls.log()) - dot), 0.0).sum()
+        loss = torch.empty((), **acc)
+        ms_all, ls_all, qs_all = torch.empty(n_rows, **acc), torch.empty(n_rows, **acc), torch.empty(n_rows, **acc)
+        _merge_kernel[(1,)](ms, ls, dot, qs, weights, n_split, n_rows, ms_all, ls_all, qs_all, loss,
+                            WITH_LOSS=True, ACC=ACC, BLOCK=_MERGE_ROWS, num_warps=4)
+        ms, ls, qs = ms_all, ls_all, qs_all
 
         ctx.save_for_backward(student, teacher, weights, scorr, center, log_center, tcorr, mq, lq, ms, ls, qs)
         ctx.layout, ctx.temps, ctx.probability = layout, (*ts, *tt), probability
