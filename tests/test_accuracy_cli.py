@@ -36,14 +36,21 @@ def test_truth_at_kappa_zero_is_the_closed_form():
 
 
 def test_command_prints_the_table(capsys):
-    rc = accuracy.main(["--p", "3", "64", "--per-decade", "1", "--jobs", "1"])
+    rc = accuracy.main(["--p", "3", "64", "--per-decade", "1", "--jobs", "1", "--strict"])
     out = capsys.readouterr().out
-    assert rc == 0  # all bounds met for these p
+    assert rc == 0  # --strict: all bounds met for these p
     lines = out.splitlines()
     first = next(i for i, line in enumerate(lines) if "exact f64  at kappa" in line) + 2  # header, rule
     rows = [line.split("|") for line in lines[first : first + 2]]
     assert [r[0].strip() for r in rows] == ["3", "64"] and all(r[-1].strip() == "yes" for r in rows)
     assert "scipy inf/NaN at kappa" in out and "zero of log C_p" in out
+
+
+def test_strict_exit_status_reports_a_missed_bound(monkeypatch):
+    # a bound nothing can meet makes every row fail: --strict turns that into exit status 1
+    monkeypatch.setattr(accuracy, "BOUND_F32", 0.0)
+    argv = ["--p", "3", "--per-decade", "1", "--jobs", "1"]
+    assert accuracy.main(argv) == 0 and accuracy.main(argv + ["--strict"]) == 1
 
 
 def test_command_explains_missing_mpmath(monkeypatch, capsys):

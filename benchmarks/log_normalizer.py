@@ -1,0 +1,143 @@
+"""log C_p on the CPU: ``vmf_head.log_vmf_normalizer`` (float32 and float64) against scipy (SPEC 6).
+
+The peer is the formula everyone writes with scipy,
+
+    nu log k - (p/2) log(2 pi) - log(scipy.special.ive(nu, k)) - k,      nu = p/2 - 1,
+
+on a float64 numpy array. For each p, kappa distribution and size the three are timed round-robin
+(so that noise from other processes spreads evenly) and reported as median and min-max over the
+repeats, with the ratio scipy / ours of the medians. On a random subsample the error of each against
+mpmath (``vmf_head.accuracy.truth``, 40 digits) is reported as the worst |ours - truth| / max(1, |truth|),
+scipy's over its finite values, with the fraction of scipy's values that are inf/NaN over the whole
+array. The kappas are float32 numbers, so one truth serves both precisions.
+
+kappa distributions:
+  loguniform  10^U(-3, 5)
+  dino        ||w|| / tau with ||w|| ~ U(0.5, 5) and tau ~ U(0.04, 0.1) (DINO's prototype norms and
+              temperatures)
+
+    python benchmarks/log_normalizer.py                    # p = 3, 256, 65536; 65,536 and 1,048,576 values
+    python benchmarks/log_normalizer.py --threads 1 --p 256 --sizes 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import math
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from vmf_head import log_vmf_normalizer
+from vmf_head.accuracy import truth
+
+
+def scipy_log_normalizer(kappa: np.ndarray, p: int) -> np.ndarray:
+    from scipy.special import ive
+
+    nu = p / 2 - 1
+    with np.errstate(all="ignore"):
+        return nu * np.log(kappa) - p / 2 * math.log(2 * math.pi) - np.log(ive(nu, kappa)) - kappa
+
+
+def sample_kappa(dist: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    if dist == "loguniform":
+        k = 10.0 ** rng.uniform(-3, 5, n)
+    elif dist == "dino":
+        k = rng.uniform(0.5, 5.0, n) / rng.uniform(0.04, 0.1, n)
+    else:
+        raise ValueError(f"unknown kappa distribution {dist!r}")
+    return k.astype(np.float32).astype(np.float64)
+
+
+def time_round_robin(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Milliseconds per call for each function, interleaved over the repeats (after one warm-up)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def _truth_value(task: tuple[int, float]) -> float:
+    return float(truth(*task)[0])
+
+
+def worst_error(ours: np.ndarray, exact: np.ndarray) -> float:
+    finite = np.isfinite(ours)
+    if not finite.any():
+        return math.nan
+    return float(np.max(np.abs(ours[finite] - exact[finite]) / np.maximum(1.0, np.abs(exact[finite]))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--p", type=int, nargs="+", default=[3, 256, 65536])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[65536, 1048576])
+    parser.add_argument("--dists", nargs="+", default=["loguniform", "dino"], choices=["loguniform", "dino"])
+    parser.add_argument("--repeats", type=int, default=15, help="timed repeats at 65,536 values (fewer for larger)")
+    parser.add_argument("--subsample", type=int, default=64, help="values per (p, distribution) checked with mpmath")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {os.cpu_count()} CPUs; "
+        f"scipy single-threaded; times in ms, median (min-max) over repeats; ratio = scipy / ours\n"
+    )
+    print(
+        "| p | kappa | values | scipy ive formula | ours float64 | ratio | ours float32 | ratio "
+        "| scipy non-finite | max err scipy | max err f64 | max err f32 |"
+    )
+    print("|" + "---|" * 12)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for p in args.p:
+            for dist in args.dists:
+                for n in args.sizes:
+                    kappa = sample_kappa(dist, n, rng)
+                    k64 = torch.from_numpy(kappa)
+                    k32 = k64.to(torch.float32)
+                    repeats = max(3, args.repeats * 65536 // max(n, 65536))
+                    times = time_round_robin(
+                        {
+                            "scipy": lambda: scipy_log_normalizer(kappa, p),
+                            "f64": lambda: log_vmf_normalizer(k64, p),
+                            "f32": lambda: log_vmf_normalizer(k32, p),
+                        },
+                        repeats,
+                    )
+                    ref = scipy_log_normalizer(kappa, p)
+                    nonfinite = float(np.mean(~np.isfinite(ref)))
+                    idx = rng.choice(n, size=min(args.subsample, n), replace=False)
+                    exact = np.array(list(pool.map(_truth_value, [(p, float(k)) for k in kappa[idx]])))
+                    errs = (
+                        worst_error(ref[idx], exact),
+                        worst_error(log_vmf_normalizer(k64[idx], p).numpy(), exact),
+                        worst_error(log_vmf_normalizer(k32[idx], p).double().numpy(), exact),
+                    )
+                    med = {k: statistics.median(v) for k, v in times.items()}
+
+                    def cell(name: str) -> str:
+                        return f"{med[name]:.2f} ({min(times[name]):.2f}-{max(times[name]):.2f})"
+
+                    print(
+                        f"| {p} | {dist} | {n:,} | {cell('scipy')} | {cell('f64')} | {med['scipy'] / med['f64']:.1f}x "
+                        f"| {cell('f32')} | {med['scipy'] / med['f32']:.1f}x | {100 * nonfinite:.1f}% "
+                        f"| {errs[0]:.1e} | {errs[1]:.1e} | {errs[2]:.1e} |",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()
