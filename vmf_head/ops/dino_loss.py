@@ -179,12 +179,12 @@ def _pair_tile(s_ptr, s_stride, t_ptr, t_stride, rows, s_ok, t_ok, offs, k_ok,
 
 @triton.jit
 def _teacher_stats_kernel(t_ptr, t_stride, n_rows, K, center_ptr, log_center_ptr, tcorr_ptr,
-                          tt_hi, tt_lo, mq_ptr, lq_ptr, mp_ptr, lp_ptr, blocks_per_split,
+                          tt_hi, tt_lo, mq_ptr, lq_ptr, mp_ptr, lp_ptr, split_stride, blocks_per_split,
                           PROBABILITY: tl.constexpr, HAS_TCORR: tl.constexpr,
                           ACC: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (row, split): online (max, sum exp) over its K range of the logits of q (and pbar).
 
-    Outputs are [n_splits, n_rows]; the host merges the splits.
+    Output element (split, row) is at split * split_stride + row; the splits are merged afterwards.
     """
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -207,7 +207,7 @@ def _teacher_stats_kernel(t_ptr, t_stride, n_rows, K, center_ptr, log_center_ptr
         mq, lq = _online_lse(mq, lq, zq, ok)
         if PROBABILITY:
             mp, lp = _online_lse(mp, lp, _corrected(t, offs, k_ok, tcorr_ptr, teacher_temp, HAS_TCORR), ok)
-    out = split * n_rows + rows
+    out = split * split_stride + rows
     tl.store(mq_ptr + out, mq, mask=r_ok)
     tl.store(lq_ptr + out, lq, mask=r_ok)
     if PROBABILITY:
@@ -428,8 +428,9 @@ def _hi_lo(x: float) -> tuple[float, float]:
     return hi, float(np.float32(x - hi))
 
 
-# Rows per iteration of the merge kernel.
+# Rows per iteration and warps of the (single-program) merge kernel.
 _MERGE_ROWS = 1024
+_MERGE_WARPS = 4
 
 
 def _merge(m: torch.Tensor, l: torch.Tensor, ACC) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,7 +440,7 @@ def _merge(m: torch.Tensor, l: torch.Tensor, ACC) -> tuple[torch.Tensor, torch.T
         return m[0], l[0]
     m_out, l_out = torch.empty_like(m[0]), torch.empty_like(l[0])
     _merge_kernel[(1,)](m, l, m, m, m, n_splits, n_rows, m_out, l_out, m_out, m_out,
-                        WITH_LOSS=False, ACC=ACC, BLOCK=_MERGE_ROWS, num_warps=4)
+                        WITH_LOSS=False, ACC=ACC, BLOCK=_MERGE_ROWS, num_warps=_MERGE_WARPS)
     return m_out, l_out
 
 
@@ -483,18 +484,18 @@ class _FusedCrossEntropy(torch.autograd.Function):
         # 1. teacher row statistics
         bk_t = _block_k(1, K)
         per_split, n_split = _split(triton.cdiv(K, bk_t), triton.cdiv(target, n_trows))
-        mq = torch.empty(n_split, n_trows, **acc)
-        lq = torch.empty_like(mq)
-        mp = torch.empty_like(mq) if probability else mq
-        lp = torch.empty_like(mq) if probability else lq
+        # the (max, sum) of q's logits for every row, then those of pbar's: one merge for both
+        n_stats = (2 if probability else 1) * n_trows
+        m_t = torch.empty(n_split, n_stats, **acc)
+        l_t = torch.empty_like(m_t)
         _teacher_stats_kernel[(n_trows, n_split)](
             teacher, teacher.stride(0), n_trows, K, center, log_center,
-            dummy if tcorr is None else tcorr, *tt, mq, lq, mp, lp, per_split,
+            dummy if tcorr is None else tcorr, *tt, m_t, l_t, m_t[:, n_trows:], l_t[:, n_trows:],
+            n_stats, per_split,
             PROBABILITY=probability, HAS_TCORR=tcorr is not None, ACC=ACC, BLOCK_K=bk_t,
             num_warps=_NUM_WARPS)
-        mq, lq = _merge(mq, lq, ACC)
-        if probability:
-            mp, lp = _merge(mp, lp, ACC)
+        m_t, l_t = _merge(m_t, l_t, ACC)
+        mq, lq, mp, lp = m_t[:n_trows], l_t[:n_trows], m_t[n_trows:], l_t[n_trows:]
 
         # 2. centre statistic: mean over teacher rows of the raw output (logit) or of pbar
         bk_c = _block_k(_STAT_ROWS, K)
@@ -528,7 +529,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         loss = torch.empty((), **acc)
         ms_all, ls_all, qs_all = torch.empty(n_rows, **acc), torch.empty(n_rows, **acc), torch.empty(n_rows, **acc)
         _merge_kernel[(1,)](ms, ls, dot, qs, weights, n_split, n_rows, ms_all, ls_all, qs_all, loss,
-                            WITH_LOSS=True, ACC=ACC, BLOCK=_MERGE_ROWS, num_warps=4)
+                            WITH_LOSS=True, ACC=ACC, BLOCK=_MERGE_ROWS, num_warps=_MERGE_WARPS)
         ms, ls, qs = ms_all, ls_all, qs_all
 
         ctx.save_for_backward(student, teacher, weights, scorr, center, log_center, tcorr, mq, lq, ms, ls, qs)
