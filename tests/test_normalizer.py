@@ -224,17 +224,22 @@ def test_half_dtypes_are_computed_in_float_and_rounded_once(dtype, p):
     assert worst[0] <= torch.finfo(dtype).eps / 2 * 1.01, worst
 
 
-def test_float16_overflows_exactly_where_log_c_exceeds_its_range():
-    # float16 holds |x| <= 65504; log C_65536(kappa) is ~2.7e5 at kappa = 0 (docs/log_normalizer.md).
-    kappas = [0.0, 1e3, 1e5, 2e5, 3.6e5, 5e5, 1e6]
+@pytest.mark.parametrize("p", [16384, 20000, 65536])
+def test_float16_overflows_exactly_where_log_c_exceeds_its_range(p):
+    # float16 holds |x| <= 65504; log C_p(kappa) exceeds that at small kappa from p = 18719 on
+    # (p = 65536: 2.7e5 at kappa = 0; docs/log_normalizer.md). kappa itself stays in float16's range.
+    kappas = [0.0, 1e3, 1e4, 3e4, 6e4]
     held = _held(kappas, torch.float16)
-    out = log_vmf_normalizer(torch.tensor(kappas, dtype=torch.float16), 65536).tolist()
+    out = log_vmf_normalizer(torch.tensor(kappas, dtype=torch.float16), p).tolist()
+    outcomes = []
     for o, k in zip(out, held):
-        exact = float(truth.log_normalizer(65536, k))
+        exact = truth.log_normalizer(p, k)
         if abs(exact) < 65504:
-            assert math.isfinite(o) and truth.error(o, truth.log_normalizer(65536, k)) <= 2**-11 * 1.01
+            assert truth.error(o, exact) <= 2**-11 * 1.01
         else:
-            assert o == math.copysign(math.inf, exact)
+            assert o == math.inf  # log C_p > 0 there
+        outcomes.append(math.isfinite(o))
+    assert outcomes == {16384: [True] * 5, 20000: [False] * 3 + [True] * 2, 65536: [False] * 5}[p]
 
 
 @pytest.mark.parametrize("shape", [(), (0,), (3, 0), (2, 3, 4)])
