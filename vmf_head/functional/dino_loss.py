@@ -58,9 +58,12 @@ class _MultiCropCrossEntropy(torch.autograd.Function):
         )
         weighted = targets.to(dtype).view(n_targets, batch, k) * weight[None, :, None]
         total = weighted.sum(0)  # sum_i w q_i, paired with every student view
-        cross = torch.mv(log_p.view(n_views, batch * k), total.view(-1)).sum()
-        for i in range(n_same):
-            cross -= torch.dot(weighted[i].view(-1), log_p[i].reshape(-1))
+        # Row-wise dot products (batched matmul over the K axis): one dot over all n_views B K
+        # entries would lose about 5e-5 of the loss in float32 at DINO's sizes.
+        cross = torch.bmm(log_p.transpose(0, 1), total.unsqueeze(-1)).sum()
+        if n_same:
+            same = torch.bmm(log_p[:n_same].reshape(n_same * batch, 1, k), weighted[:n_same].reshape(n_same * batch, k, 1))
+            cross = cross - same.sum()
         loss = -cross / max(n_pairs, 1)
 
         ctx.save_for_backward(log_p, total, weighted[:n_same], weight, n_per_view)
