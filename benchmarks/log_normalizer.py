@@ -93,8 +93,9 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
 
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {os.cpu_count()} CPUs; "
-        f"scipy single-threaded; times in ms, median (min-max) over repeats; ratio = scipy / ours\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {os.cpu_count()} CPUs "
+        f"(load average {os.getloadavg()[0]:.1f} at start); scipy single-threaded; "
+        f"times in ms, median (min-max) over repeats; ratio = scipy / ours\n"
     )
     print(
         "| p | kappa | values | scipy ive formula | ours float64 | ratio | ours float32 | ratio "
@@ -108,7 +109,7 @@ def main() -> None:
                     kappa = sample_kappa(dist, n, rng)
                     k64 = torch.from_numpy(kappa)
                     k32 = k64.to(torch.float32)
-                    repeats = max(3, args.repeats * 65536 // max(n, 65536))
+                    repeats = max(5, args.repeats * 65536 // max(n, 65536))
                     times = time_round_robin(
                         {
                             "scipy": lambda: scipy_log_normalizer(kappa, p),

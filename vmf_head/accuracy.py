@@ -133,8 +133,8 @@ def kappa_grid(per_decade: int) -> list[float]:
 
 def crossing_points(p: int) -> list[float]:
     """float32 kappas > 0 where log C_p takes about the values _CROSSING_VALUES around its zero, the
-    zero first (empty if log C_p(0) <= 0: then it has no zero). Located with the package's own function: only where to
-    sample is taken from the code under test, never the truth."""
+    zero first (empty if log C_p(0) <= 0: then it has no zero). They are located with the package's
+    own function: only where to sample comes from the code under test, never the truth."""
     from .normalizer import log_vmf_normalizer, vmf_mean_resultant_length
 
     if math.lgamma(p / 2) - math.log(2) - p / 2 * math.log(math.pi) <= 0:
