@@ -17,10 +17,11 @@ s = hypot(kappa, nu), and its exact derivative.
 
 All arithmetic is float64 whatever the storage dtype: for large p the value is a small difference
 of terms near p log p (p = 65536: 4e5), which float32 arithmetic cannot resolve to the 2e-6 the
-library promises. The float64 constants (order, coefficients, log 2 pi terms) live in a small
-cached float64 tensor per (p, mode, accuracy, device), because Triton passes Python floats to a
-kernel as float32; the temperature of the fused kernels travels as the int64 bit pattern of its
-float64 value for the same reason.
+library promises. The per-order constants (shifted order, term counts, shift, coefficients,
+log 2 pi terms) live in a small cached float64 tensor per (p, mode, accuracy, device), because
+Triton passes Python floats to a kernel as float32, and because loops bounded by values read at run
+time let one compiled kernel serve every p (no recompilation per dimension). The temperature of the
+fused kernels travels as the int64 bit pattern of its float64 value for the same reason.
 
 Nothing here synchronises with the host: shapes decide the grid, the per-order constants are
 uploaded once and cached, and there is no data-dependent Python control flow.
@@ -54,7 +55,10 @@ _NU = tl.constexpr(1)
 _HALF_LOG_2PI = tl.constexpr(2)
 _HALF_P_LOG_2PI = tl.constexpr(3)
 _NU_LOG_2PI = tl.constexpr(4)
-_HEADER = tl.constexpr(5)
+_N_U = tl.constexpr(5)  # counts and shift are stored as float64 too: one compiled kernel serves every p
+_N_W = tl.constexpr(6)
+_SHIFT = tl.constexpr(7)
+_HEADER = tl.constexpr(8)
 _NAN = tl.constexpr(math.nan)
 _INF = tl.constexpr(math.inf)
 
@@ -79,61 +83,62 @@ def _from_f64(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _horner(params, OFFSET: tl.constexpr, N: tl.constexpr, t):
-    """sum_j c_j t^(N-1-j) for the N coefficients at params[OFFSET:], highest power first."""
-    tl.static_assert(N >= 2)
-    acc = tl.load(params + OFFSET) * t + tl.load(params + OFFSET + 1)
-    for j in tl.static_range(2, N):
-        acc = acc * t + tl.load(params + OFFSET + j)
+def _horner(params, offset, n, t):
+    """sum_j c_j t^(n-1-j) for the n >= 2 coefficients at params[offset:], highest power first."""
+    acc = tl.load(params + offset) * t + tl.load(params + offset + 1)
+    for j in range(2, n):
+        acc = acc * t + tl.load(params + offset + j)
     return acc
 
 
 @triton.jit
-def _expansion(x2, params, N_U: tl.constexpr):
+def _expansion(x2, params):
     """s, t and U(t) of the uniform expansion at the shifted order mu, for x2 = kappa^2."""
     mu = tl.load(params + _MU)
     s = tl.sqrt(x2 + mu * mu)
     t = mu / s
-    u = _horner(params, _HEADER, N_U, t)
+    u = _horner(params, _HEADER, tl.load(params + _N_U).to(tl.int32), t)
     return mu, s, t, u
 
 
 @triton.jit
-def _scaled_ratio_shifted(mu, s, t, u, params, N_U: tl.constexpr, N_W: tl.constexpr):
+def _scaled_ratio_shifted(mu, s, t, u, params):
     """Q_mu = I_{mu+1}/(kappa I_mu) = 1/(s + mu) + W(t)/(s U(t))."""
-    w = _horner(params, _HEADER + N_U, N_W, t)
+    n_u = tl.load(params + _N_U).to(tl.int32)
+    w = _horner(params, _HEADER + n_u, tl.load(params + _N_W).to(tl.int32), t)
     return 1.0 / (s + mu) + w / (s * u)
 
 
 @triton.jit
-def _log_normalizer_exact(x, params, N_U: tl.constexpr, N_W: tl.constexpr, SHIFT: tl.constexpr):
+def _log_normalizer_exact(x, params):
     """log C_p(x) for float64 x >= 0 (values outside are fixed by ``_finish``)."""
     x2 = x * x
-    mu, s, t, u = _expansion(x2, params, N_U)
+    mu, s, t, u = _expansion(x2, params)
     h = (s - mu * tl.log(s + mu)) - 0.5 * tl.log(s / (u * u)) - tl.load(params + _HALF_LOG_2PI)
-    if SHIFT > 0:
+    shift = tl.load(params + _SHIFT).to(tl.int32)
+    if shift > 0:
         nu = tl.load(params + _NU)
-        q = _scaled_ratio_shifted(mu, s, t, u, params, N_U, N_W)
+        q = _scaled_ratio_shifted(mu, s, t, u, params)
         x1 = 1.0 + x
         prod = tl.full(x.shape, 1.0, tl.float64)
-        for i in tl.static_range(SHIFT):
-            # order n = nu + SHIFT - 1 - i, so 2(n + 1) = 2(nu + SHIFT - i)
-            q = 1.0 / (2.0 * (nu + (SHIFT - i)) + x2 * q)
+        for i in range(shift):
+            # order n = nu + shift - 1 - i, so 2(n + 1) = 2(nu + shift - i)
+            q = 1.0 / (2.0 * (nu + (shift - i).to(tl.float64)) + x2 * q)
             prod = prod * q * x1
-        h = h - (tl.log(prod) - SHIFT * tl.log(x1))
+        h = h - (tl.log(prod) - shift.to(tl.float64) * tl.log(x1))
     return -tl.load(params + _HALF_P_LOG_2PI) - h
 
 
 @triton.jit
-def _scaled_derivative_exact(x, params, N_U: tl.constexpr, N_W: tl.constexpr, SHIFT: tl.constexpr):
+def _scaled_derivative_exact(x, params):
     """(d/dx log C_p(x)) / x = -Q_nu(x) = -I_{nu+1}(x)/(x I_nu(x)); -1/p at x = 0."""
     x2 = x * x
-    mu, s, t, u = _expansion(x2, params, N_U)
-    q = _scaled_ratio_shifted(mu, s, t, u, params, N_U, N_W)
-    if SHIFT > 0:
-        nu = tl.load(params + _NU)
-        for i in tl.static_range(SHIFT):
-            q = 1.0 / (2.0 * (nu + (SHIFT - i)) + x2 * q)
+    mu, s, t, u = _expansion(x2, params)
+    q = _scaled_ratio_shifted(mu, s, t, u, params)
+    nu = tl.load(params + _NU)
+    shift = tl.load(params + _SHIFT).to(tl.int32)
+    for i in range(shift):
+        q = 1.0 / (2.0 * (nu + (shift - i).to(tl.float64)) + x2 * q)
     return -q
 
 
@@ -162,18 +167,18 @@ def _scaled_derivative_approx(x, params):
 
 
 @triton.jit
-def _log_normalizer(x, params, EXACT: tl.constexpr, N_U: tl.constexpr, N_W: tl.constexpr, SHIFT: tl.constexpr):
+def _log_normalizer(x, params, EXACT: tl.constexpr):
     if EXACT:
-        out = _log_normalizer_exact(x, params, N_U, N_W, SHIFT)
+        out = _log_normalizer_exact(x, params)
     else:
         out = _log_normalizer_approx(x, params)
     return out
 
 
 @triton.jit
-def _scaled_derivative(x, params, EXACT: tl.constexpr, N_U: tl.constexpr, N_W: tl.constexpr, SHIFT: tl.constexpr):
+def _scaled_derivative(x, params, EXACT: tl.constexpr):
     if EXACT:
-        out = _scaled_derivative_exact(x, params, N_U, N_W, SHIFT)
+        out = _scaled_derivative_exact(x, params)
     else:
         out = _scaled_derivative_approx(x, params)
     return out
@@ -189,17 +194,16 @@ def _finish(out, x, at_inf):
 @triton.jit
 def _elementwise_kernel(
     kappa_ptr, out_ptr, params, n,
-    DERIVATIVE: tl.constexpr, EXACT: tl.constexpr, N_U: tl.constexpr, N_W: tl.constexpr,
-    SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+    DERIVATIVE: tl.constexpr, EXACT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """out = log C_p(kappa), or its derivative -A_p(kappa) when DERIVATIVE, over n flat elements."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = _to_f64(tl.load(kappa_ptr + offs, mask=mask, other=0.0))
     if DERIVATIVE:
-        out = _finish(x * _scaled_derivative(x, params, EXACT, N_U, N_W, SHIFT), x, -1.0)
+        out = _finish(x * _scaled_derivative(x, params, EXACT), x, -1.0)
     else:
-        out = _finish(_log_normalizer(x, params, EXACT, N_U, N_W, SHIFT), x, -_INF)
+        out = _finish(_log_normalizer(x, params, EXACT), x, -_INF)
     tl.store(out_ptr + offs, _from_f64(out, out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -218,23 +222,21 @@ def _row_norms(w_ptr, rows, row_mask, n_cols, stride_r, stride_c, BLOCK_K: tl.co
 @triton.jit(do_not_specialize=["tau_bits"])
 def _prototype_forward_kernel(
     w_ptr, out_ptr, params, n_rows, n_cols, stride_r, stride_c, tau_bits,
-    EXACT: tl.constexpr, N_U: tl.constexpr, N_W: tl.constexpr, SHIFT: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    EXACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out_k = log C_p(||w_k|| / tau) for the rows of W (K x D); D = 1 gives |g_k| / tau."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_mask = rows < n_rows
     tau = tau_bits.to(tl.int64).to(tl.float64, bitcast=True)
     kappa = _row_norms(w_ptr, rows, row_mask, n_cols, stride_r, stride_c, BLOCK_K, BLOCK_D) / tau
-    out = _finish(_log_normalizer(kappa, params, EXACT, N_U, N_W, SHIFT), kappa, -_INF)
+    out = _finish(_log_normalizer(kappa, params, EXACT), kappa, -_INF)
     tl.store(out_ptr + rows, _from_f64(out, out_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["tau_bits"])
 def _prototype_backward_kernel(
     grad_ptr, w_ptr, gw_ptr, params, n_rows, n_cols, stride_r, stride_c, gstride_r, gstride_c, tau_bits,
-    EXACT: tl.constexpr, N_U: tl.constexpr, N_W: tl.constexpr, SHIFT: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    EXACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dL/dw_k = dL/dout_k * (d log C_p/dkappa)(kappa_k) / tau * w_k / ||w_k||.
 
@@ -245,7 +247,7 @@ def _prototype_backward_kernel(
     tau = tau_bits.to(tl.int64).to(tl.float64, bitcast=True)
     kappa = _row_norms(w_ptr, rows, row_mask, n_cols, stride_r, stride_c, BLOCK_K, BLOCK_D) / tau
     g = _to_f64(tl.load(grad_ptr + rows, mask=row_mask, other=0.0))
-    scale = g * _scaled_derivative(kappa, params, EXACT, N_U, N_W, SHIFT) / (tau * tau)
+    scale = g * _scaled_derivative(kappa, params, EXACT) / (tau * tau)
     for start in range(0, n_cols, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         m = row_mask[:, None] & (cols < n_cols)[None, :]
@@ -258,29 +260,23 @@ INTERPRETED: bool = type(_elementwise_kernel).__name__ == "InterpretedFunction"
 """True when the kernels were built under ``TRITON_INTERPRET=1``: they then run on CPU tensors."""
 
 
-@functools.lru_cache(maxsize=None)
-def _plan(p: int, mode: str, tol: float) -> tuple[tuple[float, ...], int, int, int]:
-    """(constants, N_U, N_W, SHIFT): the same (M, K, coefficients) as the reference."""
+def _plan(p: int, mode: str, tol: float) -> tuple[float, ...]:
+    """The float64 constants of one (p, mode, accuracy): the same shift M, term count K and
+    coefficients as the reference (``vmf_head.special.bessel``)."""
     nu = 0.5 * p - 1.0
     if mode == "exact":
         shift, terms = _debye.shifted_order(nu, tol)
         cu, cw = _debye.series_coefficients(nu + shift, terms, tol)
     else:
         shift, cu, cw = 0, (), ()
-    header = (nu + shift, nu, 0.5 * _LOG_2PI, 0.5 * p * _LOG_2PI, nu * _LOG_2PI)
-    return header + cu + cw, len(cu), len(cw), shift
+    header = (nu + shift, nu, 0.5 * _LOG_2PI, 0.5 * p * _LOG_2PI, nu * _LOG_2PI, len(cu), len(cw), shift)
+    return header + cu + cw
 
 
 @functools.lru_cache(maxsize=256)
-def _constants(p: int, mode: str, tol: float, device: torch.device) -> torch.Tensor:
+def _constants(p: int, mode: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # Uploaded once per (order, accuracy, device): a host-to-device copy per call would be a sync point.
-    values = _plan(p, mode, tol)[0]
-    return torch.tensor(values, dtype=torch.float64, device=device)
-
-
-def _launch_args(p: int, mode: str, dtype: torch.dtype) -> dict:
-    _, n_u, n_w, shift = _plan(p, mode, tolerance(dtype))
-    return dict(EXACT=mode == "exact", N_U=n_u, N_W=n_w, SHIFT=shift)
+    return torch.tensor(_plan(p, mode, tolerance(dtype)), dtype=torch.float64, device=device)
 
 
 def _device_guard(t: torch.Tensor):
@@ -308,11 +304,10 @@ def _elementwise(kappa: torch.Tensor, p: int, mode: str, derivative: bool) -> to
     flat_ok = kappa.is_contiguous() and out.is_contiguous()
     src = kappa if flat_ok else kappa.contiguous()
     dst = out if flat_ok else torch.empty_like(src)
-    tol = tolerance(kappa.dtype)
     with _device_guard(kappa):
         _elementwise_kernel[(triton.cdiv(n, _BLOCK),)](
-            src, dst, _constants(p, mode, tol, kappa.device), n,
-            DERIVATIVE=derivative, BLOCK=_BLOCK, **_launch_args(p, mode, kappa.dtype),
+            src, dst, _constants(p, mode, kappa.dtype, kappa.device), n,
+            DERIVATIVE=derivative, EXACT=mode == "exact", BLOCK=_BLOCK,
         )
     if not flat_ok:
         out.copy_(dst)
@@ -359,9 +354,9 @@ def prototype_log_normalizer(weight: torch.Tensor, tau: float, p: int, mode: str
     block_k, block_d = _blocks(n_cols)
     with _device_guard(weight):
         _prototype_forward_kernel[(triton.cdiv(n_rows, block_k),)](
-            w, out, _constants(p, mode, tolerance(weight.dtype), weight.device), n_rows, n_cols,
+            w, out, _constants(p, mode, weight.dtype, weight.device), n_rows, n_cols,
             w.stride(0), w.stride(1), _tau_bits(tau),
-            BLOCK_K=block_k, BLOCK_D=block_d, **_launch_args(p, mode, weight.dtype),
+            EXACT=mode == "exact", BLOCK_K=block_k, BLOCK_D=block_d,
         )
     return out
 
@@ -380,8 +375,8 @@ def prototype_log_normalizer_backward(
     block_k, block_d = _blocks(n_cols)
     with _device_guard(weight):
         _prototype_backward_kernel[(triton.cdiv(n_rows, block_k),)](
-            grad.contiguous(), w, gw, _constants(p, mode, tolerance(weight.dtype), weight.device), n_rows, n_cols,
+            grad.contiguous(), w, gw, _constants(p, mode, weight.dtype, weight.device), n_rows, n_cols,
             w.stride(0), w.stride(1), gw.stride(0), gw.stride(1), _tau_bits(tau),
-            BLOCK_K=block_k, BLOCK_D=block_d, **_launch_args(p, mode, weight.dtype),
+            EXACT=mode == "exact", BLOCK_K=block_k, BLOCK_D=block_d,
         )
     return grad_weight
