@@ -363,6 +363,40 @@ def test_module_backend_triton_equals_reference():
         assert _rel(a, b) <= 2e-5
 
 
+@needs_kernels
+def test_custom_ops_pass_opcheck():
+    """The forward and backward are torch.library custom ops: schema, fake (meta) implementation and
+    autograd registration are consistent (torch.library.opcheck)."""
+    student, teacher, center, s_corr, t_corr = (_to(x, torch.float32) for x in dino_inputs(7, 3, 2, 1, "probability", True))
+    weights = torch.full((9,), 1.0 / 12, device=DEVICE)
+    layout = fused_dino._layout_ints(fused_dino.PairLayout(3, 3, 2, 3, 1, False))
+    args = (student.requires_grad_(), teacher, weights, center.reshape(-1), center.reshape(-1).log(),
+            s_corr.requires_grad_(), t_corr, layout, [STUDENT_TEMP, TEACHER_TEMP], True)
+    torch.library.opcheck(fused_dino._forward_op, args)
+
+
+@needs_kernels
+def test_torch_compile_traces_the_fused_loss_in_one_graph():
+    """fullgraph=True: no graph break around the fused op (the dispatch picks it inside compiled
+    training steps), and the compiled loss and gradients equal the eager ones."""
+    student, teacher, center, s_corr, t_corr = (_to(x, torch.float32) for x in dino_inputs(300, 3, 2, 1, "logit", True))
+
+    def step(s, sc):
+        loss, stat = fused_dino.dino_vmf_loss(s, teacher, center, n_views=3, student_temp=STUDENT_TEMP,
+                                              teacher_temp=TEACHER_TEMP, student_correction=sc,
+                                              teacher_correction=t_corr, centering="logit")
+        return 2 * loss, stat
+
+    results = []
+    for fn in (torch.compile(step, fullgraph=True, backend="aot_eager"), step):
+        s, sc = student.clone().requires_grad_(), s_corr.clone().requires_grad_()
+        loss, stat = fn(s, sc)
+        loss.backward()
+        results.append((loss, stat, s.grad, sc.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_rejects_sinkhorn_bad_center_and_devices_without_triton(monkeypatch):
     student, teacher, center, _, _ = (x.float() if x is not None else None
                                       for x in dino_inputs(7, 2, 2, 1, "logit", False))

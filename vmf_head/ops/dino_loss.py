@@ -20,19 +20,22 @@ forward needs one online log-sum-exp and one dot product per student row, and th
 recomputes softmax(l_s_j) from the saved (max, sum) of the row and Qsum_j from the teacher logits and
 the saved teacher (max, sum). Nothing of size B x K is saved: the forward reads the student once and
 the teacher three times (row statistics, centre statistic, the pass with the student), the backward
-reads both once and writes the gradient once, in the input dtype. Four kernels:
+reads both once and writes the gradient once, in the input dtype. Kernels:
 
 1. ``_teacher_stats_kernel``: per teacher row, the online (max, sum of exp) of the logits of q (and of
-   pbar under probability centering), split over K for occupancy and merged on the host.
+   pbar under probability centering), split over K for occupancy.
 2. ``_center_stat_kernel``: column sums over the teacher rows of the raw output (logit centering) or
    of pbar (probability), for the centre update; deterministic (no atomics).
 3. ``_student_forward_kernel``: one program per (image, K split) holds the tile [views, BLOCK_K] of
    every view of that image, so the sum over teacher views of q is formed in registers; it
    accumulates the online (max, sum) of l_s, Qsum . l_s and sum(Qsum) per row.
-4. ``_student_backward_kernel``: one program per (K block, chunk of images) writes the gradient of
+4. ``_merge_kernel``: merges the K splits of 1 and 3 (one program, deterministic) and forms the loss.
+5. ``_student_backward_kernel``: one program per (K block, chunk of images) writes the gradient of
    the student tile and sums the student-correction gradient over its images in registers.
 
-Arithmetic is float32 (float64 when an input is float64, as the reference). Design, tiling and
+The forward and the backward are ``torch.library`` custom operators (``vmf_head::fused_cross_entropy``
+and ``vmf_head::fused_cross_entropy_backward``) with fake implementations and a registered autograd
+formula, so ``torch.compile(fullgraph=True)`` keeps them as opaque nodes. Arithmetic is float32 (float64 when an input is float64, as the reference). Design, tiling and
 memory traffic: ``docs/fused_loss.md``. Sinkhorn centering stays on the reference path: its
 iterations need whole-batch column sums between passes (all-reduced under torch.distributed), which
 these row-parallel kernels cannot do in one launch; ``CENTERINGS`` lists what is fused.
@@ -433,141 +436,179 @@ _MERGE_ROWS = 1024
 _MERGE_WARPS = 4
 
 
-def _merge(m: torch.Tensor, l: torch.Tensor, ACC) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge per-split online log-sum-exp states [n_splits, rows] into (max, sum exp) per row."""
-    n_splits, n_rows = m.shape
+def _merge(m: torch.Tensor, l: torch.Tensor, n_splits: int, ACC) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge per-split online log-sum-exp states (flat [n_splits, rows]) into (max, sum exp) per row."""
     if n_splits == 1:
-        return m[0], l[0]
-    m_out, l_out = torch.empty_like(m[0]), torch.empty_like(l[0])
+        return m, l
+    n_rows = m.numel() // n_splits
+    m_out, l_out = m.new_empty(n_rows), l.new_empty(n_rows)
     _merge_kernel[(1,)](m, l, m, m, m, n_splits, n_rows, m_out, l_out, m_out, m_out,
                         WITH_LOSS=False, ACC=ACC, BLOCK=_MERGE_ROWS, num_warps=_MERGE_WARPS)
     return m_out, l_out
 
 
-def _shifted(correction: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """correction - max(correction), in dtype (on the device; no host synchronisation)."""
+def _shifted(correction: torch.Tensor | None, dtype: torch.dtype, detach: bool = False) -> torch.Tensor | None:
+    """correction - max(correction) in dtype, on the device (no host synchronisation).
+
+    Softmaxes, the loss and its gradients do not change when a constant is added to a row of
+    logits. Shifting a correction by its max keeps the logits near 0 (log C_p is ~340 at p = 256),
+    where float32 resolves them 100x finer, and the dot Qsum . l_s loses no digits to the offset. The
+    max is a constant for autograd, so the gradient passes through unchanged.
+    """
     if correction is None:
         return None
-    c = correction.detach().reshape(-1).to(dtype)
-    return (c - c.max()).contiguous()
+    c = correction.reshape(-1).to(dtype)
+    if detach:
+        c = c.detach()
+    return (c - c.detach().max()).contiguous()
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-class _FusedCrossEntropy(torch.autograd.Function):
-    """Autograd node of the fused loss; see ``fused_cross_entropy`` for the arguments."""
+def _layout_ints(layout: PairLayout) -> list[int]:
+    return [layout.n_groups, layout.n_views, layout.n_teacher_views, layout.view_stride, layout.group_stride,
+            int(layout.pair_self)]
 
-    @staticmethod
-    def forward(ctx, student, student_correction, teacher, teacher_correction, center, weights,
-                layout: PairLayout, student_temp: float, teacher_temp: float, centering: str):
-        n_rows, K = student.shape
-        n_trows = teacher.shape[0]
-        device = student.device
-        acc_dtype = weights.dtype
-        acc = dict(device=device, dtype=acc_dtype)
-        probability = centering == "probability"
-        # a copy: the backward needs this centre, and the module updates its buffer in place
-        center = center.detach().reshape(-1).to(acc_dtype, copy=True)
-        # as the reference: a centre entry that underflowed gets the smallest normal number
-        log_center = center.clamp_min(torch.finfo(acc_dtype).tiny).log() if probability else center
-        # Softmaxes, the loss and its gradients are invariant to a constant added to a row of logits.
-        # Shifting each correction by its max keeps the logits near 0 (log C_p is ~340 at p = 256),
-        # where float32 resolves them 100x finer, and the dot Qsum . l_s loses no digits to the offset.
-        scorr = _shifted(student_correction, acc_dtype)
-        tcorr = _shifted(teacher_correction, acc_dtype)
-        dummy = center  # stands for absent optional vectors; never read (constexpr flags)
-        ts, tt = _hi_lo(student_temp), _hi_lo(teacher_temp)
-        target = _target_programs(device)
-        ACC = _TL_DTYPES[acc_dtype]
 
-        # 1. teacher row statistics
-        bk_t = _block_k(1, K)
-        per_split, n_split = _split(triton.cdiv(K, bk_t), triton.cdiv(target, n_trows))
-        # the (max, sum) of q's logits for every row, then those of pbar's: one merge for both
-        n_stats = (2 if probability else 1) * n_trows
-        m_t = torch.empty(n_split, n_stats, **acc)
-        l_t = torch.empty_like(m_t)
-        _teacher_stats_kernel[(n_trows, n_split)](
-            teacher, teacher.stride(0), n_trows, K, center, log_center,
-            dummy if tcorr is None else tcorr, *tt, m_t, l_t, m_t[:, n_trows:], l_t[:, n_trows:],
-            n_stats, per_split,
-            PROBABILITY=probability, HAS_TCORR=tcorr is not None, ACC=ACC, BLOCK_K=bk_t,
-            num_warps=_NUM_WARPS)
-        m_t, l_t = _merge(m_t, l_t, ACC)
-        mq, lq, mp, lp = m_t[:n_trows], l_t[:n_trows], m_t[n_trows:], l_t[n_trows:]
+# The forward and the backward are torch.library custom operators with fake (meta) implementations,
+# so torch.compile treats them as opaque nodes instead of tracing Triton launches and host logic.
+# `layout` is ``_layout_ints(PairLayout)``; `temps` is (student_temp, teacher_temp).
 
-        # 2. centre statistic: mean over teacher rows of the raw output (logit) or of pbar
-        bk_c = _block_k(_STAT_ROWS, K)
-        n_kb = triton.cdiv(K, bk_c)
-        rows_per_chunk, _ = _split(n_trows, triton.cdiv(target, n_kb))
-        rows_per_chunk = triton.cdiv(rows_per_chunk, _STAT_ROWS) * _STAT_ROWS
-        n_chunk = triton.cdiv(n_trows, rows_per_chunk)
-        stat = torch.empty(n_chunk, K, **acc)
-        _center_stat_kernel[(n_kb, n_chunk)](
-            teacher, teacher.stride(0), n_trows, K, dummy if tcorr is None else tcorr, *tt,
-            mp, lp, stat, rows_per_chunk,
-            PROBABILITY=probability, HAS_TCORR=tcorr is not None, ACC=ACC, ROWS=_STAT_ROWS,
-            BLOCK_K=bk_c, num_warps=_NUM_WARPS)
-        stat = (stat[0] if n_chunk == 1 else stat.sum(dim=0)) / n_trows
 
-        # 3. student pass: online lse of l_s, Qsum . l_s, sum(Qsum) per student row
-        views_p2 = triton.next_power_of_2(layout.n_views)
-        bk_s = _block_k(views_p2, K)
-        per_split, n_split = _split(triton.cdiv(K, bk_s), triton.cdiv(target, layout.n_groups))
-        ms = torch.empty(n_split, n_rows, **acc)
-        ls = torch.empty_like(ms)
-        dot = torch.empty_like(ms)
-        qs = torch.empty_like(ms)
-        _student_forward_kernel[(layout.n_groups, n_split)](
-            student, student.stride(0), teacher, teacher.stride(0), weights, n_rows, K,
-            layout.n_views, layout.n_teacher_views, layout.view_stride, layout.group_stride,
-            dummy if scorr is None else scorr, center, log_center, dummy if tcorr is None else tcorr,
-            mq, lq, *ts, *tt, ms, ls, dot, qs, per_split,
-            PAIR_SELF=layout.pair_self, PROBABILITY=probability, HAS_SCORR=scorr is not None,
-            HAS_TCORR=tcorr is not None, ACC=ACC, VIEWS=views_p2, BLOCK_K=bk_s, num_warps=_NUM_WARPS)
-        loss = torch.empty((), **acc)
-        ms_all, ls_all, qs_all = torch.empty(n_rows, **acc), torch.empty(n_rows, **acc), torch.empty(n_rows, **acc)
-        _merge_kernel[(1,)](ms, ls, dot, qs, weights, n_split, n_rows, ms_all, ls_all, qs_all, loss,
-                            WITH_LOSS=True, ACC=ACC, BLOCK=_MERGE_ROWS, num_warps=_MERGE_WARPS)
-        ms, ls, qs = ms_all, ls_all, qs_all
+@torch.library.custom_op("vmf_head::fused_cross_entropy", mutates_args=())
+def _forward_op(
+    student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, center: torch.Tensor,
+    log_center: torch.Tensor, scorr: torch.Tensor | None, tcorr: torch.Tensor | None,
+    layout: list[int], temps: list[float], probability: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss, stat, m_t, l_t, ms, ls, qs): the loss, the centre statistic (K,), the teacher
+    rows' (max, sum exp) of q's logits (then pbar's), and per student row (max, sum exp, qs)."""
+    n_groups, n_views, n_teacher_views, view_stride, group_stride, pair_self = layout
+    n_rows, K = student.shape
+    n_trows = teacher.shape[0]
+    acc = dict(device=student.device, dtype=weights.dtype)
+    dummy = center  # stands for absent optional vectors; never read (constexpr flags)
+    ts, tt = _hi_lo(temps[0]), _hi_lo(temps[1])
+    target = _target_programs(student.device)
+    ACC = _TL_DTYPES[weights.dtype]
 
-        ctx.save_for_backward(student, teacher, weights, scorr, center, log_center, tcorr, mq, lq, ms, ls, qs)
-        ctx.layout, ctx.temps, ctx.probability = layout, (*ts, *tt), probability
-        ctx.scorr_dtype = None if student_correction is None else student_correction.dtype
-        ctx.mark_non_differentiable(stat)
-        return loss, stat
+    # 1. teacher row statistics: the (max, sum) of q's logits for every row, then pbar's
+    bk_t = _block_k(1, K)
+    per_split, n_split = _split(triton.cdiv(K, bk_t), triton.cdiv(target, n_trows))
+    n_stats = (2 if probability else 1) * n_trows
+    m_t = torch.empty(n_split * n_stats, **acc)
+    l_t = torch.empty_like(m_t)
+    _teacher_stats_kernel[(n_trows, n_split)](
+        teacher, teacher.stride(0), n_trows, K, center, log_center,
+        dummy if tcorr is None else tcorr, *tt, m_t, l_t, m_t[n_trows:], l_t[n_trows:],
+        n_stats, per_split,
+        PROBABILITY=probability, HAS_TCORR=tcorr is not None, ACC=ACC, BLOCK_K=bk_t, num_warps=_NUM_WARPS)
+    m_t, l_t = _merge(m_t, l_t, n_split, ACC)
+    mq, lq, mp, lp = m_t[:n_trows], l_t[:n_trows], m_t[n_trows:], l_t[n_trows:]
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_stat):
-        student, teacher, weights, scorr, center, log_center, tcorr, mq, lq, ms, ls, qs = ctx.saved_tensors
-        layout: PairLayout = ctx.layout
-        want_ds = ctx.needs_input_grad[0]
-        want_dscorr = ctx.needs_input_grad[1] and scorr is not None
-        if not (want_ds or want_dscorr):
-            return (None,) * 10
-        n_rows, K = student.shape
-        device = student.device
-        views_p2 = triton.next_power_of_2(layout.n_views)
-        bk = _block_k(views_p2, K)
-        n_kb = triton.cdiv(K, bk)
-        per_chunk, n_chunk = _split(layout.n_groups, triton.cdiv(_target_programs(device), n_kb))
-        ds = torch.empty_like(student) if want_ds else student
-        dscorr = torch.empty(n_chunk, K, device=device, dtype=weights.dtype) if want_dscorr else center
-        dummy = center
-        _student_backward_kernel[(n_kb, n_chunk)](
-            student, student.stride(0), teacher, teacher.stride(0), weights, n_rows, K, layout.n_groups,
-            layout.n_views, layout.n_teacher_views, layout.view_stride, layout.group_stride,
-            dummy if scorr is None else scorr, center, log_center, dummy if tcorr is None else tcorr,
-            mq, lq, ms, ls, qs, grad_loss.to(weights.dtype).contiguous(), *ctx.temps,
-            ds, ds.stride(0), dscorr, per_chunk,
-            PAIR_SELF=layout.pair_self, PROBABILITY=ctx.probability, HAS_SCORR=scorr is not None,
-            HAS_TCORR=tcorr is not None, WRITE_DS=want_ds, WRITE_DSCORR=want_dscorr,
-            ACC=_TL_DTYPES[weights.dtype], VIEWS=views_p2, BLOCK_K=bk, num_warps=_NUM_WARPS)
-        grad_scorr = None
-        if want_dscorr:
-            grad_scorr = (dscorr[0] if n_chunk == 1 else dscorr.sum(dim=0)).to(ctx.scorr_dtype)
-        return ds if want_ds else None, grad_scorr, None, None, None, None, None, None, None, None
+    # 2. centre statistic: mean over teacher rows of the raw output (logit) or of pbar
+    bk_c = _block_k(_STAT_ROWS, K)
+    n_kb = triton.cdiv(K, bk_c)
+    rows_per_chunk, _ = _split(n_trows, triton.cdiv(target, n_kb))
+    rows_per_chunk = triton.cdiv(rows_per_chunk, _STAT_ROWS) * _STAT_ROWS
+    n_chunk = triton.cdiv(n_trows, rows_per_chunk)
+    stat = torch.empty(n_chunk, K, **acc)
+    _center_stat_kernel[(n_kb, n_chunk)](
+        teacher, teacher.stride(0), n_trows, K, dummy if tcorr is None else tcorr, *tt,
+        mp, lp, stat, rows_per_chunk,
+        PROBABILITY=probability, HAS_TCORR=tcorr is not None, ACC=ACC, ROWS=_STAT_ROWS,
+        BLOCK_K=bk_c, num_warps=_NUM_WARPS)
+    stat = stat.sum(dim=0) / n_trows
+
+    # 3. student pass: online lse of l_s, Qsum . l_s, sum(Qsum) per student row and K split
+    views_p2 = triton.next_power_of_2(n_views)
+    bk_s = _block_k(views_p2, K)
+    per_split, n_split = _split(triton.cdiv(K, bk_s), triton.cdiv(target, n_groups))
+    part = torch.empty(4, n_split, n_rows, **acc)  # max, sum exp, Qsum . l_s, sum(Qsum)
+    _student_forward_kernel[(n_groups, n_split)](
+        student, student.stride(0), teacher, teacher.stride(0), weights, n_rows, K,
+        n_views, n_teacher_views, view_stride, group_stride,
+        dummy if scorr is None else scorr, center, log_center, dummy if tcorr is None else tcorr,
+        mq, lq, *ts, *tt, part[0], part[1], part[2], part[3], per_split,
+        PAIR_SELF=bool(pair_self), PROBABILITY=probability, HAS_SCORR=scorr is not None,
+        HAS_TCORR=tcorr is not None, ACC=ACC, VIEWS=views_p2, BLOCK_K=bk_s, num_warps=_NUM_WARPS)
+
+    # 4. merge the splits, keep (max, sum exp, qs) per row for the backward, form the loss
+    loss = torch.empty((), **acc)
+    ms, ls, qs = torch.empty(n_rows, **acc), torch.empty(n_rows, **acc), torch.empty(n_rows, **acc)
+    _merge_kernel[(1,)](part[0], part[1], part[2], part[3], weights, n_split, n_rows, ms, ls, qs, loss,
+                        WITH_LOSS=True, ACC=ACC, BLOCK=_MERGE_ROWS, num_warps=_MERGE_WARPS)
+    return loss, stat, m_t, l_t, ms, ls, qs
+
+
+@_forward_op.register_fake
+def _(student, teacher, weights, center, log_center, scorr, tcorr, layout, temps, probability):
+    n_stats = (2 if probability else 1) * teacher.shape[0]
+    n_rows, K = student.shape
+    vec = weights.new_empty
+    return vec(()), vec(K), vec(n_stats), vec(n_stats), vec(n_rows), vec(n_rows), vec(n_rows)
+
+
+@torch.library.custom_op("vmf_head::fused_cross_entropy_backward", mutates_args=())
+def _backward_op(
+    grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, center: torch.Tensor,
+    log_center: torch.Tensor, scorr: torch.Tensor | None, tcorr: torch.Tensor | None, mq: torch.Tensor,
+    lq: torch.Tensor, ms: torch.Tensor, ls: torch.Tensor, qs: torch.Tensor,
+    layout: list[int], temps: list[float], probability: bool, want_ds: bool, want_dscorr: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d loss / d student in the student's dtype, d loss / d scorr (K,)); one not wanted is empty."""
+    n_groups, n_views, n_teacher_views, view_stride, group_stride, pair_self = layout
+    n_rows, K = student.shape
+    views_p2 = triton.next_power_of_2(n_views)
+    bk = _block_k(views_p2, K)
+    n_kb = triton.cdiv(K, bk)
+    per_chunk, n_chunk = _split(n_groups, triton.cdiv(_target_programs(student.device), n_kb))
+    ds = torch.empty_like(student) if want_ds else student.new_empty(0)
+    dscorr = weights.new_empty(n_chunk, K) if want_dscorr else weights.new_empty(0)
+    dummy = center
+    _student_backward_kernel[(n_kb, n_chunk)](
+        student, student.stride(0), teacher, teacher.stride(0), weights, n_rows, K, n_groups,
+        n_views, n_teacher_views, view_stride, group_stride,
+        dummy if scorr is None else scorr, center, log_center, dummy if tcorr is None else tcorr,
+        mq, lq, ms, ls, qs, grad, *_hi_lo(temps[0]), *_hi_lo(temps[1]),
+        ds, student.stride(0), dscorr, per_chunk,
+        PAIR_SELF=bool(pair_self), PROBABILITY=probability, HAS_SCORR=scorr is not None,
+        HAS_TCORR=tcorr is not None, WRITE_DS=want_ds, WRITE_DSCORR=want_dscorr,
+        ACC=_TL_DTYPES[weights.dtype], VIEWS=views_p2, BLOCK_K=bk, num_warps=_NUM_WARPS)
+    return ds, dscorr.sum(dim=0) if want_dscorr else dscorr
+
+
+@_backward_op.register_fake
+def _(grad, student, teacher, weights, center, log_center, scorr, tcorr, mq, lq, ms, ls, qs, layout, temps,
+      probability, want_ds, want_dscorr):
+    return (torch.empty_like(student) if want_ds else student.new_empty(0),
+            weights.new_empty(student.shape[1]) if want_dscorr else weights.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    student, teacher, weights, center, log_center, scorr, tcorr, layout, temps, probability = inputs
+    _, stat, m_t, l_t, ms, ls, qs = output
+    n_trows = teacher.shape[0]
+    ctx.save_for_backward(student, teacher, weights, center, log_center, scorr, tcorr, m_t[:n_trows],
+                          l_t[:n_trows], ms, ls, qs)
+    ctx.layout, ctx.temps, ctx.probability = layout, temps, probability
+    ctx.mark_non_differentiable(stat, m_t, l_t, ms, ls, qs)
+
+
+def _backward(ctx, grad_loss, *grads_of_statistics):
+    want_ds, want_dscorr = ctx.needs_input_grad[0], ctx.needs_input_grad[5]
+    grads = [None] * 10
+    if want_ds or want_dscorr:
+        saved = ctx.saved_tensors
+        ds, dscorr = _backward_op(grad_loss.to(saved[2].dtype).contiguous(), *saved, ctx.layout, ctx.temps,
+                                  ctx.probability, want_ds, want_dscorr)
+        grads[0] = ds if want_ds else None
+        grads[5] = dscorr if want_dscorr else None
+    return tuple(grads)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_cross_entropy(
@@ -603,9 +644,20 @@ def fused_cross_entropy(
         output (logit) or of pbar (probability), not differentiable; both in the weights' dtype.
     """
     student = student if student.stride(-1) == 1 else student.contiguous()
+    teacher = teacher.detach()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
-    return _FusedCrossEntropy.apply(student, student_correction, teacher, teacher_correction, center,
-                                    weights.contiguous(), layout, student_temp, teacher_temp, centering)
+    acc_dtype = weights.dtype
+    probability = centering == "probability"
+    # a copy: the module updates its centre buffer in place after the forward, the backward needs it
+    center = center.detach().reshape(-1).to(acc_dtype, copy=True)
+    # as the reference: a centre entry that underflowed gets the smallest normal number
+    log_center = center.clamp_min(torch.finfo(acc_dtype).tiny).log() if probability else center
+    loss, stat, *_ = _forward_op(
+        student, teacher, weights.contiguous(), center, log_center,
+        _shifted(student_correction, acc_dtype), _shifted(teacher_correction, acc_dtype, detach=True),
+        _layout_ints(layout), [float(student_temp), float(teacher_temp)], probability)
+    return loss, stat
+
 
 
 def check_fused_arguments(
