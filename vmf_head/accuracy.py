@@ -1,7 +1,8 @@
 """``python -m vmf_head accuracy``: the error of ``log_vmf_normalizer`` against mpmath, and where scipy fails.
 
 For each dimension p the command evaluates, on kappa = 0 and a log-uniform grid over [1e-8, 1e8]
-(plus, where log C_p changes sign, points around its zero), the worst error of
+(plus kappa = p - 2, where approx mode's error peaks, and points around the zero of log C_p where
+it has one), the worst error of
 
 * ``exact`` mode in float64 and in float32 (bounds 1e-12 and 2e-6),
 * the float64 gradient, i.e. -A_p(kappa) (bound 1e-10),
@@ -44,8 +45,8 @@ import torch
 P_VALUES = (2, 3, 16, 64, 256, 1024, 4096, 65536)
 BOUND_F64, BOUND_F32, BOUND_GRAD = 1e-12, 2e-6, 1e-10
 DPS = 40
-# Values of log C_p around its zero at which the crossing table samples the error.
-_CROSSING_VALUES = (0.0, 0.25, -0.25, 1.0, -1.0, 4.0, -4.0, 16.0, -16.0, 64.0, -64.0)
+# Values of log C_p around its zero at which the crossing table samples the error (default).
+CROSSING_VALUES = (0.0, 0.25, -0.25, 1.0, -1.0, 4.0, -4.0, 16.0, -16.0, 64.0, -64.0)
 
 _PANEL_WIDTHS = 2.0  # Gauss-Legendre panel width in units of the peak width ...
 _PANEL_MAX = 0.7  # ... and in radians: the integrand varies on the scale of cos/sin too
@@ -131,10 +132,11 @@ def kappa_grid(per_decade: int) -> list[float]:
     return [0.0] + points.tolist()
 
 
-def crossing_points(p: int) -> list[float]:
-    """float32 kappas > 0 where log C_p takes about the values _CROSSING_VALUES around its zero, the
-    zero first (empty if log C_p(0) <= 0: then it has no zero). They are located with the package's
-    own function: only where to sample comes from the code under test, never the truth."""
+def crossing_points(p: int, values: tuple[float, ...] = CROSSING_VALUES) -> list[float]:
+    """float32 kappas > 0 at which log C_p takes about ``values`` near its zero; ``values[0]`` must
+    be 0, so that the first kappa is the zero itself. Empty if log C_p(0) <= 0 (then there is no
+    zero). Located with the package's own function: only where to sample comes from the code under
+    test, never the truth."""
     from .normalizer import log_vmf_normalizer, vmf_mean_resultant_length
 
     if math.lgamma(p / 2) - math.log(2) - p / 2 * math.log(math.pi) <= 0:
@@ -147,7 +149,7 @@ def crossing_points(p: int) -> list[float]:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
     slope = vmf_mean_resultant_length(torch.tensor(hi, dtype=torch.float64), p).item()
-    ks = torch.tensor([hi - v / slope for v in _CROSSING_VALUES], dtype=torch.float64)
+    ks = torch.tensor([hi - v / slope for v in values], dtype=torch.float64)
     return [k for k in ks.to(torch.float32).to(torch.float64).tolist() if k > 0]
 
 
@@ -263,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--p", type=int, nargs="+", default=list(P_VALUES), help="dimensions (default: %(default)s)")
     parser.add_argument("--per-decade", type=int, default=4, help="kappa points per decade (default: %(default)s)")
+    parser.add_argument(
+        "--crossing-scan",
+        type=int,
+        default=0,
+        metavar="N",
+        help="sample the zero of log C_p at N values evenly spaced in [-60, 60] instead of the default 11",
+    )
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if any bound is missed")
     parser.add_argument(
         "--jobs", type=int, default=min(8, os.cpu_count() or 1), help="processes for the mpmath truth (default: %(default)s)"
@@ -282,22 +291,29 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     grid = kappa_grid(args.per_decade)
-    points = {p: sorted(set(grid + crossing_points(p))) for p in args.p}
+    # kappa = 2 nu = p - 2 is where approx - exact peaks (docs/log_normalizer.md): sample it too.
+    values = CROSSING_VALUES
+    if args.crossing_scan:
+        values = (0.0,) + tuple(torch.linspace(-60, 60, args.crossing_scan, dtype=torch.float64).tolist())
+    points = {p: sorted(set(grid + crossing_points(p, values) + [float(p - 2)])) for p in args.p}
     tasks = [(p, k) for p in args.p for k in points[p]]
     # The quadratures dominate the run time and are independent: spread them over the cores.
-    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        known = dict(zip(tasks, pool.map(_truth_task, tasks, chunksize=8)))
+    if args.jobs == 1:
+        known = {task: _truth_task(task) for task in tasks}
+    else:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            known = dict(zip(tasks, pool.map(_truth_task, tasks, chunksize=8)))
     rows, crossings = [], []
     for p in args.p:
         rows.append(measure(p, points[p], [known[p, k] for k in points[p]]))
-        near_zero = crossing_points(p)
+        near_zero = crossing_points(p, values)
         if near_zero:
             crossings.append(measure_crossing(p, near_zero, [known[p, k] for k in near_zero]))
 
     print(
         f"log C_p(kappa) against mpmath ({DPS} digits; Poisson integral DLMF 10.32.2 by Gauss-Legendre quadrature)\n"
-        f"kappa: 0, {16 * args.per_decade + 1} float32 points log-uniform in [1e-8, 1e8], and "
-        f"{len(_CROSSING_VALUES)} points around the zero of log C_p where it has one\n"
+        f"kappa: 0, {16 * args.per_decade + 1} float32 points log-uniform in [1e-8, 1e8], p - 2, and "
+        f"{len(values)} points around the zero of log C_p where it has one\n"
         f"error = |ours - truth| / max(1, |truth|), worst over kappa; "
         f"ok = exact f64 <= {BOUND_F64:g}, exact f32 <= {BOUND_F32:g}, grad f64 <= {BOUND_GRAD:g}\n"
         "approx = max - min over kappa of (approx - truth): the error a softmax over prototypes sees\n"
