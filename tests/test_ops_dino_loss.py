@@ -265,6 +265,24 @@ def test_teacher_gets_no_gradient_and_corrections_are_optional():
     assert s.grad is not None and t.grad is None and tc.grad is None
 
 
+@needs_kernels
+def test_row_strided_student_gives_the_same_result():
+    """A column slice of a wider tensor (rows further apart than K) is read and its gradient written
+    with the right strides."""
+    student, teacher, center, s_corr, t_corr = dino_inputs(7, 3, 2, 1, "logit", True)
+    kw = dict(n_views=3, n_global=2, centering="logit", dtype=torch.float32, corr_dtype=torch.float32)
+    wide = torch.cat([student, torch.full_like(student, 1e4)], dim=1)
+    s = _to(wide, torch.float32)[:, :7].requires_grad_()
+    assert s.stride(0) == 14
+    loss, stat = fused_dino.dino_vmf_loss(s, _to(teacher, torch.float32), _to(center, torch.float32), n_views=3,
+                                          student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP,
+                                          student_correction=_to(s_corr, torch.float32),
+                                          teacher_correction=_to(t_corr, torch.float32), centering="logit")
+    loss.backward()
+    plain = run_fused_dino(student, teacher, center, s_corr, t_corr, **kw)
+    assert torch.equal(loss, plain[0]) and torch.equal(stat, plain[1]) and torch.equal(s.grad, plain[2])
+
+
 # ---------------------------------------------------------------------------------------------
 # iBOT patch term
 # ---------------------------------------------------------------------------------------------

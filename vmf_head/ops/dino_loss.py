@@ -76,6 +76,11 @@ _STAT_ROWS = 4
 _PROGRAMS_PER_SM = 4
 # Grid size aimed for when kernels run in the interpreter (CPU): small, but > 1 so splits are used.
 _INTERPRETER_PROGRAMS = 4
+# Rows per iteration and warps of the (single-program) merge kernel.
+_MERGE_ROWS = 1024
+_MERGE_WARPS = 4
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,10 +436,6 @@ def _hi_lo(x: float) -> tuple[float, float]:
     return hi, float(np.float32(x - hi))
 
 
-# Rows per iteration and warps of the (single-program) merge kernel.
-_MERGE_ROWS = 1024
-_MERGE_WARPS = 4
-
 
 def _merge(m: torch.Tensor, l: torch.Tensor, n_splits: int, ACC) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge per-split online log-sum-exp states (flat [n_splits, rows]) into (max, sum exp) per row."""
@@ -462,8 +463,6 @@ def _shifted(correction: torch.Tensor | None, dtype: torch.dtype, detach: bool =
         c = c.detach()
     return (c - c.detach().max()).contiguous()
 
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def _layout_ints(layout: PairLayout) -> list[int]:
@@ -572,7 +571,7 @@ def _backward_op(
         n_views, n_teacher_views, view_stride, group_stride,
         dummy if scorr is None else scorr, center, log_center, dummy if tcorr is None else tcorr,
         mq, lq, ms, ls, qs, grad, *_hi_lo(temps[0]), *_hi_lo(temps[1]),
-        ds, student.stride(0), dscorr, per_chunk,
+        ds, ds.stride(0) if want_ds else 0, dscorr, per_chunk,
         PAIR_SELF=bool(pair_self), PROBABILITY=probability, HAS_SCORR=scorr is not None,
         HAS_TCORR=tcorr is not None, WRITE_DS=want_ds, WRITE_DSCORR=want_dscorr,
         ACC=_TL_DTYPES[weights.dtype], VIEWS=views_p2, BLOCK_K=bk, num_warps=_NUM_WARPS)
