@@ -32,6 +32,8 @@ STEPS=(
   'gpu_tests|150|$PY -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests'
   'ops_tests_cuda|120|$PY -m pytest -q -p no:cacheprovider tests/test_ops_log_normalizer.py'
   'log_normalizer_gpu|150|$PY benchmarks/log_normalizer_gpu.py --json "$STEP_JSON"'
+  'ops_dino_loss_cuda|120|$PY -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_ops_dino_loss.py'
+  'loss_gpu|300|$PY benchmarks/loss_gpu.py --json "$STEP_JSON"'
 )
 
 start_all=$SECONDS
