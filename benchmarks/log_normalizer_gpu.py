@@ -259,17 +259,29 @@ def run_gpu(args) -> dict:
 
 
 def run_smoke() -> dict:
-    """Tiny shapes through Triton's interpreter on CPU tensors: the code paths, not the speed."""
-    kappa = kappa_values(3000, "cpu")
-    weight = prototypes(50, 256, "cpu")
-    checks = {
-        "max_rel_error_triton_vs_reference": max_rel_error(
-            log_vmf_normalizer(kappa, 256, backend="triton"), log_vmf_normalizer(kappa.double(), 256, backend="reference")),
-        "prototype_max_rel_error": max_rel_error(
+    """Kernels against the reference through Triton's interpreter on CPU tensors: the code paths and
+    the agreement, not the speed. Max |triton - reference| / max(1, |reference|) per case."""
+    grid = torch.logspace(-6, 6, 3000, dtype=torch.float64)
+    checks = {}
+    for p in (2, 3, 256, 4096, 65536):
+        for dtype in (torch.float32, torch.float64):
+            for mode in ("exact", "approx") if p >= 3 else ("exact",):
+                kappa = grid.to(dtype)
+                key = f"p={p} {str(dtype)[6:]} {mode}"
+                checks[key + " value"] = max_rel_error(
+                    log_vmf_normalizer(kappa, p, mode=mode, backend="triton"),
+                    log_vmf_normalizer(kappa, p, mode=mode, backend="reference"))
+                checks[key + " slope"] = max_rel_error(
+                    vmf_head.normalizer._log_vmf_normalizer_grad_op(kappa, p, mode, "triton"),
+                    vmf_head.normalizer._log_vmf_normalizer_grad_op(kappa, p, mode, "reference"))
+    for dtype in (torch.float32, torch.float64):
+        weight = prototypes(200, 256, "cpu").to(dtype)
+        checks[f"prototype K=200 p=256 {str(dtype)[6:]}"] = max_rel_error(
             prototype_log_normalizer(weight, 0.1, backend="triton"),
-            prototype_log_normalizer(weight.double(), 0.1, backend="reference")),
-    }
-    print(f"interpreter smoke test (no GPU): {checks}")
+            prototype_log_normalizer(weight, 0.1, backend="reference"))
+    print("interpreter smoke test (no GPU), max relative difference triton vs reference:")
+    for key, value in checks.items():
+        print(f"  {key:<36} {value:.2e}")
     return {"device": "cpu (Triton interpreter)", "mode": "smoke", "checks": checks}
 
 
