@@ -47,7 +47,7 @@ def ibot_patch_vmf_loss(
         student_patch: (B, N, K2) raw student patch outputs (B = global views x images, stacked like
             the teacher and the mask), any float dtype.
         teacher_patch: (B, N, K2) raw teacher patch outputs; no gradient.
-        mask: (B, N) bool, True for the masked tokens (the only ones in the loss).
+        mask: (B, N), True (non-zero) for the masked tokens (the only ones in the loss).
         center: (1, 1, K2) logit or probability centre (iBOT's ``center2``).
         student_temp, teacher_temp: temperatures (teacher_temp: iBOT's scheduled ``teacher_temp2``).
         student_correction: (K2,) log C_p(||w_s|| / student_temp), receives a gradient; or None.
@@ -69,7 +69,7 @@ def ibot_patch_vmf_loss(
     if rows == 0:
         raise ValueError("student_patch has no tokens")
     dtype = compute_dtype(student_patch, teacher_patch, student_correction, teacher_correction)
-    selected = mask.to(dtype)
+    selected = mask.to(torch.bool).to(dtype)
     weights = (selected / (selected.sum(dim=1, keepdim=True).clamp(min=1.0) * images)).reshape(-1)
     layout = PairLayout(n_groups=triton.cdiv(rows, _TOKENS_PER_TILE), n_views=_TOKENS_PER_TILE,
                         n_teacher_views=_TOKENS_PER_TILE, view_stride=1,
