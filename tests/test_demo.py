@@ -1,0 +1,149 @@
+"""The demo end to end at a tiny budget, and its evaluation pieces against independent references."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn", reason="the demo needs scikit-learn (demo extra)")
+pytest.importorskip("matplotlib", reason="the demo needs matplotlib (demo extra)")
+pytest.importorskip("tqdm", reason="the demo needs tqdm (demo extra)")
+
+from vmf_head.demo import main  # noqa: E402
+from vmf_head.demo.data import MultiCrop, load_digits, load_image_folder  # noqa: E402
+from vmf_head.demo.evaluate import knn_accuracy  # noqa: E402
+
+# Smaller than --quick: the point is that every stage runs and writes finite numbers.
+TINY = ["--quick", "--epochs", "1", "--batch-size", "96", "--local-crops", "1", "--prototypes", "32",
+        "--hidden-dim", "32", "--bottleneck-dim", "16", "--width", "4", "--train-images", "192", "--no-progress"]
+
+
+def _all_finite(x) -> bool:
+    if isinstance(x, float):
+        return math.isfinite(x)
+    if isinstance(x, dict):
+        return all(_all_finite(v) for v in x.values())
+    if isinstance(x, list):
+        return all(_all_finite(v) for v in x)
+    return x is not None
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    assert main([*TINY, "--out", str(tmp_path), "--seeds", "2"]) == 0
+    printed = capsys.readouterr().out
+    for label in ("DINO", "DINO, free norms", "DINO-vMF", "random init", "raw pixels", "k-NN top-1 %"):
+        assert label in printed
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert set(result["summary"]) == {"pixels", "random-init", "dino", "dino-free", "dino-vmf"}
+    assert len(result["runs"]) == 6 and result["seeds"] == [0, 1]
+    for run in result["runs"]:
+        assert not run["diverged"]
+        assert 0.0 <= run["knn"] <= 1.0 and 0.0 <= run["linear"] <= 1.0
+        assert _all_finite(run["diagnostics"]) and _all_finite(run["kappa"]) and _all_finite(run["history"]["loss"])
+        assert len(run["kappa"]) == 32
+        assert 1 <= run["diagnostics"]["utilization"] <= 32
+        assert 1.0 <= run["diagnostics"]["effective_clusters"] <= 32.0 + 1e-6
+    for name in ("dino", "dino-free", "dino-vmf"):
+        row = result["summary"][name]
+        assert row["knn"]["n"] == 2 and math.isfinite(row["knn"]["std"])
+    # DINO's prototypes keep norm 1, so every teacher kappa is 1 / tau_t; with one epoch the teacher
+    # temperature schedule is linspace(0.04, 0.07, 1) = [0.04].
+    dino = next(r for r in result["runs"] if r["method"] == "dino")
+    assert result["config"]["warmup_teacher_temp"] == 0.04
+    assert dino["kappa"] == pytest.approx([25.0] * 32, rel=1e-5)
+
+
+def test_demo_on_an_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("bright", "dark")):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 80, size=(10, 12, 3)) + (170 if c == 0 else 0)
+            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    data = load_image_folder(tmp_path / "data", size=8)
+    assert data.class_names == ["bright", "dark"] and data.flip
+    assert data.train_images.shape[1:] == (3, 8, 8) and len(data.train_labels) + len(data.test_labels) == 12
+    assert main([*TINY, "--methods", "dino-vmf", "--data", str(tmp_path / "data"), "--image-size", "8",
+                 "--batch-size", "8", "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["dataset"]["classes"] == ["bright", "dark"]
+
+
+def test_bad_options_exit_with_a_message(tmp_path, capsys):
+    for argv in (["--methods", "dino,simclr"], ["--seeds", "0"], ["--data", str(tmp_path / "missing")],
+                 ["--bottleneck-dim", "1"]):
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--out", str(tmp_path)])
+        assert info.value.code == 2
+    assert "--methods" in capsys.readouterr().err
+
+
+def test_cli_dispatch_and_help():
+    out = subprocess.run([sys.executable, "-m", "vmf_head", "demo", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for option in ("--quick", "--seeds", "--data", "--device", "--out", "--prototypes", "--methods"):
+        assert option in out
+
+
+def test_digits_split_is_stratified_and_disjoint():
+    data = load_digits(test_fraction=0.25, seed=0)
+    assert len(data.train_labels) + len(data.test_labels) == 1797
+    assert data.train_images.shape[1:] == (1, 8, 8) and not data.flip
+    assert 0.0 <= float(data.train_images.min()) and float(data.train_images.max()) <= 1.0
+    for c in range(10):
+        n_test, n_all = int((data.test_labels == c).sum()), int((data.test_labels == c).sum() + (data.train_labels == c).sum())
+        assert abs(n_test - 0.25 * n_all) <= 1
+    # No image of the held-out split is also a training image (the same pixels can recur in
+    # the data set itself, so compare by count: all 1,797 rows are accounted for once).
+    assert len(torch.cat([data.train_images, data.test_images])) == 1797
+
+
+def test_multicrop_shapes_and_standardisation():
+    mean, std = torch.tensor([0.5]), torch.tensor([0.25])
+    aug = MultiCrop(16, 8, 3, mean=mean, std=std, flip=False, jitter=0.0, noise=0.0)
+    x = torch.rand(5, 1, 8, 8)
+    crops = aug(x, torch.Generator().manual_seed(0))
+    assert [c.shape for c in crops] == [(5, 1, 16, 16)] * 2 + [(5, 1, 8, 8)] * 3
+    # A constant image stays constant under crops and resampling: (c - mean) / std everywhere.
+    const = torch.full((2, 1, 8, 8), 0.75)
+    for crop in aug(const, torch.Generator().manual_seed(1)):
+        assert torch.allclose(crop, torch.full_like(crop, (0.75 - 0.5) / 0.25), atol=1e-6)
+
+
+def _knn_reference(train_f, train_y, test_f, test_y, k, t):
+    a = train_f / np.linalg.norm(train_f, axis=1, keepdims=True)
+    b = test_f / np.linalg.norm(test_f, axis=1, keepdims=True)
+    correct = 0
+    for i in range(len(b)):
+        sims = a @ b[i]
+        nearest = np.argsort(-sims, kind="stable")[:k]
+        votes = {}
+        for j in nearest:
+            votes[train_y[j]] = votes.get(train_y[j], 0.0) + math.exp(sims[j] / t)
+        correct += max(votes, key=votes.get) == test_y[i]
+    return correct / len(b)
+
+
+def test_knn_known_answer_and_reference():
+    # Two tight clusters on opposite sides: every query is classified by its side.
+    train = torch.tensor([[1.0, 0.1], [1.0, -0.1], [-1.0, 0.05], [-1.0, -0.05]])
+    labels = torch.tensor([0, 0, 1, 1])
+    queries = torch.tensor([[2.0, 0.0], [-3.0, 0.2]])
+    assert knn_accuracy(train, labels, queries, torch.tensor([0, 1]), k=2) == 1.0
+    assert knn_accuracy(train, labels, queries, torch.tensor([1, 0]), k=2) == 0.0
+    # Weighted votes: one very close neighbour of class 1 beats two far ones of class 0 at small T.
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    assert knn_accuracy(train, torch.tensor([1, 0, 0]), torch.tensor([[1.0, 0.05]]), torch.tensor([1]), k=3) == 1.0
+    rng = np.random.default_rng(3)
+    tf, sf = rng.normal(size=(60, 5)), rng.normal(size=(25, 5))
+    ty, sy = rng.integers(0, 4, 60), rng.integers(0, 4, 25)
+    got = knn_accuracy(torch.tensor(tf), torch.tensor(ty), torch.tensor(sf), torch.tensor(sy), k=7, temperature=0.07)
+    assert got == pytest.approx(_knn_reference(tf, ty, sf, sy, 7, 0.07))
