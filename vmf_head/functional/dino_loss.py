@@ -46,11 +46,14 @@ class _MultiCropCrossEntropy(torch.autograd.Function):
         n_per_view[:n_same] -= 1
         n_pairs = n_views * n_targets - n_same
 
-        logits = student.to(dtype) if student.dtype != dtype else student.mul(inv_temp)
-        if student.dtype != dtype:
-            logits.mul_(inv_temp)
+        # One fresh (rows, K) buffer, written in one pass (type promotion does the cast), then
+        # overwritten by the log-softmax and, in the backward, by the gradient.
         if correction is not None:
-            logits += correction.to(dtype)
+            logits = torch.add(correction.to(dtype), student, alpha=inv_temp)
+        elif student.dtype == dtype:
+            logits = torch.mul(student, inv_temp)
+        else:
+            logits = student.to(dtype).mul_(inv_temp)
         log_p = torch.log_softmax(logits, dim=-1, out=logits).view(n_views, batch, k)
 
         weight = row_weight.to(dtype) if row_weight is not None else torch.full(
@@ -79,9 +82,8 @@ class _MultiCropCrossEntropy(torch.autograd.Function):
         n_views, batch, k = log_p.shape
         # Reuse the log-softmax buffer: grad = coef * (n_j w_b p - sum_{i != j} w_b q_i).
         coef = grad_loss.to(log_p.dtype) * (ctx.inv_temp / ctx.n_pairs)
-        grad = log_p.exp_()
-        grad *= (coef * n_per_view[:, None] * weight[None, :])[..., None]
-        grad -= total * coef
+        row_scale = (coef * n_per_view[:, None] * weight[None, :])[..., None]
+        grad = torch.addcmul(total * -coef, log_p.exp_(), row_scale, out=log_p)
         if len(weighted_same):
             grad[: len(weighted_same)] += weighted_same * coef
         grad = grad.view(n_views * batch, k)
