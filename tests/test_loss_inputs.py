@@ -112,15 +112,16 @@ def test_half_precision_inputs_stay_finite(dtype, scale, centering):
     assert torch.isfinite(norms.grad).all()
 
 
-def test_under_cpu_autocast():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_cpu_autocast(dtype):
     torch.manual_seed(0)
     head = torch.nn.Linear(8, K)
     x, xt = torch.randn(NCROPS * B, 8), torch.randn(2 * B, 8)
     norms = (torch.rand(K) + 0.5).requires_grad_()
     loss_fn = _dino()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         student, teacher = head(x), head(xt).detach()
-        assert student.dtype == torch.bfloat16
+        assert student.dtype == dtype
         loss = loss_fn(student, teacher, 1, norms, norms.detach())
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
