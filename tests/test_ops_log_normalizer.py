@@ -38,7 +38,7 @@ needs_triton = pytest.mark.skipif(
     DEVICE is None, reason="needs Triton: a CUDA GPU, or TRITON_INTERPRET=1 for CPU tensors"
 )
 
-# Two full blocks of the elementwise kernel (1024) plus a tail, so masking is exercised.
+# Several blocks of the elementwise kernel (256 elements) plus a tail, so masking is exercised.
 # numpy (inside the interpreter) warns about the NaN and inf lanes of the special values.
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
@@ -250,6 +250,48 @@ def test_prototype_strided_weight_and_empty():
     out = prototype_log_normalizer(empty, 0.1, backend="triton")
     out.sum().backward()
     assert out.shape == (0,) and empty.grad.shape == (0, 7)
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiler sees what the interpreter does not (types, globals, lowering): compile for Hopper
+
+
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vmf_head.ops import log_normalizer as k
+
+assert not k.INTERPRETED
+INTS = {"n", "n_rows", "n_cols", "stride_r", "stride_c", "gstride_r", "gstride_c"}
+
+def build(fn, data, out, constexprs):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in INTS:
+            sig[name] = "i32"
+        else:
+            sig[name] = {"params": "*fp64", "tau_bits": "i64", "out_ptr": "*" + out, "grad_ptr": "*" + out}.get(name, "*" + data)
+    triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+for data, deriv, exact in (("fp32", False, True), ("bf16", True, True), ("fp64", False, False), ("fp16", True, False)):
+    build(k._elementwise_kernel, data, data, {"DERIVATIVE": deriv, "EXACT": exact, "BLOCK": k._BLOCK})
+for data, out, exact, cols in (("fp32", "fp32", True, 256), ("bf16", "fp32", False, 1), ("fp64", "fp64", True, 3)):
+    block_k, block_d = k._blocks(cols)
+    for fn in (k._prototype_forward_kernel, k._prototype_backward_kernel):
+        build(fn, data, out, {"EXACT": exact, "BLOCK_K": block_k, "BLOCK_D": block_d})
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    # Triton compiles (ptxas included) for a target without the device; this caught a NaN constexpr
+    # global that the interpreter accepts and the compiler rejects.
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="needs Triton's NVIDIA backend")
+    res = _run_python(_COMPILE_FOR_SM90, TRITON_INTERPRET="0")
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -58,13 +58,17 @@ _NU_LOG_2PI = tl.constexpr(4)
 _N_U = tl.constexpr(5)  # counts and shift are stored as float64 too: one compiled kernel serves every p
 _N_W = tl.constexpr(6)
 _SHIFT = tl.constexpr(7)
-_HEADER = tl.constexpr(8)
-_NAN = tl.constexpr(math.nan)
+# NaN is read from memory too: a NaN constexpr global fails Triton's compile-time consistency
+# check of globals (NaN != NaN), which the interpreter does not run.
+_NAN = tl.constexpr(8)
+_HEADER = tl.constexpr(9)
 _INF = tl.constexpr(math.inf)
 
-_BLOCK = 1024  # elementwise kernels: elements per program
-_TILE = 4096  # fused kernels: elements of W per program and loop step
-_MAX_BLOCK_D = 256
+# Block sizes, chosen from ptxas's register report for sm_90 (no GPU was at hand to time them; see
+# docs/triton.md): the float64 series costs about 60 registers per element in flight.
+_BLOCK = 256  # elementwise kernels: elements per program (2 per thread, 60 registers, no spill)
+_TILE = 1024  # fused kernels: elements of W per program and loop step ([32, 32] for p >= 32)
+_MAX_BLOCK_D = 32  # narrow column blocks keep few threads per row, so little per-row math is replicated
 
 
 @triton.jit
@@ -185,9 +189,9 @@ def _scaled_derivative(x, params, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _finish(out, x, at_inf):
+def _finish(out, x, at_inf, params):
     """The rest of the domain, as the reference maps it: NaN below 0 and at NaN, the limit at +inf."""
-    out = tl.where(x >= 0.0, out, _NAN)
+    out = tl.where(x >= 0.0, out, tl.load(params + _NAN))
     return tl.where(x == _INF, at_inf, out)
 
 
@@ -201,9 +205,9 @@ def _elementwise_kernel(
     mask = offs < n
     x = _to_f64(tl.load(kappa_ptr + offs, mask=mask, other=0.0))
     if DERIVATIVE:
-        out = _finish(x * _scaled_derivative(x, params, EXACT), x, -1.0)
+        out = _finish(x * _scaled_derivative(x, params, EXACT), x, -1.0, params)
     else:
-        out = _finish(_log_normalizer(x, params, EXACT), x, -_INF)
+        out = _finish(_log_normalizer(x, params, EXACT), x, -_INF, params)
     tl.store(out_ptr + offs, _from_f64(out, out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -229,7 +233,7 @@ def _prototype_forward_kernel(
     row_mask = rows < n_rows
     tau = tau_bits.to(tl.int64).to(tl.float64, bitcast=True)
     kappa = _row_norms(w_ptr, rows, row_mask, n_cols, stride_r, stride_c, BLOCK_K, BLOCK_D) / tau
-    out = _finish(_log_normalizer(kappa, params, EXACT), kappa, -_INF)
+    out = _finish(_log_normalizer(kappa, params, EXACT), kappa, -_INF, params)
     tl.store(out_ptr + rows, _from_f64(out, out_ptr.dtype.element_ty), mask=row_mask)
 
 
@@ -269,7 +273,7 @@ def _plan(p: int, mode: str, tol: float) -> tuple[float, ...]:
         cu, cw = _debye.series_coefficients(nu + shift, terms, tol)
     else:
         shift, cu, cw = 0, (), ()
-    header = (nu + shift, nu, 0.5 * _LOG_2PI, 0.5 * p * _LOG_2PI, nu * _LOG_2PI, len(cu), len(cw), shift)
+    header = (nu + shift, nu, 0.5 * _LOG_2PI, 0.5 * p * _LOG_2PI, nu * _LOG_2PI, len(cu), len(cw), shift, math.nan)
     return header + cu + cw
 
 
