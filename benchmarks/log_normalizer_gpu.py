@@ -18,6 +18,7 @@ same code paths through Triton's interpreter (agreement only, the timings mean n
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -195,17 +196,21 @@ def run_gpu(args) -> dict:
         group = f"log C_p, {n} values, fp32"
         bytes_moved = 2 * 4 * n  # read kappa, write the value (float32)
         want = log_vmf_normalizer(kappa.double(), p, backend="reference")
-        ref = lambda: log_vmf_normalizer(kappa, p, backend="reference")  # noqa: E731
-        tri = lambda: log_vmf_normalizer(kappa, p, backend="triton")  # noqa: E731
+
+        def values(backend: str, mode: str = "exact"):
+            return lambda k: log_vmf_normalizer(k, p, mode=mode, backend=backend)
+
+        ref, tri = (lambda: values("reference")(kappa)), (lambda: values("triton")(kappa))
         scipy_repeats = max(2, min(args.repeats, int(2e6 // n)))
+        timed = functools.partial(time_cuda, repeats=args.repeats)
         add(group, "scipy (CPU round trip)", time_wall(lambda: scipy_log_normalizer(kappa, p), scipy_repeats))
-        add(group, "torch reference (GPU)", time_cuda(ref, args.repeats), "scipy (CPU round trip)")
-        add(group, "triton exact", time_cuda(tri, args.repeats), "torch reference (GPU)", bytes_moved)
-        add(group, "triton approx", time_cuda(lambda: log_vmf_normalizer(kappa, p, mode="approx", backend="triton"),
-                                              args.repeats), "torch reference (GPU)", bytes_moved)
-        add(group, "torch reference fwd+bwd", time_cuda(fwd_bwd(lambda k: log_vmf_normalizer(k, p, backend="reference"), kappa), args.repeats))
-        add(group, "triton exact fwd+bwd", time_cuda(fwd_bwd(lambda k: log_vmf_normalizer(k, p, backend="triton"), kappa), args.repeats),
-            "torch reference fwd+bwd", 3 * 4 * n)
+        add(group, "torch reference (GPU)", timed(ref), "scipy (CPU round trip)")
+        add(group, "triton exact", timed(tri), "torch reference (GPU)", bytes_moved)
+        add(group, "triton approx", timed(lambda: values("triton", "approx")(kappa)), "torch reference (GPU)",
+            bytes_moved)
+        add(group, "torch reference fwd+bwd", timed(fwd_bwd(values("reference"), kappa)))
+        add(group, "triton exact fwd+bwd", timed(fwd_bwd(values("triton"), kappa)), "torch reference fwd+bwd",
+            3 * 4 * n)
         via_scipy = scipy_log_normalizer(kappa.double(), p)
         result["checks"][f"max_rel_error_fp32_{n}"] = {
             "triton": max_rel_error(tri(), want),
@@ -219,15 +224,20 @@ def run_gpu(args) -> dict:
         weight = prototypes(k, p, device)
         group = f"prototype correction, K={k}, p={p}, fp32"
         w_bytes = weight.numel() * 4
-        unfused = lambda w: log_vmf_normalizer(torch.linalg.vector_norm(w, dim=1) / tau, p, backend="triton")  # noqa: E731
-        add(group, "reference (torch, GPU)", time_cuda(lambda: prototype_log_normalizer(weight, tau, backend="reference"), args.repeats))
-        add(group, "unfused: torch norm + kernel", time_cuda(lambda: unfused(weight), args.repeats), "reference (torch, GPU)", w_bytes)
-        add(group, "fused kernel", time_cuda(lambda: prototype_log_normalizer(weight, tau, backend="triton"), args.repeats),
-            "unfused: torch norm + kernel", w_bytes)
-        add(group, "reference fwd+bwd", time_cuda(fwd_bwd(lambda w: prototype_log_normalizer(w, tau, backend="reference"), weight), args.repeats))
-        add(group, "unfused fwd+bwd", time_cuda(fwd_bwd(unfused, weight), args.repeats), "reference fwd+bwd", 3 * w_bytes)
-        add(group, "fused fwd+bwd", time_cuda(fwd_bwd(lambda w: prototype_log_normalizer(w, tau, backend="triton"), weight), args.repeats),
-            "unfused fwd+bwd", 3 * w_bytes)
+
+        def fused(backend: str):
+            return lambda w: prototype_log_normalizer(w, tau, backend=backend)
+
+        def unfused(w):
+            return log_vmf_normalizer(torch.linalg.vector_norm(w, dim=1) / tau, p, backend="triton")
+
+        timed = functools.partial(time_cuda, repeats=args.repeats)
+        add(group, "reference (torch, GPU)", timed(lambda: fused("reference")(weight)))
+        add(group, "unfused: torch norm + kernel", timed(lambda: unfused(weight)), "reference (torch, GPU)", w_bytes)
+        add(group, "fused kernel", timed(lambda: fused("triton")(weight)), "unfused: torch norm + kernel", w_bytes)
+        add(group, "reference fwd+bwd", timed(fwd_bwd(fused("reference"), weight)))
+        add(group, "unfused fwd+bwd", timed(fwd_bwd(unfused, weight)), "reference fwd+bwd", 3 * w_bytes)
+        add(group, "fused fwd+bwd", timed(fwd_bwd(fused("triton"), weight)), "unfused fwd+bwd", 3 * w_bytes)
         want = prototype_log_normalizer(weight.double(), tau, backend="reference")
         result["checks"][f"prototype_max_rel_error_fp32_K{k}"] = max_rel_error(
             prototype_log_normalizer(weight, tau, backend="triton"), want)
