@@ -89,10 +89,15 @@ def main(argv: list[str] | None = None) -> int:
             print(report(op._center_stat_kernel, in_type, acc,
                          dict(common, ROWS=op._STAT_ROWS, BLOCK_K=tile // op._STAT_ROWS), args.arch, warps))
             for pair_self, views in ((False, dino_views), (True, tokens)):
-                flags = dict(common, PAIR_SELF=pair_self, HAS_SCORR=True, VIEWS=views, BLOCK_K=tile // views)
+                # the tiles the op picks for K = 65,536 (see _block_k's half_tile in the op)
+                fp64 = acc == tl.float64
+                flags = dict(common, PAIR_SELF=pair_self, N_TEACHER=views if pair_self else 2, HAS_SCORR=True,
+                             VIEWS=views, BLOCK_K=op._block_k(views, 65536, half_tile=fp64))
                 print(report(op._student_forward_kernel, in_type, acc, flags, args.arch, warps))
+                half = fp64 or in_type in ("bf16", "fp16")
                 print(report(op._student_backward_kernel, in_type, acc,
-                             dict(flags, WRITE_DS=True, WRITE_DSCORR=True), args.arch, warps))
+                             dict(flags, WRITE_DS=True, WRITE_DSCORR=True, BLOCK_K=op._block_k(views, 65536, half)),
+                             args.arch, warps))
         for with_loss in (False, True):
             print(report(op._merge_kernel, in_type, acc, dict(WITH_LOSS=with_loss, BLOCK=op._MERGE_ROWS),
                          args.arch, op._MERGE_WARPS))

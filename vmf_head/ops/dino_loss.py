@@ -64,10 +64,11 @@ CENTERINGS = ("logit", "probability")
 """Teacher centerings the fused kernels implement (``sinkhorn`` stays on the reference path)."""
 
 # Elements of one [rows, BLOCK_K] tile held in registers by a program, and warps per program.
-# Chosen from ptxas's register report for sm_90 (the student kernels need ~16 registers per float32
-# tile element: 2048 elements on 8 warps use 128 registers, no spills, two programs per SM), not
-# from timings, which are still to be measured (docs/fused_loss.md). Tests lower the tile to
-# exercise many K blocks and splits at small K.
+# Chosen from ptxas's register report for sm_90 (benchmarks/fused_loss_registers.py), not from
+# timings, which are still to be measured (docs/fused_loss.md): 2048 elements on 8 warps keep the
+# student kernels at about 120 registers without spills (two programs per SM). The backward with
+# 16-bit inputs (the gradient's conversion) and float64 arithmetic need twice the registers per
+# element, so they get half a tile. Tests lower the tile to exercise many K blocks and splits.
 _TILE_ELEMENTS = 2048
 _NUM_WARPS = 8
 # Rows per tile of the centre-statistic kernel.
@@ -85,35 +86,37 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 # ----------------------------------------------------------------------------------------------
 # Triton building blocks. ACC is the arithmetic dtype (tl.float32, or tl.float64 for float64
-# inputs). Temperatures arrive as float32 pairs hi + lo (Triton passes Python floats as float32),
-# which is exact enough for float64 and rounds to the float32 temperature in float32.
+# inputs). Kernels multiply by inverse temperatures (as PyTorch does on CUDA for a division by a
+# scalar; a true division costs a reciprocal on the special-function units, which the exponentials
+# already keep busy). They arrive as float32 pairs hi + lo (Triton passes Python floats as float32),
+# exact enough for float64 and equal to the float32 rounding in float32.
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _temperature(hi, lo, ACC: tl.constexpr):
+def _scalar(hi, lo, ACC: tl.constexpr):
     return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
 
 @triton.jit
-def _corrected(x, offs, k_ok, tcorr_ptr, teacher_temp, HAS_TCORR: tl.constexpr):
+def _corrected(x, offs, k_ok, tcorr_ptr, inv_tt, HAS_TCORR: tl.constexpr):
     """x / tau_t + teacher_correction on a tile [rows, BLOCK_K]."""
-    z = x / teacher_temp
+    z = x * inv_tt
     if HAS_TCORR:
         z = z + tl.load(tcorr_ptr + offs, mask=k_ok, other=0.0)[None, :]
     return z
 
 
 @triton.jit
-def _teacher_logits(t, offs, k_ok, center_ptr, log_center_ptr, tcorr_ptr, teacher_temp,
+def _teacher_logits(t, offs, k_ok, center_ptr, log_center_ptr, tcorr_ptr, inv_tt,
                     PROBABILITY: tl.constexpr, HAS_TCORR: tl.constexpr):
     """Logits zq with softmax(zq) = q, on a tile t [rows, BLOCK_K] of raw teacher outputs."""
     if PROBABILITY:
-        zq = _corrected(t, offs, k_ok, tcorr_ptr, teacher_temp, HAS_TCORR) \
+        zq = _corrected(t, offs, k_ok, tcorr_ptr, inv_tt, HAS_TCORR) \
             - tl.load(log_center_ptr + offs, mask=k_ok, other=0.0)[None, :]
     else:
         zq = _corrected(t - tl.load(center_ptr + offs, mask=k_ok, other=0.0)[None, :], offs, k_ok,
-                        tcorr_ptr, teacher_temp, HAS_TCORR)
+                        tcorr_ptr, inv_tt, HAS_TCORR)
     return zq
 
 
@@ -131,52 +134,66 @@ def _online_lse(m, l, x, ok):
 
 
 @triton.jit
-def _group_rows(g, n_rows, n_views, n_teacher_views, view_stride, group_stride, w_ptr,
-                PAIR_SELF: tl.constexpr, VIEWS: tl.constexpr):
+def _group_rows(g, n_rows, n_views, view_stride, group_stride, w_ptr, VIEWS: tl.constexpr):
     """Rows of the views of group g (one image in DINO; VIEWS consecutive tokens in iBOT).
 
-    Returns rows [VIEWS] (int64), r_ok (row exists), s_ok (row exists and has a non-zero loss
-    weight: only those read the student), t_ok (a teacher row exists there and is needed), w.
-    The teacher row of view j < n_teacher_views has the index of the student row of view j.
+    Returns the first row g * group_stride (int64), rows [VIEWS] (int64), r_ok (row exists), s_ok
+    (row exists and has a non-zero loss weight: only those read the student), w.
     """
     j = tl.arange(0, VIEWS)
-    rows = (g * group_stride + j * view_stride).to(tl.int64)
+    row0 = tl.cast(g, tl.int64) * group_stride
+    rows = row0 + j * view_stride
     r_ok = (j < n_views) & (rows < n_rows)
     w = tl.load(w_ptr + rows, mask=r_ok, other=0.0)
-    s_ok = r_ok & (w != 0.0)
-    if PAIR_SELF:
-        t_ok = s_ok & (j < n_teacher_views)
-    else:
-        # every teacher view feeds the other student views, whatever the weight of its own row
-        t_ok = r_ok & (j < n_teacher_views)
-    return rows, r_ok, s_ok, t_ok, w
+    return row0, rows, r_ok, r_ok & (w != 0.0), w
 
 
 @triton.jit
-def _pair_tile(s_ptr, s_stride, t_ptr, t_stride, rows, s_ok, t_ok, offs, k_ok,
-               scorr_ptr, center_ptr, log_center_ptr, tcorr_ptr, mq, inv_lq,
-               student_temp, teacher_temp,
-               PAIR_SELF: tl.constexpr, PROBABILITY: tl.constexpr,
-               HAS_SCORR: tl.constexpr, HAS_TCORR: tl.constexpr, ACC: tl.constexpr):
+def _teacher_q(t_ptr, t_stride, rows, t_ok, offs, k_ok, center_ptr, log_center_ptr, tcorr_ptr,
+               mq_ptr, lq_ptr, inv_tt, PROBABILITY: tl.constexpr, HAS_TCORR: tl.constexpr,
+               ACC: tl.constexpr):
+    """q = exp(zq - max) / sum on the tile [len(rows), BLOCK_K] of teacher rows (0 where not t_ok)."""
+    tile_ok = t_ok[:, None] & k_ok[None, :]
+    t = tl.load(t_ptr + rows[:, None] * t_stride + offs[None, :], mask=tile_ok, other=0.0).to(ACC)
+    zq = _teacher_logits(t, offs, k_ok, center_ptr, log_center_ptr, tcorr_ptr, inv_tt, PROBABILITY, HAS_TCORR)
+    # a missing row gets max = +inf, so its (discarded) exp underflows instead of overflowing
+    mq = tl.load(mq_ptr + rows, mask=t_ok, other=float("inf"))
+    inv_lq = 1.0 / tl.load(lq_ptr + rows, mask=t_ok, other=1.0)
+    return tl.where(tile_ok, tl.exp(zq - mq[:, None]) * inv_lq[:, None], 0.0)
+
+
+@triton.jit
+def _pair_tile(s_ptr, s_stride, t_ptr, t_stride, row0, rows, s_ok, view_stride, offs, k_ok,
+               scorr_ptr, center_ptr, log_center_ptr, tcorr_ptr, mq_ptr, lq_ptr, inv_ts, inv_tt,
+               PAIR_SELF: tl.constexpr, N_TEACHER: tl.constexpr, PROBABILITY: tl.constexpr,
+               HAS_SCORR: tl.constexpr, HAS_TCORR: tl.constexpr, ACC: tl.constexpr,
+               VIEWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """Student logits l_s and teacher weights Qsum on the tile [VIEWS, BLOCK_K] of one group.
 
-    PAIR_SELF (iBOT patches): Qsum_j = q_j. Otherwise (DINO): Qsum_j = sum_{i != j} q_i.
+    PAIR_SELF (iBOT patches): Qsum_j = q_j, teacher row = student row. Otherwise (DINO):
+    Qsum_j = sum_{i != j} q_i over the N_TEACHER teacher views, each computed once on its own
+    [1, BLOCK_K] row (not on the padded view tile: the exponentials are the expensive part).
     Returns (ls, qsum, ok); ls is only meaningful where ok, qsum is 0 elsewhere.
     """
     ok = s_ok[:, None] & k_ok[None, :]
     s = tl.load(s_ptr + rows[:, None] * s_stride + offs[None, :], mask=ok, other=0.0).to(ACC)
-    ls = s / student_temp
+    ls = s * inv_ts
     if HAS_SCORR:
         ls = ls + tl.load(scorr_ptr + offs, mask=k_ok, other=0.0)[None, :]
-    t_tile_ok = t_ok[:, None] & k_ok[None, :]
-    t = tl.load(t_ptr + rows[:, None] * t_stride + offs[None, :], mask=t_tile_ok, other=0.0).to(ACC)
-    zq = _teacher_logits(t, offs, k_ok, center_ptr, log_center_ptr, tcorr_ptr, teacher_temp,
-                         PROBABILITY, HAS_TCORR)
-    q = tl.where(t_tile_ok, tl.exp(zq - mq[:, None]) * inv_lq[:, None], 0.0)
     if PAIR_SELF:
-        qsum = q
+        qsum = _teacher_q(t_ptr, t_stride, rows, s_ok, offs, k_ok, center_ptr, log_center_ptr, tcorr_ptr,
+                          mq_ptr, lq_ptr, inv_tt, PROBABILITY, HAS_TCORR, ACC)
     else:
-        qsum = tl.where(ok, tl.sum(q, axis=0)[None, :] - q, 0.0)
+        j = tl.arange(0, VIEWS)
+        one = tl.arange(0, 1)
+        q_total = tl.zeros([1, BLOCK_K], ACC)
+        q_self = tl.zeros([VIEWS, BLOCK_K], ACC)
+        for i in tl.static_range(N_TEACHER):
+            q_i = _teacher_q(t_ptr, t_stride, row0 + i * view_stride + one, one == 0, offs, k_ok, center_ptr,
+                             log_center_ptr, tcorr_ptr, mq_ptr, lq_ptr, inv_tt, PROBABILITY, HAS_TCORR, ACC)
+            q_total += q_i
+            q_self += tl.where((j == i)[:, None], q_i, 0.0)
+        qsum = tl.where(ok, q_total - q_self, 0.0)
     return ls, qsum, ok
 
 
@@ -196,7 +213,7 @@ def _teacher_stats_kernel(t_ptr, t_stride, n_rows, K, center_ptr, log_center_ptr
     """
     row = tl.program_id(0)
     split = tl.program_id(1)
-    teacher_temp = _temperature(tt_hi, tt_lo, ACC)
+    inv_tt = _scalar(tt_hi, tt_lo, ACC)
     rows = row + tl.arange(0, 1)
     r_ok = rows < n_rows
     mq = tl.full([1], -3.0e38, ACC)
@@ -210,11 +227,11 @@ def _teacher_stats_kernel(t_ptr, t_stride, n_rows, K, center_ptr, log_center_ptr
         ok = r_ok[:, None] & k_ok[None, :]
         t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * t_stride + offs[None, :], mask=ok,
                     other=0.0).to(ACC)
-        zq = _teacher_logits(t, offs, k_ok, center_ptr, log_center_ptr, tcorr_ptr, teacher_temp,
+        zq = _teacher_logits(t, offs, k_ok, center_ptr, log_center_ptr, tcorr_ptr, inv_tt,
                              PROBABILITY, HAS_TCORR)
         mq, lq = _online_lse(mq, lq, zq, ok)
         if PROBABILITY:
-            mp, lp = _online_lse(mp, lp, _corrected(t, offs, k_ok, tcorr_ptr, teacher_temp, HAS_TCORR), ok)
+            mp, lp = _online_lse(mp, lp, _corrected(t, offs, k_ok, tcorr_ptr, inv_tt, HAS_TCORR), ok)
     out = split * split_stride + rows
     tl.store(mq_ptr + out, mq, mask=r_ok)
     tl.store(lq_ptr + out, lq, mask=r_ok)
@@ -233,7 +250,7 @@ def _center_stat_kernel(t_ptr, t_stride, n_rows, K, tcorr_ptr, tt_hi, tt_lo, mp_
     """
     kb = tl.program_id(0)
     chunk = tl.program_id(1)
-    teacher_temp = _temperature(tt_hi, tt_lo, ACC)
+    inv_tt = _scalar(tt_hi, tt_lo, ACC)
     offs = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs < K
     acc = tl.zeros([BLOCK_K], ACC)
@@ -246,7 +263,7 @@ def _center_stat_kernel(t_ptr, t_stride, n_rows, K, tcorr_ptr, tt_hi, tt_lo, mp_
         t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * t_stride + offs[None, :], mask=ok,
                     other=0.0).to(ACC)
         if PROBABILITY:
-            zp = _corrected(t, offs, k_ok, tcorr_ptr, teacher_temp, HAS_TCORR)
+            zp = _corrected(t, offs, k_ok, tcorr_ptr, inv_tt, HAS_TCORR)
             # a missing row gets max = +inf, so its (discarded) exp underflows instead of overflowing
             mp = tl.load(mp_ptr + rows, mask=r_ok, other=float("inf"))
             inv_lp = 1.0 / tl.load(lp_ptr + rows, mask=r_ok, other=1.0)
@@ -257,11 +274,11 @@ def _center_stat_kernel(t_ptr, t_stride, n_rows, K, tcorr_ptr, tt_hi, tt_lo, mp_
 
 @triton.jit
 def _student_forward_kernel(s_ptr, s_stride, t_ptr, t_stride, w_ptr, n_rows, K,
-                            n_views, n_teacher_views, view_stride, group_stride,
+                            n_views, view_stride, group_stride,
                             scorr_ptr, center_ptr, log_center_ptr, tcorr_ptr, mq_ptr, lq_ptr,
                             ts_hi, ts_lo, tt_hi, tt_lo,
                             ms_ptr, ls_ptr, dot_ptr, qs_ptr, blocks_per_split,
-                            PAIR_SELF: tl.constexpr, PROBABILITY: tl.constexpr,
+                            PAIR_SELF: tl.constexpr, N_TEACHER: tl.constexpr, PROBABILITY: tl.constexpr,
                             HAS_SCORR: tl.constexpr, HAS_TCORR: tl.constexpr, ACC: tl.constexpr,
                             VIEWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (group, split): per student row of the group, over its K range, the online
@@ -269,13 +286,9 @@ def _student_forward_kernel(s_ptr, s_stride, t_ptr, t_stride, w_ptr, n_rows, K,
     """
     g = tl.program_id(0)
     split = tl.program_id(1)
-    student_temp = _temperature(ts_hi, ts_lo, ACC)
-    teacher_temp = _temperature(tt_hi, tt_lo, ACC)
-    rows, r_ok, s_ok, t_ok, w = _group_rows(g, n_rows, n_views, n_teacher_views, view_stride,
-                                            group_stride, w_ptr, PAIR_SELF, VIEWS)
-    # rows without a teacher get max = +inf, so their (discarded) exp underflows instead of overflowing
-    mq = tl.load(mq_ptr + rows, mask=t_ok, other=float("inf"))
-    inv_lq = 1.0 / tl.load(lq_ptr + rows, mask=t_ok, other=1.0)
+    inv_ts = _scalar(ts_hi, ts_lo, ACC)
+    inv_tt = _scalar(tt_hi, tt_lo, ACC)
+    row0, rows, r_ok, s_ok, w = _group_rows(g, n_rows, n_views, view_stride, group_stride, w_ptr, VIEWS)
     m = tl.full([VIEWS], -3.0e38, ACC)
     l = tl.zeros([VIEWS], ACC)
     dot = tl.zeros([VIEWS], ACC)
@@ -284,10 +297,9 @@ def _student_forward_kernel(s_ptr, s_stride, t_ptr, t_stride, w_ptr, n_rows, K,
     for kb in range(split * blocks_per_split, kb_end):
         offs = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs < K
-        ls, qsum, ok = _pair_tile(s_ptr, s_stride, t_ptr, t_stride, rows, s_ok, t_ok, offs, k_ok,
-                                  scorr_ptr, center_ptr, log_center_ptr, tcorr_ptr, mq, inv_lq,
-                                  student_temp, teacher_temp,
-                                  PAIR_SELF, PROBABILITY, HAS_SCORR, HAS_TCORR, ACC)
+        ls, qsum, ok = _pair_tile(s_ptr, s_stride, t_ptr, t_stride, row0, rows, s_ok, view_stride, offs, k_ok,
+                                  scorr_ptr, center_ptr, log_center_ptr, tcorr_ptr, mq_ptr, lq_ptr, inv_ts, inv_tt,
+                                  PAIR_SELF, N_TEACHER, PROBABILITY, HAS_SCORR, HAS_TCORR, ACC, VIEWS, BLOCK_K)
         m, l = _online_lse(m, l, ls, ok)
         dot += tl.sum(qsum * tl.where(ok, ls, 0.0), axis=1)
         qs += tl.sum(qsum, axis=1)
@@ -300,11 +312,11 @@ def _student_forward_kernel(s_ptr, s_stride, t_ptr, t_stride, w_ptr, n_rows, K,
 
 @triton.jit
 def _student_backward_kernel(s_ptr, s_stride, t_ptr, t_stride, w_ptr, n_rows, K, n_groups,
-                             n_views, n_teacher_views, view_stride, group_stride,
+                             n_views, view_stride, group_stride,
                              scorr_ptr, center_ptr, log_center_ptr, tcorr_ptr, mq_ptr, lq_ptr,
                              ms_ptr, ls_ptr, qs_ptr, grad_ptr, ts_hi, ts_lo, tt_hi, tt_lo,
                              ds_ptr, ds_stride, dscorr_ptr, groups_per_chunk,
-                             PAIR_SELF: tl.constexpr, PROBABILITY: tl.constexpr,
+                             PAIR_SELF: tl.constexpr, N_TEACHER: tl.constexpr, PROBABILITY: tl.constexpr,
                              HAS_SCORR: tl.constexpr, HAS_TCORR: tl.constexpr,
                              WRITE_DS: tl.constexpr, WRITE_DSCORR: tl.constexpr, ACC: tl.constexpr,
                              VIEWS: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -314,22 +326,18 @@ def _student_backward_kernel(s_ptr, s_stride, t_ptr, t_stride, w_ptr, n_rows, K,
     """
     kb = tl.program_id(0)
     chunk = tl.program_id(1)
-    student_temp = _temperature(ts_hi, ts_lo, ACC)
-    teacher_temp = _temperature(tt_hi, tt_lo, ACC)
+    inv_ts = _scalar(ts_hi, ts_lo, ACC)
+    inv_tt = _scalar(tt_hi, tt_lo, ACC)
     offs = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs < K
     grad = tl.load(grad_ptr).to(ACC)
     acc = tl.zeros([BLOCK_K], ACC)
     g_end = tl.minimum((chunk + 1) * groups_per_chunk, n_groups)
     for g in range(chunk * groups_per_chunk, g_end):
-        rows, r_ok, s_ok, t_ok, w = _group_rows(g, n_rows, n_views, n_teacher_views, view_stride,
-                                                group_stride, w_ptr, PAIR_SELF, VIEWS)
-        mq = tl.load(mq_ptr + rows, mask=t_ok, other=float("inf"))
-        inv_lq = 1.0 / tl.load(lq_ptr + rows, mask=t_ok, other=1.0)
-        ls, qsum, ok = _pair_tile(s_ptr, s_stride, t_ptr, t_stride, rows, s_ok, t_ok, offs, k_ok,
-                                  scorr_ptr, center_ptr, log_center_ptr, tcorr_ptr, mq, inv_lq,
-                                  student_temp, teacher_temp,
-                                  PAIR_SELF, PROBABILITY, HAS_SCORR, HAS_TCORR, ACC)
+        row0, rows, r_ok, s_ok, w = _group_rows(g, n_rows, n_views, view_stride, group_stride, w_ptr, VIEWS)
+        ls, qsum, ok = _pair_tile(s_ptr, s_stride, t_ptr, t_stride, row0, rows, s_ok, view_stride, offs, k_ok,
+                                  scorr_ptr, center_ptr, log_center_ptr, tcorr_ptr, mq_ptr, lq_ptr, inv_ts, inv_tt,
+                                  PAIR_SELF, N_TEACHER, PROBABILITY, HAS_SCORR, HAS_TCORR, ACC, VIEWS, BLOCK_K)
         ms = tl.load(ms_ptr + rows, mask=s_ok, other=float("inf"))
         inv_ls = 1.0 / tl.load(ls_ptr + rows, mask=s_ok, other=1.0)
         qs = tl.load(qs_ptr + rows, mask=s_ok, other=0.0)
@@ -338,7 +346,7 @@ def _student_backward_kernel(s_ptr, s_stride, t_ptr, t_stride, w_ptr, n_rows, K,
         if WRITE_DS:
             # rows with zero weight get an explicit zero gradient
             tl.store(ds_ptr + rows[:, None] * ds_stride + offs[None, :],
-                     (dls / student_temp).to(ds_ptr.dtype.element_ty),
+                     (dls * inv_ts).to(ds_ptr.dtype.element_ty),
                      mask=r_ok[:, None] & k_ok[None, :])
         if WRITE_DSCORR:
             acc += tl.sum(dls, axis=0)
@@ -426,8 +434,9 @@ def _split(n_items: int, n_wanted: int) -> tuple[int, int]:
     return per, triton.cdiv(n_items, per)
 
 
-def _block_k(rows_per_tile: int, K: int) -> int:
-    return max(1, min(_TILE_ELEMENTS // rows_per_tile, triton.next_power_of_2(K)))
+def _block_k(rows_per_tile: int, K: int, half_tile: bool = False) -> int:
+    tile = _TILE_ELEMENTS // 2 if half_tile else _TILE_ELEMENTS
+    return max(1, min(tile // rows_per_tile, triton.next_power_of_2(K)))
 
 
 def _hi_lo(x: float) -> tuple[float, float]:
@@ -488,7 +497,7 @@ def _forward_op(
     n_trows = teacher.shape[0]
     acc = dict(device=student.device, dtype=weights.dtype)
     dummy = center  # stands for absent optional vectors; never read (constexpr flags)
-    ts, tt = _hi_lo(temps[0]), _hi_lo(temps[1])
+    ts, tt = _hi_lo(1.0 / temps[0]), _hi_lo(1.0 / temps[1])
     target = _target_programs(student.device)
     ACC = _TL_DTYPES[weights.dtype]
 
@@ -522,15 +531,15 @@ def _forward_op(
 
     # 3. student pass: online lse of l_s, Qsum . l_s, sum(Qsum) per student row and K split
     views_p2 = triton.next_power_of_2(n_views)
-    bk_s = _block_k(views_p2, K)
+    bk_s = _block_k(views_p2, K, half_tile=weights.dtype == torch.float64)
     per_split, n_split = _split(triton.cdiv(K, bk_s), triton.cdiv(target, n_groups))
     part = torch.empty(4, n_split, n_rows, **acc)  # max, sum exp, Qsum . l_s, sum(Qsum)
     _student_forward_kernel[(n_groups, n_split)](
         student, student.stride(0), teacher, teacher.stride(0), weights, n_rows, K,
-        n_views, n_teacher_views, view_stride, group_stride,
+        n_views, view_stride, group_stride,
         dummy if scorr is None else scorr, center, log_center, dummy if tcorr is None else tcorr,
         mq, lq, *ts, *tt, part[0], part[1], part[2], part[3], per_split,
-        PAIR_SELF=bool(pair_self), PROBABILITY=probability, HAS_SCORR=scorr is not None,
+        PAIR_SELF=bool(pair_self), N_TEACHER=n_teacher_views, PROBABILITY=probability, HAS_SCORR=scorr is not None,
         HAS_TCORR=tcorr is not None, ACC=ACC, VIEWS=views_p2, BLOCK_K=bk_s, num_warps=_NUM_WARPS)
 
     # 4. merge the splits, keep (max, sum exp, qs) per row for the backward, form the loss
@@ -560,7 +569,7 @@ def _backward_op(
     n_groups, n_views, n_teacher_views, view_stride, group_stride, pair_self = layout
     n_rows, K = student.shape
     views_p2 = triton.next_power_of_2(n_views)
-    bk = _block_k(views_p2, K)
+    bk = _block_k(views_p2, K, half_tile=student.element_size() == 2 or weights.dtype == torch.float64)
     n_kb = triton.cdiv(K, bk)
     per_chunk, n_chunk = _split(n_groups, triton.cdiv(_target_programs(student.device), n_kb))
     ds = torch.empty_like(student) if want_ds else student.new_empty(0)
@@ -568,11 +577,11 @@ def _backward_op(
     dummy = center
     _student_backward_kernel[(n_kb, n_chunk)](
         student, student.stride(0), teacher, teacher.stride(0), weights, n_rows, K, n_groups,
-        n_views, n_teacher_views, view_stride, group_stride,
+        n_views, view_stride, group_stride,
         dummy if scorr is None else scorr, center, log_center, dummy if tcorr is None else tcorr,
-        mq, lq, ms, ls, qs, grad, *_hi_lo(temps[0]), *_hi_lo(temps[1]),
+        mq, lq, ms, ls, qs, grad, *_hi_lo(1.0 / temps[0]), *_hi_lo(1.0 / temps[1]),
         ds, ds.stride(0) if want_ds else 0, dscorr, per_chunk,
-        PAIR_SELF=bool(pair_self), PROBABILITY=probability, HAS_SCORR=scorr is not None,
+        PAIR_SELF=bool(pair_self), N_TEACHER=n_teacher_views, PROBABILITY=probability, HAS_SCORR=scorr is not None,
         HAS_TCORR=tcorr is not None, WRITE_DS=want_ds, WRITE_DSCORR=want_dscorr,
         ACC=_TL_DTYPES[weights.dtype], VIEWS=views_p2, BLOCK_K=bk, num_warps=_NUM_WARPS)
     return ds, dscorr.sum(dim=0) if want_dscorr else dscorr
