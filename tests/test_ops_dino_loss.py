@@ -149,6 +149,7 @@ DINO_CASES = [
     (1000, 3, 2, 3, "probability", True),
     (1000, 1, 2, 1, "logit", True),
     (1000, 3, 1, 2, "probability", False),
+    (7, 3, 2, 0, "probability", True),  # every student view has its own teacher view (iBOT without local crops)
 ]
 
 
