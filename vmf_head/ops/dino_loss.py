@@ -95,6 +95,7 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 @triton.jit
 def _scalar(hi, lo, ACC: tl.constexpr):
+    """hi + lo in the arithmetic dtype (a float64 constant passed as two float32 halves)."""
     return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
 
@@ -435,15 +436,15 @@ def _split(n_items: int, n_wanted: int) -> tuple[int, int]:
 
 
 def _block_k(rows_per_tile: int, K: int, half_tile: bool = False) -> int:
+    """BLOCK_K of a [rows_per_tile, BLOCK_K] tile: a power of 2, no wider than K needs."""
     tile = _TILE_ELEMENTS // 2 if half_tile else _TILE_ELEMENTS
     return max(1, min(tile // rows_per_tile, triton.next_power_of_2(K)))
 
 
 def _hi_lo(x: float) -> tuple[float, float]:
-    """x as float32 hi + lo (see ``_temperature``)."""
+    """x as float32 hi + lo (see ``_scalar``)."""
     hi = float(np.float32(x))
     return hi, float(np.float32(x - hi))
-
 
 
 def _merge(m: torch.Tensor, l: torch.Tensor, n_splits: int, ACC) -> tuple[torch.Tensor, torch.Tensor]:
