@@ -9,7 +9,7 @@ from .centering import (
     sinkhorn_centering,
 )
 from .dino_loss import dino_vmf_loss, ibot_patch_vmf_loss, multicrop_cross_entropy
-from .vmf import vmf_correction, vmf_logits
+from .vmf import vmf_correction, vmf_corrections, vmf_logits
 
 __all__ = [
     "CENTERINGS",
@@ -22,5 +22,6 @@ __all__ = [
     "probability_centering",
     "sinkhorn_centering",
     "vmf_correction",
+    "vmf_corrections",
     "vmf_logits",
 ]

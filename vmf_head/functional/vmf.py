@@ -52,12 +52,35 @@ def vmf_correction(
         ``(K,)`` tensor in float32 (float64 for float64 norms), differentiable in the norms with the
         exact derivative ``-A_p(kappa) / temperature``.
     """
-    temperature = check_temperature("temperature", temperature)
-    if not isinstance(prototype_norms, torch.Tensor) or not prototype_norms.is_floating_point():
-        raise TypeError(f"prototype_norms must be a floating-point tensor, got {type(prototype_norms).__name__}")
-    with no_autocast(prototype_norms.device):
-        kappa = prototype_norms.to(compute_dtype(prototype_norms)) / temperature
-        return log_vmf_normalizer(kappa, p, mode=mode)
+    return vmf_corrections([(prototype_norms, temperature)], p, mode=mode)[0]
+
+
+def vmf_corrections(
+    branches: list[tuple[torch.Tensor, float]], p: int, *, mode: str = "exact"
+) -> list[torch.Tensor]:
+    """:func:`vmf_correction` of several branches (e.g. student and teacher) in ONE normaliser call.
+
+    The normaliser's cost on K ~ 1e4-1e5 values is mostly per call (dozens of element-wise
+    kernels), so the branches share one call on their concatenated concentrations.
+
+    Args:
+        branches: ``(prototype_norms (K_i,), temperature)`` per branch; detach a branch's norms to
+            keep gradients away from it.
+        p, mode: as :func:`vmf_correction`.
+
+    Returns:
+        One correction per branch, float32 (float64 if any norms are float64).
+    """
+    kappas = []
+    for norms, temperature in branches:
+        temperature = check_temperature("temperature", temperature)
+        if not isinstance(norms, torch.Tensor) or not norms.is_floating_point() or norms.dim() != 1:
+            raise TypeError(f"prototype_norms must be a 1-D floating-point tensor, got {getattr(norms, 'shape', type(norms).__name__)}")
+        kappas.append((norms, temperature))
+    dtype = compute_dtype(*(norms for norms, _ in kappas))
+    with no_autocast(kappas[0][0].device):
+        kappa = torch.cat([norms.to(dtype) / temperature for norms, temperature in kappas])
+        return list(log_vmf_normalizer(kappa, p, mode=mode).split([len(norms) for norms, _ in kappas]))
 
 
 def vmf_logits(

@@ -13,7 +13,7 @@ import torch
 
 from ..functional import dino_loss as _reference
 from ..functional.centering import check_centering, global_batch_means
-from ..functional.vmf import check_temperature, vmf_correction
+from ..functional.vmf import check_temperature, vmf_corrections
 from ..normalizer import MODES
 
 BACKENDS = ("auto", "triton", "reference")
@@ -149,10 +149,8 @@ def corrections(
     for name, norms in (("student_norms", student_norms), ("teacher_norms", teacher_norms)):
         if not isinstance(norms, torch.Tensor) or tuple(norms.shape) != (k,):
             raise ValueError(f"{name}{what} must be a tensor of shape (K,) = ({k},), got {getattr(norms, 'shape', norms)!r}")
-    return (
-        vmf_correction(student_norms, student_temp, p, mode=mode),
-        vmf_correction(teacher_norms.detach(), teacher_temp, p, mode=mode),
-    )
+    student, teacher = vmf_corrections([(student_norms, student_temp), (teacher_norms.detach(), teacher_temp)], p, mode=mode)
+    return student, teacher.detach()
 
 
 @torch.no_grad()
