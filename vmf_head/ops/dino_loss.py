@@ -35,7 +35,9 @@ reads both once and writes the gradient once, in the input dtype. Kernels:
 
 The forward and the backward are ``torch.library`` custom operators (``vmf_head::fused_cross_entropy``
 and ``vmf_head::fused_cross_entropy_backward``) with fake implementations and a registered autograd
-formula, so ``torch.compile(fullgraph=True)`` keeps them as opaque nodes. Arithmetic is float32 (float64 when an input is float64, as the reference). Design, tiling and
+formula, so ``torch.compile(fullgraph=True)`` keeps them as opaque nodes.
+
+Arithmetic is float32 (float64 when an input is float64, as the reference). Design, tiling and
 memory traffic: ``docs/fused_loss.md``. Sinkhorn centering stays on the reference path: its
 iterations need whole-batch column sums between passes (all-reduced under torch.distributed), which
 these row-parallel kernels cannot do in one launch; ``CENTERINGS`` lists what is fused.
@@ -46,6 +48,7 @@ first import of this module to run it on CPU tensors (the tests do; it is slow).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -419,6 +422,11 @@ class PairLayout:
     pair_self: bool
 
 
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on the tensors' GPU, not the current one (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -493,62 +501,64 @@ def _forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, stat, m_t, l_t, ms, ls, qs): the loss, the centre statistic (K,), the teacher
     rows' (max, sum exp) of q's logits (then pbar's), and per student row (max, sum exp, qs)."""
-    n_groups, n_views, n_teacher_views, view_stride, group_stride, pair_self = layout
-    n_rows, K = student.shape
-    n_trows = teacher.shape[0]
-    acc = dict(device=student.device, dtype=weights.dtype)
-    dummy = center  # stands for absent optional vectors; never read (constexpr flags)
-    ts, tt = _hi_lo(1.0 / temps[0]), _hi_lo(1.0 / temps[1])
-    target = _target_programs(student.device)
-    ACC = _TL_DTYPES[weights.dtype]
+    with _on_device(student.device):
+        n_groups, n_views, n_teacher_views, view_stride, group_stride, pair_self = layout
+        n_rows, K = student.shape
+        n_trows = teacher.shape[0]
+        acc = dict(device=student.device, dtype=weights.dtype)
+        dummy = center  # stands for absent optional vectors; never read (constexpr flags)
+        ts, tt = _hi_lo(1.0 / temps[0]), _hi_lo(1.0 / temps[1])
+        target = _target_programs(student.device)
+        ACC = _TL_DTYPES[weights.dtype]
 
-    # 1. teacher row statistics: the (max, sum) of q's logits for every row, then pbar's
-    bk_t = _block_k(1, K)
-    per_split, n_split = _split(triton.cdiv(K, bk_t), triton.cdiv(target, n_trows))
-    n_stats = (2 if probability else 1) * n_trows
-    m_t = torch.empty(n_split * n_stats, **acc)
-    l_t = torch.empty_like(m_t)
-    _teacher_stats_kernel[(n_trows, n_split)](
-        teacher, teacher.stride(0), n_trows, K, center, log_center,
-        dummy if tcorr is None else tcorr, *tt, m_t, l_t, m_t[n_trows:], l_t[n_trows:],
-        n_stats, per_split,
-        PROBABILITY=probability, HAS_TCORR=tcorr is not None, ACC=ACC, BLOCK_K=bk_t, num_warps=_NUM_WARPS)
-    m_t, l_t = _merge(m_t, l_t, n_split, ACC)
-    mq, lq, mp, lp = m_t[:n_trows], l_t[:n_trows], m_t[n_trows:], l_t[n_trows:]
+        # 1. teacher row statistics: the (max, sum) of q's logits for every row, then pbar's
+        bk_t = _block_k(1, K)
+        per_split, n_split = _split(triton.cdiv(K, bk_t), triton.cdiv(target, n_trows))
+        n_stats = (2 if probability else 1) * n_trows
+        m_t = torch.empty(n_split * n_stats, **acc)
+        l_t = torch.empty_like(m_t)
+        _teacher_stats_kernel[(n_trows, n_split)](
+            teacher, teacher.stride(0), n_trows, K, center, log_center,
+            dummy if tcorr is None else tcorr, *tt, m_t, l_t, m_t[n_trows:], l_t[n_trows:],
+            n_stats, per_split,
+            PROBABILITY=probability, HAS_TCORR=tcorr is not None, ACC=ACC, BLOCK_K=bk_t, num_warps=_NUM_WARPS)
+        m_t, l_t = _merge(m_t, l_t, n_split, ACC)
+        mq, lq, mp, lp = m_t[:n_trows], l_t[:n_trows], m_t[n_trows:], l_t[n_trows:]
 
-    # 2. centre statistic: mean over teacher rows of the raw output (logit) or of pbar
-    bk_c = _block_k(_STAT_ROWS, K)
-    n_kb = triton.cdiv(K, bk_c)
-    rows_per_chunk, _ = _split(n_trows, triton.cdiv(target, n_kb))
-    rows_per_chunk = triton.cdiv(rows_per_chunk, _STAT_ROWS) * _STAT_ROWS
-    n_chunk = triton.cdiv(n_trows, rows_per_chunk)
-    stat = torch.empty(n_chunk, K, **acc)
-    _center_stat_kernel[(n_kb, n_chunk)](
-        teacher, teacher.stride(0), n_trows, K, dummy if tcorr is None else tcorr, *tt,
-        mp, lp, stat, rows_per_chunk,
-        PROBABILITY=probability, HAS_TCORR=tcorr is not None, ACC=ACC, ROWS=_STAT_ROWS,
-        BLOCK_K=bk_c, num_warps=_NUM_WARPS)
-    stat = stat.sum(dim=0) / n_trows
+        # 2. centre statistic: mean over teacher rows of the raw output (logit) or of pbar
+        bk_c = _block_k(_STAT_ROWS, K)
+        n_kb = triton.cdiv(K, bk_c)
+        rows_per_chunk, _ = _split(n_trows, triton.cdiv(target, n_kb))
+        rows_per_chunk = triton.cdiv(rows_per_chunk, _STAT_ROWS) * _STAT_ROWS
+        n_chunk = triton.cdiv(n_trows, rows_per_chunk)
+        stat = torch.empty(n_chunk, K, **acc)
+        _center_stat_kernel[(n_kb, n_chunk)](
+            teacher, teacher.stride(0), n_trows, K, dummy if tcorr is None else tcorr, *tt,
+            mp, lp, stat, rows_per_chunk,
+            PROBABILITY=probability, HAS_TCORR=tcorr is not None, ACC=ACC, ROWS=_STAT_ROWS,
+            BLOCK_K=bk_c, num_warps=_NUM_WARPS)
+        stat = stat.sum(dim=0) / n_trows
 
-    # 3. student pass: online lse of l_s, Qsum . l_s, sum(Qsum) per student row and K split
-    views_p2 = triton.next_power_of_2(n_views)
-    bk_s = _block_k(views_p2, K, half_tile=weights.dtype == torch.float64)
-    per_split, n_split = _split(triton.cdiv(K, bk_s), triton.cdiv(target, n_groups))
-    part = torch.empty(4, n_split, n_rows, **acc)  # max, sum exp, Qsum . l_s, sum(Qsum)
-    _student_forward_kernel[(n_groups, n_split)](
-        student, student.stride(0), teacher, teacher.stride(0), weights, n_rows, K,
-        n_views, view_stride, group_stride,
-        dummy if scorr is None else scorr, center, log_center, dummy if tcorr is None else tcorr,
-        mq, lq, *ts, *tt, part[0], part[1], part[2], part[3], per_split,
-        PAIR_SELF=bool(pair_self), N_TEACHER=n_teacher_views, PROBABILITY=probability, HAS_SCORR=scorr is not None,
-        HAS_TCORR=tcorr is not None, ACC=ACC, VIEWS=views_p2, BLOCK_K=bk_s, num_warps=_NUM_WARPS)
+        # 3. student pass: online lse of l_s, Qsum . l_s, sum(Qsum) per student row and K split
+        views_p2 = triton.next_power_of_2(n_views)
+        bk_s = _block_k(views_p2, K, half_tile=weights.dtype == torch.float64)
+        per_split, n_split = _split(triton.cdiv(K, bk_s), triton.cdiv(target, n_groups))
+        part = torch.empty(4, n_split, n_rows, **acc)  # max, sum exp, Qsum . l_s, sum(Qsum)
+        _student_forward_kernel[(n_groups, n_split)](
+            student, student.stride(0), teacher, teacher.stride(0), weights, n_rows, K,
+            n_views, view_stride, group_stride,
+            dummy if scorr is None else scorr, center, log_center, dummy if tcorr is None else tcorr,
+            mq, lq, *ts, *tt, part[0], part[1], part[2], part[3], per_split,
+            PAIR_SELF=bool(pair_self), N_TEACHER=n_teacher_views, PROBABILITY=probability,
+            HAS_SCORR=scorr is not None,
+            HAS_TCORR=tcorr is not None, ACC=ACC, VIEWS=views_p2, BLOCK_K=bk_s, num_warps=_NUM_WARPS)
 
-    # 4. merge the splits, keep (max, sum exp, qs) per row for the backward, form the loss
-    loss = torch.empty((), **acc)
-    ms, ls, qs = torch.empty(n_rows, **acc), torch.empty(n_rows, **acc), torch.empty(n_rows, **acc)
-    _merge_kernel[(1,)](part[0], part[1], part[2], part[3], weights, n_split, n_rows, ms, ls, qs, loss,
-                        WITH_LOSS=True, ACC=ACC, BLOCK=_MERGE_ROWS, num_warps=_MERGE_WARPS)
-    return loss, stat, m_t, l_t, ms, ls, qs
+        # 4. merge the splits, keep (max, sum exp, qs) per row for the backward, form the loss
+        loss = torch.empty((), **acc)
+        ms, ls, qs = torch.empty(n_rows, **acc), torch.empty(n_rows, **acc), torch.empty(n_rows, **acc)
+        _merge_kernel[(1,)](part[0], part[1], part[2], part[3], weights, n_split, n_rows, ms, ls, qs, loss,
+                            WITH_LOSS=True, ACC=ACC, BLOCK=_MERGE_ROWS, num_warps=_MERGE_WARPS)
+        return loss, stat, m_t, l_t, ms, ls, qs
 
 
 @_forward_op.register_fake
@@ -567,25 +577,27 @@ def _backward_op(
     layout: list[int], temps: list[float], probability: bool, want_ds: bool, want_dscorr: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d loss / d student in the student's dtype, d loss / d scorr (K,)); one not wanted is empty."""
-    n_groups, n_views, n_teacher_views, view_stride, group_stride, pair_self = layout
-    n_rows, K = student.shape
-    views_p2 = triton.next_power_of_2(n_views)
-    bk = _block_k(views_p2, K, half_tile=student.element_size() == 2 or weights.dtype == torch.float64)
-    n_kb = triton.cdiv(K, bk)
-    per_chunk, n_chunk = _split(n_groups, triton.cdiv(_target_programs(student.device), n_kb))
-    ds = torch.empty_like(student) if want_ds else student.new_empty(0)
-    dscorr = weights.new_empty(n_chunk, K) if want_dscorr else weights.new_empty(0)
-    dummy = center
-    _student_backward_kernel[(n_kb, n_chunk)](
-        student, student.stride(0), teacher, teacher.stride(0), weights, n_rows, K, n_groups,
-        n_views, view_stride, group_stride,
-        dummy if scorr is None else scorr, center, log_center, dummy if tcorr is None else tcorr,
-        mq, lq, ms, ls, qs, grad, *_hi_lo(1.0 / temps[0]), *_hi_lo(1.0 / temps[1]),
-        ds, ds.stride(0) if want_ds else 0, dscorr, per_chunk,
-        PAIR_SELF=bool(pair_self), N_TEACHER=n_teacher_views, PROBABILITY=probability, HAS_SCORR=scorr is not None,
-        HAS_TCORR=tcorr is not None, WRITE_DS=want_ds, WRITE_DSCORR=want_dscorr,
-        ACC=_TL_DTYPES[weights.dtype], VIEWS=views_p2, BLOCK_K=bk, num_warps=_NUM_WARPS)
-    return ds, dscorr.sum(dim=0) if want_dscorr else dscorr
+    with _on_device(student.device):
+        n_groups, n_views, n_teacher_views, view_stride, group_stride, pair_self = layout
+        n_rows, K = student.shape
+        views_p2 = triton.next_power_of_2(n_views)
+        bk = _block_k(views_p2, K, half_tile=student.element_size() == 2 or weights.dtype == torch.float64)
+        n_kb = triton.cdiv(K, bk)
+        per_chunk, n_chunk = _split(n_groups, triton.cdiv(_target_programs(student.device), n_kb))
+        ds = torch.empty_like(student) if want_ds else student.new_empty(0)
+        dscorr = weights.new_empty(n_chunk, K) if want_dscorr else weights.new_empty(0)
+        dummy = center
+        _student_backward_kernel[(n_kb, n_chunk)](
+            student, student.stride(0), teacher, teacher.stride(0), weights, n_rows, K, n_groups,
+            n_views, view_stride, group_stride,
+            dummy if scorr is None else scorr, center, log_center, dummy if tcorr is None else tcorr,
+            mq, lq, ms, ls, qs, grad, *_hi_lo(1.0 / temps[0]), *_hi_lo(1.0 / temps[1]),
+            ds, ds.stride(0) if want_ds else 0, dscorr, per_chunk,
+            PAIR_SELF=bool(pair_self), N_TEACHER=n_teacher_views, PROBABILITY=probability,
+            HAS_SCORR=scorr is not None,
+            HAS_TCORR=tcorr is not None, WRITE_DS=want_ds, WRITE_DSCORR=want_dscorr,
+            ACC=_TL_DTYPES[weights.dtype], VIEWS=views_p2, BLOCK_K=bk, num_warps=_NUM_WARPS)
+        return ds, dscorr.sum(dim=0) if want_dscorr else dscorr
 
 
 @_backward_op.register_fake
