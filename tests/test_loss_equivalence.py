@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from vmf_head import DINOvMFLoss, iBOTvMFLoss
+from vmf_head.functional import dino_vmf_loss
 
 F64 = torch.float64
 
@@ -63,13 +64,13 @@ def test_dino_loss_matches_dino_over_the_warm_up():
 
 
 def test_equal_norms_give_dino_exactly():
-    """Equal norms add the same constant to every logit of a branch: the loss is DINO's, and the
-    gradient reaching the common student norm is 0 up to rounding."""
+    """Equal norms add the same constant to every logit of a branch: the loss is DINO's (through the
+    temperature warm-up), and the gradient reaching the common student norm is 0 up to rounding."""
     torch.manual_seed(1)
-    k, ncrops, b = 32, 4, 3
-    ours = DINOvMFLoss(k, ncrops, 0.04, 0.04, 0, 3, centering="logit", p=16, backend="reference").double()
-    ref = EagerDINO(k, ncrops, 0.04, 0.04, 0, 3)
-    for epoch in range(3):
+    k, ncrops, b, nepochs = 32, 4, 3, 4
+    ours = DINOvMFLoss(k, ncrops, 0.04, 0.07, 3, nepochs, centering="logit", p=16, backend="reference").double()
+    ref = EagerDINO(k, ncrops, 0.04, 0.07, 3, nepochs)
+    for epoch in range(nepochs):
         student = torch.randn(ncrops * b, k, dtype=F64)
         teacher = torch.randn(2 * b, k, dtype=F64)
         common_norm = torch.tensor(1.7, dtype=F64, requires_grad=True)
@@ -79,6 +80,26 @@ def test_equal_norms_give_dino_exactly():
         expected = ref(student, teacher, epoch)
         assert abs(got.item() - expected.item()) <= 1e-6
         assert g_norms.abs().sum().item() <= 1e-9
+
+
+@pytest.mark.parametrize("n_global, n_views", [(1, 3), (3, 5), (3, 3)])
+def test_other_numbers_of_global_views(n_global, n_views):
+    """The functional form pairs every teacher view i with every student view j != i."""
+    torch.manual_seed(7)
+    k, b = 10, 4
+    student = torch.randn(n_views * b, k, dtype=F64, requires_grad=True)
+    teacher = torch.randn(n_global * b, k, dtype=F64)
+    center = torch.randn(1, k, dtype=F64)
+    q = F.softmax((teacher - center) / 0.05, -1).chunk(n_global)
+    views = (student / 0.2).chunk(n_views)
+    pairs = [(i, j) for i in range(n_global) for j in range(n_views) if i != j]
+    expected = sum(torch.sum(-q[i] * F.log_softmax(views[j], -1), -1).mean() for i, j in pairs) / len(pairs)
+    got, stat = dino_vmf_loss(
+        student, teacher, center, n_views=n_views, n_global=n_global, student_temp=0.2, teacher_temp=0.05, centering="logit"
+    )
+    assert abs(got.item() - expected.item()) <= 1e-12
+    torch.testing.assert_close(torch.autograd.grad(got, student)[0], torch.autograd.grad(expected, student)[0])
+    torch.testing.assert_close(stat, teacher.mean(0, keepdim=True))
 
 
 class EagerIBOT:
@@ -122,7 +143,9 @@ def test_ibot_loss_matches_ibot_over_the_warm_up(mim_start):
     k, k2, ng, nl, b, grid, nepochs = 24, 20, 2, 3, 3, (3, 2), 8
     n = grid[0] * grid[1]
     args = (k, k2, ng, nl, 0.04, 0.07, 0.03, 0.06, 3, nepochs)
-    ours = iBOTvMFLoss(*args, lambda1=0.7, lambda2=1.3, mim_start_epoch=mim_start, centering="logit", backend="reference").double()
+    ours = iBOTvMFLoss(
+        *args, lambda1=0.7, lambda2=1.3, mim_start_epoch=mim_start, centering="logit", backend="reference", p=12
+    ).double()
     ref = EagerIBOT(*args, mim_start, 0.7, 1.3)
     for epoch in range(nepochs):
         s_cls = torch.randn(ng * b, k, dtype=F64, requires_grad=True)
@@ -132,7 +155,10 @@ def test_ibot_loss_matches_ibot_over_the_warm_up(mim_start):
         masks = [torch.rand(b, *grid) < 0.4 for _ in range(ng + nl)]
         masks[0][0] = False  # an image without masked tokens contributes 0
         expected = ref(s_cls, s_patch, t_cls, t_patch, s_local, masks, epoch)
-        got = ours((s_cls, s_patch), (t_cls, t_patch), s_local, masks, epoch)
+        # Equal norms within each head (different per head and branch) change nothing.
+        s_norms = (torch.full((k,), 0.9, dtype=F64), torch.full((k2,), 1.3, dtype=F64))
+        t_norms = (torch.full((k,), 1.1, dtype=F64), torch.full((k2,), 0.7, dtype=F64))
+        got = ours((s_cls, s_patch), (t_cls, t_patch), s_local, masks, epoch, s_norms, t_norms)
         for key in ("cls", "patch", "loss"):
             assert abs(got[key].item() - expected[key].item()) <= 1e-6, key
         g_expected = torch.autograd.grad(expected["loss"], (s_cls, s_patch, s_local))
