@@ -168,3 +168,18 @@ def test_ibot_loss_matches_ibot_over_the_warm_up(mim_start):
         torch.testing.assert_close(ours.center, ref.center, rtol=0, atol=1e-9)
         torch.testing.assert_close(ours.center2, ref.center2, rtol=0, atol=1e-9)
     assert ours.teacher_temp2_schedule.tolist() == ref.schedule2.tolist()
+
+
+def test_ibot_without_masked_tokens_has_no_patch_loss():
+    """Before iBOT's pred_start_epoch the masks are empty: the patch term is 0 with a zero gradient."""
+    torch.manual_seed(8)
+    k, k2, b, n = 8, 6, 2, 4
+    loss = iBOTvMFLoss(k, k2, 2, 0, 0.04, 0.07, 0.04, 0.07, 1, 2, backend="reference")
+    s_patch = torch.randn(2 * b, n, k2, requires_grad=True)
+    out = loss(
+        (torch.randn(2 * b, k), s_patch), (torch.randn(2 * b, k), torch.randn(2 * b, n, k2)), None,
+        [torch.zeros(b, n, dtype=torch.bool)] * 2, 0,
+    )
+    assert out["patch"].item() == 0.0 and torch.isfinite(out["loss"])
+    (grad,) = torch.autograd.grad(out["loss"], s_patch)
+    assert torch.equal(grad, torch.zeros_like(grad))

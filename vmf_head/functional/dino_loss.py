@@ -121,6 +121,16 @@ def multicrop_cross_entropy(
         docstring), and it supports one backward pass (the buffer is reused).
     """
     inv_temp = 1.0 / check_temperature("student_temp", student_temp)
+    _check_2d("student_output", student_output)
+    _check_2d("targets", targets)
+    if isinstance(n_views, bool) or not isinstance(n_views, int) or n_views < 1 or student_output.shape[0] % n_views:
+        raise ValueError(f"n_views must be a positive int dividing the {student_output.shape[0]} student rows, got {n_views!r}")
+    rows, k = student_output.shape[0] // n_views, student_output.shape[1]
+    if targets.shape[1] != k or (rows and targets.shape[0] % rows) or (not rows and targets.shape[0]):
+        raise ValueError(f"targets must have shape (G * {rows}, {k}), got {tuple(targets.shape)}")
+    if row_weight is not None and tuple(row_weight.shape) != (rows,):
+        raise ValueError(f"row_weight must have shape ({rows},), got {tuple(row_weight.shape)}")
+    _check_correction("student_correction", student_correction, k)
     with no_autocast(student_output.device):
         return _MultiCropCrossEntropy.apply(
             student_output, student_correction, targets.detach(), row_weight, n_views, skip_same_view, inv_temp
