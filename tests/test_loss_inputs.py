@@ -89,6 +89,8 @@ def test_ibot_bad_inputs():
         loss((s_cls, s_patch), (t_cls, t_patch), None, masks, 0)
     with pytest.raises(ValueError, match="at least ngcrops=2"):
         loss((s_cls, s_patch), (t_cls, t_patch), torch.randn(2 * B, K), masks[:1], 0)
+    with pytest.raises(ValueError, match=r"student_local_cls must be a \(crops \* B, out_dim=16\) tensor"):
+        loss((s_cls, s_patch), (t_cls, t_patch), torch.randn(2 * B, K + 1), masks, 0)
     with pytest.raises(ValueError, match="differ in shape"):
         loss((s_cls, s_patch), (t_cls, t_patch[:, :5]), torch.randn(2 * B, K), masks, 0)
     with pytest.raises(ValueError, match=r"student_norms\[1\] \(patch\) must be a tensor of shape \(K,\) = \(8,\)"):

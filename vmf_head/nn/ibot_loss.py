@@ -147,6 +147,9 @@ class iBOTvMFLoss(nn.Module):
                 else "student_local_cls must be None when nlcrops == 0"
             )
         if student_local_cls is not None:
+            for name, x in (("student_output[0]", student_cls), ("student_local_cls", student_local_cls)):
+                if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.out_dim:
+                    raise ValueError(f"{name} must be a (crops * B, out_dim={self.out_dim}) tensor, got {getattr(x, 'shape', x)!r}")
             student_cls = torch.cat([student_cls, student_local_cls])
         _, k = check_dino_inputs(student_cls, teacher_cls, n_views=self.ncrops, n_global=self.ngcrops)
         if not isinstance(student_patch, torch.Tensor) or student_patch.dim() != 3:
