@@ -258,9 +258,11 @@ def log_vmf_normalizer(kappa: torch.Tensor, p: int, *, mode: str = "exact", back
               [0, 1e8] (kappa = 0 gives the limit log Gamma(p/2) - log 2 - (p/2) log pi), float32
               <= 2e-6; see ``docs/log_normalizer.md`` for the measured table.
             * ``approx``: the seed paper's large-nu approximation
-              ``nu log(nu + s) - s + log(s)/2 - nu log(2 pi)`` with ``s = sqrt(nu^2 + kappa^2)``;
-              it equals ``exact`` plus a function of kappa that goes from about 1/(12 nu) at kappa = 0
-              to 0 as kappa grows, so it is good where that change is negligible (large p). Needs p >= 3.
+              ``nu log(nu + s) - s + log(s)/2 - (nu + 1/2) log(2 pi)`` with
+              ``s = sqrt(nu^2 + kappa^2)``; it equals ``exact`` plus a function of kappa that is
+              -1/(12 nu) at kappa = 0, +1/(12 sqrt(5) nu) at kappa = 2 nu and tends to 0 as kappa
+              grows (a spread of about 0.24/p), so it is good where that is negligible (large p).
+              Needs p >= 3.
         backend: ``"auto"`` (default: the Triton kernel for CUDA tensors when Triton imports, the
             reference otherwise), ``"triton"`` or ``"reference"`` (plain PyTorch, any device). Both
             backends run the same algorithm in float64 and agree to rounding; see ``docs/triton.md``.

@@ -12,7 +12,7 @@ same shift M, term count K and polynomial coefficients (``_debye.shifted_order``
    log prod Q_n accumulated as prod Q_n (1 + kappa) so that it neither under- nor overflows;
 3. log C_p = -(p/2) log(2 pi) - h_nu and d/dkappa log C_p = -kappa Q_nu.
 
-``approx`` mode is the seed paper's leading term nu log(nu + s) - s + log(s)/2 - nu log(2 pi) with
+``approx`` mode is the seed paper's leading term nu log(nu + s) - s + log(s)/2 - (nu + 1/2) log(2 pi) with
 s = hypot(kappa, nu), and its exact derivative.
 
 All arithmetic is float64 whatever the storage dtype: for large p the value is a small difference
@@ -54,7 +54,7 @@ _MU = tl.constexpr(0)
 _NU = tl.constexpr(1)
 _HALF_LOG_2PI = tl.constexpr(2)
 _HALF_P_LOG_2PI = tl.constexpr(3)
-_NU_LOG_2PI = tl.constexpr(4)
+_APPROX_CONST = tl.constexpr(4)
 _N_U = tl.constexpr(5)  # counts and shift are stored as float64 too: one compiled kernel serves every p
 _N_W = tl.constexpr(6)
 _SHIFT = tl.constexpr(7)
@@ -159,7 +159,7 @@ def _hypot_nu(x, nu):
 def _log_normalizer_approx(x, params):
     nu = tl.load(params + _NU)
     s = _hypot_nu(x, nu)
-    return nu * tl.log(nu + s) - s + 0.5 * tl.log(s) - tl.load(params + _NU_LOG_2PI)
+    return nu * tl.log(nu + s) - s + 0.5 * tl.log(s) - tl.load(params + _APPROX_CONST)
 
 
 @triton.jit
@@ -273,7 +273,7 @@ def _plan(p: int, mode: str, tol: float) -> tuple[float, ...]:
         cu, cw = _debye.series_coefficients(nu + shift, terms, tol)
     else:
         shift, cu, cw = 0, (), ()
-    header = (nu + shift, nu, 0.5 * _LOG_2PI, 0.5 * p * _LOG_2PI, nu * _LOG_2PI, len(cu), len(cw), shift, math.nan)
+    header = (nu + shift, nu, 0.5 * _LOG_2PI, 0.5 * p * _LOG_2PI, (nu + 0.5) * _LOG_2PI, len(cu), len(cw), shift, math.nan)
     return header + cu + cw
 
 

@@ -33,15 +33,17 @@ def mean_resultant_length(kappa: torch.Tensor, p: int, tol: float) -> torch.Tens
 def log_normalizer_approx(kappa: torch.Tensor, p: int) -> torch.Tensor:
     """Leading term of the uniform expansion (the seed's large-nu approximation):
 
-        nu log(nu + s) - s + (1/2) log s - nu log(2 pi),   s = sqrt(nu^2 + kappa^2).
+        nu log(nu + s) - s + (1/2) log s - (nu + 1/2) log(2 pi),   s = sqrt(nu^2 + kappa^2).
 
-    It differs from the exact value by log U(t) = log(1 + sum_k u_k(t)/nu^k), which tends to 0 as
-    kappa -> inf and to about -1/(12 nu) at kappa = 0; the kappa-independent part of that difference
-    cancels in a softmax over prototypes. Requires p >= 3 (at p = 2 the term diverges at kappa = 0).
+    The constant is the one that makes it exact as kappa -> inf: approx - exact = log U(t), with
+    U(t) = 1 + sum_k u_k(t)/nu^k and t = nu/s, which is about u_1(t)/nu = t(3 - 5t^2)/(24 nu):
+    -1/(12 nu) at kappa = 0, +1/(12 sqrt(5) nu) at kappa = 2 nu, 0 as kappa -> inf. Its spread over
+    kappa, about (1 + 1/sqrt(5))/(12 nu) = 0.24/p, is the error that does not cancel in a softmax over
+    prototypes of equal p. Requires p >= 3 (at p = 2 the term diverges at kappa = 0).
     """
     nu = 0.5 * p - 1.0
     s = torch.hypot(kappa, kappa.new_tensor(nu))
-    return nu * torch.log(nu + s) - s + 0.5 * torch.log(s) - nu * _LOG_2PI
+    return nu * torch.log(nu + s) - s + 0.5 * torch.log(s) - (nu + 0.5) * _LOG_2PI
 
 
 def log_normalizer_approx_derivative(kappa: torch.Tensor, p: int) -> torch.Tensor:
