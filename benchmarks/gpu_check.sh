@@ -26,14 +26,15 @@ unset TRITON_INTERPRET
 
 # name | timeout in seconds | command (run by bash; $PY is the interpreter, $STEP_JSON a file the
 # step may write its results to). The GPU machine lacks the demo/integration extras (lightly,
-# torchvision, scikit-learn), hence --continue-on-collection-errors.
+# torchvision, scikit-learn), hence --continue-on-collection-errors. The benchmarks come right
+# after the full-size GPU tests so that a slow first compile cuts the small-shape CUDA reruns, not them.
 STEPS=(
   'environment|30|nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; $PY -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())"'
   'gpu_tests|150|$PY -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests'
-  'ops_tests_cuda|120|$PY -m pytest -q -p no:cacheprovider tests/test_ops_log_normalizer.py'
-  'log_normalizer_gpu|150|$PY benchmarks/log_normalizer_gpu.py --json "$STEP_JSON"'
-  'ops_dino_loss_cuda|120|$PY -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_ops_dino_loss.py'
-  'loss_gpu|300|$PY benchmarks/loss_gpu.py --json "$STEP_JSON"'
+  'loss_gpu|240|$PY benchmarks/loss_gpu.py --json "$STEP_JSON"'
+  'log_normalizer_gpu|120|$PY benchmarks/log_normalizer_gpu.py --json "$STEP_JSON"'
+  'ops_tests_cuda|90|$PY -m pytest -q -p no:cacheprovider tests/test_ops_log_normalizer.py'
+  'ops_dino_loss_cuda|90|$PY -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_ops_dino_loss.py'
 )
 
 start_all=$SECONDS
