@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an ImageFolder directory (DIR/<class>/<image>) of your own images instead of the "
                              "digits; read with Pillow, resized to --image-size, classes used only for evaluation")
     parser.add_argument("--image-size", type=int, default=32, help="side images from --data are resized to (default 32)")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="seed of the held-out split, the same for every --seeds repeat (default 0)")
     parser.add_argument("--test-fraction", type=float, default=0.25, help="held-out fraction per class (default 0.25)")
     parser.add_argument("--device", default="cpu",
                         help="torch device: cpu (default), cuda, cuda:1, ...; 'cuda' needs a CUDA build and GPU")
@@ -150,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         from .data import load_digits, load_image_folder
 
         if args.data is None:
-            data = load_digits(args.test_fraction, seed=args.seed)
+            data = load_digits(args.test_fraction, seed=args.split_seed)
         else:
-            data = load_image_folder(args.data, args.image_size, args.test_fraction, seed=args.seed)
+            data = load_image_folder(args.data, args.image_size, args.test_fraction, seed=args.split_seed)
     except (ValueError, RuntimeError) as err:
         parser.error(str(err))
     if args.threads is not None:
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "command": "vmf-head demo " + " ".join(sys.argv[1:] if argv is None else argv),
         "dataset": {"name": data.name, "train": len(data.train_labels), "test": len(data.test_labels),
-                    "classes": data.class_names, "flip": data.flip},
+                    "classes": data.class_names, "flip": data.flip, "split_seed": args.split_seed},
         "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
         "seeds": list(range(args.seed, args.seed + args.seeds)),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),

@@ -8,7 +8,9 @@ import math
 import statistics
 from pathlib import Path
 
-SUMMARY_KEYS = ("knn", "linear", "utilization", "effective_clusters", "distinct_prototypes", "kappa_median", "seconds")
+SUMMARY_KEYS = (
+    "knn", "linear", "utilization", "effective_clusters", "distinct_prototypes", "kappa_median", "seconds", "cpu_seconds"
+)
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -59,7 +61,8 @@ def format_table(summary: dict[str, dict], n_seeds: int, out_dim: int) -> str:
         "effective clusters",
         "distinct prototypes",
         "median kappa",
-        "time s",
+        "wall s",
+        "CPU s",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary.values():
@@ -73,6 +76,7 @@ def format_table(summary: dict[str, dict], n_seeds: int, out_dim: int) -> str:
             _cell(row.get("distinct_prototypes"), digits=0),
             _cell(row.get("kappa_median")),
             _cell(row.get("seconds"), digits=0),
+            _cell(row.get("cpu_seconds"), digits=0),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return f"Held-out accuracy of the teacher backbone{spread}\n\n" + "\n".join(lines)

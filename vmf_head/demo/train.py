@@ -56,7 +56,7 @@ METHODS = {
 class TrainConfig:
     """Budget and hyper-parameters of one run (the CLI's options; see ``vmf-head demo --help``)."""
 
-    epochs: int = 15
+    epochs: int = 60
     batch_size: int = 64
     n_local: int = 4
     out_dim: int = 1024  # K, number of prototypes
