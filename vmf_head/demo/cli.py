@@ -40,8 +40,8 @@ table printed at the end. The default budget takes about 5 minutes on 2 CPU core
 --quick takes well under a minute."""
 
 # --quick: a smoke test of the whole pipeline, not a meaningful comparison.
-QUICK = {"epochs": 2, "batch_size": 128, "n_local": 2, "out_dim": 256, "hidden_dim": 128, "width": 16,
-         "warmup_epochs": 1, "warmup_teacher_temp_epochs": 1, "eval_every": 1, "log_every": 2}
+QUICK = {"epochs": 2, "batch_size": 128, "n_local": 2, "out_dim": 256, "hidden_dim": 128, "width": 8,
+         "train_images": 512, "warmup_epochs": 1, "warmup_teacher_temp_epochs": 1, "eval_every": 1, "log_every": 2}
 
 # (option, TrainConfig field, type, help)
 OPTIONS = [

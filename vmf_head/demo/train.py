@@ -69,9 +69,8 @@ class TrainConfig:
     weight_decay_end: float = 0.4
     warmup_epochs: int = 2
     momentum_teacher: float = 0.99
-    # DINO's code default (0.04, no warm-up). Tried here: 0.07 drifts to uniform assignments
-    # sooner; 0.02 collapses DINO-vMF onto one prototype (probability centering cannot lift
-    # logit gaps of ~1/0.02), see docs/demo.md.
+    # DINO's code default (0.04, no warm-up). Tried here (docs/demo.md): 0.02 collapses DINO-vMF
+    # onto near one-hot assignments (probability centering cannot lift logit gaps of ~2/0.02).
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 0
