@@ -300,3 +300,17 @@ def test_bad_arguments_are_named(kwargs, exc, words):
     if mode == "exact":
         with pytest.raises(exc, match=words):
             vmf_mean_resultant_length(kwargs["kappa"], kwargs["p"])
+
+
+def test_cpu_inputs_sliced_for_speed_give_the_same_values_in_the_same_places():
+    # K-sized CPU inputs are evaluated in slices (normalizer._SERIAL_SLICE); element i must still be
+    # log C_p(kappa_i), whatever the shape. Small pieces (< one slice) are the unsliced path.
+    kappa = torch.logspace(-6, 6, 3 * 20011, dtype=torch.float64)[torch.randperm(3 * 20011)].view(3, 20011)
+    kappa.requires_grad_()
+    got = log_vmf_normalizer(kappa, 256)
+    pieces = torch.cat([log_vmf_normalizer(part, 256) for part in kappa.detach().reshape(-1).split(1000)])
+    assert got.shape == kappa.shape
+    assert torch.equal(got.detach().reshape(-1), pieces)
+    (grad,) = torch.autograd.grad(got.sum(), kappa)
+    slopes = torch.cat([vmf_mean_resultant_length(part, 256) for part in kappa.detach().reshape(-1).split(1000)])
+    assert torch.equal(-grad.reshape(-1), slopes)
