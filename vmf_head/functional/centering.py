@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ._distributed import all_reduce_logsumexp_, all_reduce_sum_
-from .vmf import check_temperature, compute_dtype, no_autocast
+from .vmf import check_temperature, compute_dtype, no_autocast, softmax_shifted
 
 CENTERINGS = ("logit", "probability", "sinkhorn")
 
@@ -41,12 +41,13 @@ def _batch_mean(x: torch.Tensor) -> torch.Tensor:
 def teacher_vmf_logits(
     teacher_output: torch.Tensor, teacher_temp: float, teacher_correction: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``l_t = teacher_output / teacher_temp + teacher_correction`` (detached), float32 or float64."""
+    """``l_t = teacher_output / teacher_temp + teacher_correction`` (detached), float32 or float64, up
+    to a constant (the correction enters shifted by its maximum, see ``softmax_shifted``)."""
     teacher_temp = check_temperature("teacher_temp", teacher_temp)
     dtype = compute_dtype(teacher_output, teacher_correction)
     logits = teacher_output.detach().to(dtype) / teacher_temp
     if teacher_correction is not None:
-        logits += teacher_correction.detach().to(dtype)
+        logits += softmax_shifted(teacher_correction.detach(), dtype)
     return logits
 
 
@@ -74,7 +75,7 @@ def logit_centering(
         t = teacher_output.to(dtype)
         logits = (t - center.to(dtype)) / teacher_temp
         if teacher_correction is not None:
-            logits += teacher_correction.to(dtype)
+            logits += softmax_shifted(teacher_correction, dtype)
         return torch.softmax(logits, dim=-1, out=logits), _batch_mean(t)
 
 

@@ -22,7 +22,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .centering import center_teacher, check_centering
-from .vmf import check_temperature, compute_dtype, no_autocast
+from .vmf import check_temperature, compute_dtype, no_autocast, softmax_shifted
 
 
 class _MultiCropCrossEntropy(torch.autograd.Function):
@@ -49,7 +49,7 @@ class _MultiCropCrossEntropy(torch.autograd.Function):
         # One fresh (rows, K) buffer, written in one pass (type promotion does the cast), then
         # overwritten by the log-softmax and, in the backward, by the gradient.
         if correction is not None:
-            logits = torch.add(correction.to(dtype), student, alpha=inv_temp)
+            logits = torch.add(softmax_shifted(correction, dtype), student, alpha=inv_temp)
         elif student.dtype == dtype:
             logits = torch.mul(student, inv_temp)
         else:

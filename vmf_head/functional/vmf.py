@@ -37,6 +37,16 @@ def check_temperature(name: str, value: object) -> float:
     return float(value)
 
 
+def softmax_shifted(correction: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``correction - max(correction)`` in ``dtype``, for logits that only enter softmaxes over K.
+
+    A softmax over prototypes does not see a constant, and ``log C_p`` is in the hundreds for DINO's
+    p = 256 (about 340 at kappa = 25), which would cost float32 logits five bits of their fraction;
+    the shift keeps them near 0. The maximum is taken without gradient, so the gradient with respect
+    to ``correction`` is that of the unshifted logits."""
+    return (correction - correction.detach().max()).to(dtype)
+
+
 def vmf_correction(
     prototype_norms: torch.Tensor, temperature: float, p: int, *, mode: str = "exact"
 ) -> torch.Tensor:
