@@ -43,7 +43,7 @@ needs_triton = pytest.mark.skipif(
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
 N_KAPPA = 2 * 1024 + 37
-SPECIALS = [0.0, math.inf, -1.0, math.nan, 1e-300]
+SPECIALS = [0.0, math.inf, -1.0, math.nan, 1e-300, 1e200]
 
 
 def _kappa(dtype: torch.dtype, device: str | None = DEVICE) -> torch.Tensor:
@@ -82,6 +82,21 @@ def test_forward_and_derivative_match_reference(p, mode, dtype):
     _assert_agree(got, want, REL[dtype])
     slope = normalizer._log_vmf_normalizer_grad_op(kappa, p, mode, "triton")
     _assert_agree(slope, normalizer._log_vmf_normalizer_grad_op(kappa, p, mode, "reference"), REL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("p", [1024, 65536])
+def test_kernel_keeps_the_absolute_bound_near_the_zero(p):
+    # Against mpmath, not the reference: the kernel must take the anchored form too, or float64
+    # rounding of terms of size kappa0 (3.6e5 at p = 65536) costs 6e-11 here.
+    import mpmath_truth as truth
+    from vmf_head.special.vmf import anchor
+
+    kappa0 = anchor(p, 1e-16)[0]
+    kappas = [kappa0 + d for d in (0.0, 0.5, -0.5, 2.0, -2.0, 60.0, -60.0)]
+    got = log_vmf_normalizer(torch.tensor(kappas, dtype=torch.float64, device=DEVICE), p, backend="triton")
+    for k, o in zip(kappas, got.tolist()):
+        assert truth.error(o, truth.log_normalizer(p, k)) <= 1e-14, (k, o)
 
 
 @needs_triton

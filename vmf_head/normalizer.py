@@ -36,7 +36,7 @@ from types import ModuleType
 import torch
 
 from .special import vmf as _vmf
-from .special.bessel import check_argument, tolerance
+from .special.bessel import X_LARGE, check_argument, tolerance
 
 MODES = ("exact", "approx")
 BACKENDS = ("auto", "triton", "reference")
@@ -117,33 +117,29 @@ def _select_backend(backend: str, x: torch.Tensor) -> str:
 # Reference implementation (plain PyTorch, float64)
 
 
-# torch splits an element-wise CPU op over its threads from 32768 elements on. The reference runs a
-# few dozen such ops on K-sized inputs, and on a CPU shared with other work each parallel op waits
-# for a descheduled thread: 2 x 65536 values took 200 ms instead of 9 ms beside one busy process.
-# Slices below the split size run inline and cost the same on an idle machine, so K-sized inputs
-# (the training use) go through in slices; very large ones keep torch's threads.
-_SERIAL_SLICE = 16384
-_SERIAL_MAX = 1 << 20
-
-
 def _reference(k64: torch.Tensor, p: int, mode: str, tol: float, derivative: bool) -> torch.Tensor:
     """log C_p or its derivative at float64 ``k64``, mapping the rest of the domain: NaN below 0 and
-    at NaN (as torch's math functions do), the limit at +inf (-inf for the value, -1 for the slope)."""
-    if k64.device.type == "cpu" and _SERIAL_SLICE < k64.numel() <= _SERIAL_MAX:
-        parts = [_reference_slice(part, p, mode, tol, derivative) for part in k64.reshape(-1).split(_SERIAL_SLICE)]
-        return torch.cat(parts).view(k64.shape)
-    return _reference_slice(k64, p, mode, tol, derivative)
-
-
-def _reference_slice(k64: torch.Tensor, p: int, mode: str, tol: float, derivative: bool) -> torch.Tensor:
-    # The kernels see the raw values (NaN propagates by itself); the two masks cost less than
-    # sanitising the input first.
+    at NaN (as torch's math functions do), the large-kappa limits above ``X_LARGE`` (-kappa for the
+    value, -1 for the slope: there they are exact to float64)."""
+    if k64.numel() == 0:
+        return torch.empty_like(k64)
+    x = k64
+    # On the CPU one reduction tells whether the masks are needed at all (they cost as much as a
+    # fifth of the computation); on an accelerator the test would be a host synchronisation.
+    outside = True
+    if k64.device.type == "cpu":
+        lo, hi = torch.aminmax(k64)
+        outside = not (lo >= 0 and hi <= X_LARGE)  # (also true when a NaN is present)
+    if outside:
+        x = k64.clamp(0.0, X_LARGE)
     if mode == "exact":
-        out = -_vmf.mean_resultant_length(k64, p, tol) if derivative else _vmf.log_normalizer_exact(k64, p, tol)
+        out = _vmf.mean_resultant_length(x, p, tol).neg_() if derivative else _vmf.log_normalizer_exact(x, p, tol)
     else:
-        out = _vmf.log_normalizer_approx_derivative(k64, p) if derivative else _vmf.log_normalizer_approx(k64, p)
-    out = out.masked_fill_(k64 < 0, math.nan)
-    return out.masked_fill_(k64 == math.inf, -1.0 if derivative else -math.inf)
+        out = _vmf.log_normalizer_approx_derivative(x, p) if derivative else _vmf.log_normalizer_approx(x, p)
+    if outside:
+        out = torch.where(k64 > X_LARGE, -1.0 if derivative else k64.neg(), out)
+        out = out.masked_fill_(~(k64 >= 0), math.nan)
+    return out
 
 
 def _elementwise(kappa: torch.Tensor, p: int, mode: str, backend: str, derivative: bool) -> torch.Tensor:

@@ -5,12 +5,14 @@ same shift M, term count K and polynomial coefficients (``_debye.shifted_order``
 ``_debye.series_coefficients``), so the two agree to float64 rounding:
 
 1. uniform (Debye) expansion at the shifted order mu = nu + M, nu = p/2 - 1 (DLMF 10.41.3, 10.41.4):
-   s = sqrt(mu^2 + kappa^2), t = mu/s,
-   h_mu = log(I_mu(kappa)/kappa^mu) = s - mu log(mu + s) - log(2 pi s / U(t)^2)/2,
-   Q_mu = I_{mu+1}/(kappa I_mu) = 1/(s + mu) + W(t)/(s U(t));
+   r = sqrt(1 + (kappa/mu)^2), t = 1/r,
+   -h_mu = -log(I_mu(kappa)/kappa^mu) = mu (log(1 + r) - r) + log(r / U(t)^2)/2 + a_mu,
+   Q_mu = I_{mu+1}/(kappa I_mu) = (1/(1 + r) + t W(t)/U(t)) / mu;
 2. M steps of the downward recurrence Q_n = 1/(kappa^2 Q_{n+1} + 2(n+1)) (DLMF 10.29.1), with
    log prod Q_n accumulated as prod Q_n (1 + kappa) so that it neither under- nor overflows;
-3. log C_p = -(p/2) log(2 pi) - h_nu and d/dkappa log C_p = -kappa Q_nu.
+3. log C_p = -(p/2) log(2 pi) - h_nu and d/dkappa log C_p = -kappa Q_nu; for p >= 512 the value
+   is taken in the anchored form of ``vmf_head.special.vmf.log_normalizer_exact`` (the same
+   anchor kappa_0 and 40-digit constant), which keeps it accurate near the zero of log C_p.
 
 ``approx`` mode is the seed paper's leading term nu log(nu + s) - s + log(s)/2 - (nu + 1/2) log(2 pi) with
 s = hypot(kappa, nu), and its exact derivative.
@@ -43,7 +45,8 @@ import triton
 import triton.language as tl
 
 from ..special import _debye
-from ..special.bessel import tolerance
+from ..special.bessel import X_LARGE, log_order_constant, tolerance
+from ..special.vmf import anchor
 
 MODES = ("exact", "approx")
 
@@ -52,8 +55,8 @@ _LOG_2PI = math.log(2.0 * math.pi)
 # Layout of the float64 constants tensor: a header, then U's and W's coefficients (highest first).
 _MU = tl.constexpr(0)
 _NU = tl.constexpr(1)
-_HALF_LOG_2PI = tl.constexpr(2)
-_HALF_P_LOG_2PI = tl.constexpr(3)
+_INV_MU2 = tl.constexpr(2)  # 1/mu^2
+_PLAIN_CONST = tl.constexpr(3)  # a_mu - (p/2) log(2 pi)
 _APPROX_CONST = tl.constexpr(4)
 _N_U = tl.constexpr(5)  # counts and shift are stored as float64 too: one compiled kernel serves every p
 _N_W = tl.constexpr(6)
@@ -61,8 +64,13 @@ _SHIFT = tl.constexpr(7)
 # NaN is read from memory too: a NaN constexpr global fails Triton's compile-time consistency
 # check of globals (NaN != NaN), which the interpreter does not run.
 _NAN = tl.constexpr(8)
-_HEADER = tl.constexpr(9)
-_INF = tl.constexpr(math.inf)
+_ANCHORED = tl.constexpr(9)  # 1.0 for the anchored form, then kappa_0, r_0, b_p, 1/(nu^2 (1 + r_0))
+_KAPPA0 = tl.constexpr(10)
+_R0 = tl.constexpr(11)
+_ANCHOR_B = tl.constexpr(12)
+_ANCHOR_SCALE = tl.constexpr(13)
+_HEADER = tl.constexpr(14)
+_X_LARGE = tl.constexpr(X_LARGE)
 
 # Block sizes, chosen from ptxas's register report for sm_90 (no GPU was at hand to time them; see
 # docs/triton.md): the float64 series costs about 60 registers per element in flight.
@@ -97,48 +105,63 @@ def _horner(params, offset, n, t):
 
 @triton.jit
 def _expansion(x2, params):
-    """s, t and U(t) of the uniform expansion at the shifted order mu, for x2 = kappa^2."""
-    mu = tl.load(params + _MU)
-    s = tl.sqrt(x2 + mu * mu)
-    t = mu / s
+    """r, t and U(t) of the uniform expansion at the shifted order mu, for x2 = kappa^2."""
+    r = tl.sqrt(1.0 + x2 * tl.load(params + _INV_MU2))
+    t = 1.0 / r
     u = _horner(params, _HEADER, tl.load(params + _N_U).to(tl.int32), t)
-    return mu, s, t, u
+    return r, t, u
 
 
 @triton.jit
-def _scaled_ratio_shifted(mu, s, t, u, params):
-    """Q_mu = I_{mu+1}/(kappa I_mu) = 1/(s + mu) + W(t)/(s U(t))."""
+def _scaled_ratio_shifted(r, t, u, params):
+    """Q_mu = I_{mu+1}/(kappa I_mu) = (1/(1 + r) + t W(t)/U(t)) / mu."""
     n_u = tl.load(params + _N_U).to(tl.int32)
     w = _horner(params, _HEADER + n_u, tl.load(params + _N_W).to(tl.int32), t)
-    return 1.0 / (s + mu) + w / (s * u)
+    return (1.0 / (r + 1.0) + w * t / u) / tl.load(params + _MU)
+
+
+@triton.jit
+def _log1p(y):
+    # log(1 + y) to a few ulps from log alone (the rounding of 1 + y cancels in log(u) / (u - 1)).
+    u = 1.0 + y
+    return tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
 
 
 @triton.jit
 def _log_normalizer_exact(x, params):
     """log C_p(x) for float64 x >= 0 (values outside are fixed by ``_finish``)."""
     x2 = x * x
-    mu, s, t, u = _expansion(x2, params)
-    h = (s - mu * tl.log(s + mu)) - 0.5 * tl.log(s / (u * u)) - tl.load(params + _HALF_LOG_2PI)
-    shift = tl.load(params + _SHIFT).to(tl.int32)
-    if shift > 0:
+    r, t, u = _expansion(x2, params)
+    half_log_r_over_u2 = 0.5 * tl.log(r / (u * u))
+    if tl.load(params + _ANCHORED) > 0.0:
         nu = tl.load(params + _NU)
-        q = _scaled_ratio_shifted(mu, s, t, u, params)
-        x1 = 1.0 + x
-        prod = tl.full(x.shape, 1.0, tl.float64)
-        for i in range(shift):
-            # order n = nu + shift - 1 - i, so 2(n + 1) = 2(nu + shift - i)
-            q = 1.0 / (2.0 * (nu + (shift - i).to(tl.float64)) + x2 * q)
-            prod = prod * q * x1
-        h = h - (tl.log(prod) - shift.to(tl.float64) * tl.log(x1))
-    return -tl.load(params + _HALF_P_LOG_2PI) - h
+        kappa0 = tl.load(params + _KAPPA0)
+        diff = (x - kappa0) * (x + kappa0) / (r + tl.load(params + _R0))  # nu^2 (r - r_0)
+        out = _log1p(diff * tl.load(params + _ANCHOR_SCALE)) * nu - diff / nu + tl.load(params + _ANCHOR_B)
+        out = out + half_log_r_over_u2
+    else:
+        mu = tl.load(params + _MU)
+        out = (tl.log(r + 1.0) - r) * mu + tl.load(params + _PLAIN_CONST) + half_log_r_over_u2
+        shift = tl.load(params + _SHIFT).to(tl.int32)
+        if shift > 0:
+            nu = tl.load(params + _NU)
+            q = _scaled_ratio_shifted(r, t, u, params)
+            x1 = 1.0 + x
+            prod = tl.full(x.shape, 1.0, tl.float64)
+            for i in range(shift):
+                # order n = nu + shift - 1 - i, so 2(n + 1) = 2(nu + shift - i)
+                q = 1.0 / (2.0 * (nu + (shift - i).to(tl.float64)) + x2 * q)
+                prod = prod * q * x1
+            out = out + (tl.log(prod) - shift.to(tl.float64) * tl.log(x1))
+    return out
 
 
 @triton.jit
 def _scaled_derivative_exact(x, params):
     """(d/dx log C_p(x)) / x = -Q_nu(x) = -I_{nu+1}(x)/(x I_nu(x)); -1/p at x = 0."""
     x2 = x * x
-    mu, s, t, u = _expansion(x2, params)
-    q = _scaled_ratio_shifted(mu, s, t, u, params)
+    r, t, u = _expansion(x2, params)
+    q = _scaled_ratio_shifted(r, t, u, params)
     nu = tl.load(params + _NU)
     shift = tl.load(params + _SHIFT).to(tl.int32)
     for i in range(shift):
@@ -189,10 +212,11 @@ def _scaled_derivative(x, params, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _finish(out, x, at_inf, params):
-    """The rest of the domain, as the reference maps it: NaN below 0 and at NaN, the limit at +inf."""
+def _finish(out, x, at_large, params):
+    """The rest of the domain, as the reference maps it: NaN below 0 and at NaN, the large-kappa
+    limit ``at_large`` (exact to float64) above X_LARGE."""
     out = tl.where(x >= 0.0, out, tl.load(params + _NAN))
-    return tl.where(x == _INF, at_inf, out)
+    return tl.where(x > _X_LARGE, at_large, out)
 
 
 @triton.jit
@@ -207,7 +231,7 @@ def _elementwise_kernel(
     if DERIVATIVE:
         out = _finish(x * _scaled_derivative(x, params, EXACT), x, -1.0, params)
     else:
-        out = _finish(_log_normalizer(x, params, EXACT), x, -_INF, params)
+        out = _finish(_log_normalizer(x, params, EXACT), x, -x, params)
     tl.store(out_ptr + offs, _from_f64(out, out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -233,7 +257,7 @@ def _prototype_forward_kernel(
     row_mask = rows < n_rows
     tau = tau_bits.to(tl.int64).to(tl.float64, bitcast=True)
     kappa = _row_norms(w_ptr, rows, row_mask, n_cols, stride_r, stride_c, BLOCK_K, BLOCK_D) / tau
-    out = _finish(_log_normalizer(kappa, params, EXACT), kappa, -_INF, params)
+    out = _finish(_log_normalizer(kappa, params, EXACT), kappa, -kappa, params)
     tl.store(out_ptr + rows, _from_f64(out, out_ptr.dtype.element_ty), mask=row_mask)
 
 
@@ -268,12 +292,20 @@ def _plan(p: int, mode: str, tol: float) -> tuple[float, ...]:
     """The float64 constants of one (p, mode, accuracy): the same shift M, term count K and
     coefficients as the reference (``vmf_head.special.bessel``)."""
     nu = 0.5 * p - 1.0
+    anchored = None
     if mode == "exact":
         shift, terms = _debye.shifted_order(nu, tol)
         cu, cw = _debye.series_coefficients(nu + shift, terms, tol)
+        anchored = anchor(p, tol)
     else:
         shift, cu, cw = 0, (), ()
-    header = (nu + shift, nu, 0.5 * _LOG_2PI, 0.5 * p * _LOG_2PI, (nu + 0.5) * _LOG_2PI, len(cu), len(cw), shift, math.nan)
+    mu = nu + shift
+    header = (mu, nu, 1.0 / mu**2, log_order_constant(mu) - 0.5 * p * _LOG_2PI, (nu + 0.5) * _LOG_2PI, len(cu), len(cw), shift, math.nan)
+    if anchored is None:
+        header += (0.0, 0.0, 0.0, 0.0, 0.0)
+    else:
+        kappa0, r0, b = anchored
+        header += (1.0, kappa0, r0, b, 1.0 / (nu * nu * (1.0 + r0)))
     return header + cu + cw
 
 

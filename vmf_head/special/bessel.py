@@ -11,16 +11,21 @@ Algorithm (one branch for every argument, so there is no seam in x):
 1. Pick the cheapest integer shift M >= 0 and term count K such that the uniform asymptotic
    (Debye) expansion at order mu = nu + M is accurate to the tolerance for every x >= 0
    (DLMF 10.41.3, bounds from the first omitted Debye polynomial; see ``_debye.py``).
-2. With s = sqrt(mu^2 + x^2), t = mu/s and U = 1 + sum_k u_k(t)/mu^k,
+2. With r = sqrt(1 + (x/mu)^2) (so s = sqrt(mu^2 + x^2) = mu r), t = 1/r and
+   U = 1 + sum_k u_k(t)/mu^k, DLMF 10.41.3 reads
 
-       h_mu(x) := log(I_mu(x) / x^mu) = s - mu log(mu + s) - log(2 pi s)/2 + log U
+       h_mu(x) := log(I_mu(x) / x^mu) = -G_mu(r) - a_mu,
+       G_mu(r) = mu (log(1 + r) - r) + log(r / U(t)^2) / 2,   a_mu = mu log mu + log(2 pi mu) / 2,
 
-   which is exact DLMF 10.41.3 rewritten so that x = 0 is an ordinary point (there t = 1, s = mu).
+   in which x = 0 is an ordinary point (r = t = 1) and the constant mu log mu is rounded once.
 3. The scaled ratio Q_mu = I_{mu+1}/(x I_mu) follows from I'_mu (DLMF 10.41.4) and
    I_{mu+1} = I'_mu - (mu/x) I_mu (DLMF 10.29.2); writing V - U = (1 - t^2) W removes the
-   cancellation at small x:   Q_mu = 1/(s + mu) + W(t)/(s U(t)).
+   cancellation at small x:   Q_mu = (1/(1 + r) + t W(t)/U(t)) / mu.
 4. Downward recurrence (DLMF 10.29.1), stable for I because every term is positive:
    Q_{n} = 1/(x^2 Q_{n+1} + 2(n+1)), and h_nu = h_mu - log prod_{n=nu}^{mu-1} Q_n.
+
+Every step works in place on a few buffers the size of x: on the CPU an element-wise op that
+allocates its output costs about twice one that does not.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ from . import _debye
 
 TOL_FLOAT64 = 1e-16
 TOL_REDUCED = 1e-10
+
+# Above this argument (x/mu)^2 could overflow; there every quantity here has reached its large-x
+# limit to float64 precision (log I_nu(x) = x - log(2 pi x)/2 - (4 nu^2 - 1)/(8 x) + ..., and the
+# orders are below 1e6), so the public functions take the limits instead.
+X_LARGE = 1e150
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -71,80 +81,97 @@ def _coefficient_tensors(
     return tuple(make(c) for c in cu), tuple(make(c) for c in cw)
 
 
+@functools.lru_cache(maxsize=64)
+def _one(device: torch.device) -> torch.Tensor:
+    return torch.tensor(1.0, dtype=torch.float64, device=device)
+
+
 def horner(coeffs: tuple[torch.Tensor, ...], t: torch.Tensor) -> torch.Tensor:
-    """sum_j coeffs[j] t^(n-j) (highest power first), one fused multiply-add per degree."""
+    """sum_j coeffs[j] t^(n-j) (highest power first), one in-place multiply-add per degree."""
     acc = torch.addcmul(coeffs[1], coeffs[0], t)
     for c in coeffs[2:]:
-        acc = torch.addcmul(c, acc, t)
+        torch.addcmul(c, acc, t, out=acc)
     return acc
 
 
-class _Debye:
-    """The pieces of the uniform expansion at order ``mu`` for float64 arguments ``x >= 0``."""
+def log_order_constant(mu: float) -> float:
+    """a_mu = mu log mu + log(2 pi mu)/2, the x-independent part of -h_mu (mu > 0)."""
+    return mu * math.log(mu) + 0.5 * math.log(mu) + _HALF_LOG_2PI
 
-    def __init__(self, mu: float, terms: int, tol: float, x: torch.Tensor, x2: torch.Tensor):
+
+class Debye:
+    """The pieces of the uniform expansion at order ``mu > 0`` for float64 arguments ``0 <= x <= X_LARGE``:
+    ``r = sqrt(1 + (x/mu)^2)``, ``t = 1/r`` and ``U(t)``."""
+
+    def __init__(self, mu: float, terms: int, tol: float, x: torch.Tensor):
         self.mu = mu
-        self.s = torch.sqrt(x2 + mu * mu)
-        self.t = mu / self.s
+        self.r = torch.addcmul(_one(x.device), x, x, value=1.0 / (mu * mu)).sqrt_()
+        self.t = torch.reciprocal(self.r)
         self.coeffs_u, self.coeffs_w = _coefficient_tensors(mu, terms, tol, x.device)
         self.u = horner(self.coeffs_u, self.t)
 
-    def log_scaled(self) -> torch.Tensor:
-        """h_mu(x) = log(I_mu(x) / x^mu) = s - mu log(mu + s) - log(2 pi s / U^2)/2."""
-        s = self.s
-        out = torch.add(s, torch.log(s + self.mu), alpha=-self.mu)
-        return out.sub_(torch.log(s / self.u.square()), alpha=0.5).sub_(_HALF_LOG_2PI)
+    def log_r_over_u2(self) -> torch.Tensor:
+        """log(r / U^2), a new tensor."""
+        out = self.u.square()
+        return torch.div(self.r, out, out=out).log_()
+
+    def log_terms(self, const: float) -> torch.Tensor:
+        """G_mu(r) + const = mu (log(1 + r) - r) + log(r / U^2)/2 + const, a new tensor
+        (h_mu = -G_mu - a_mu)."""
+        out = torch.add(self.r, 1.0).log_().sub_(self.r).mul_(self.mu).add_(const)
+        return out.add_(self.log_r_over_u2(), alpha=0.5)
 
     def scaled_ratio(self) -> torch.Tensor:
-        """Q_mu(x) = I_{mu+1}(x) / (x I_mu(x)) = 1/(s + mu) + W/(s U)."""
-        w = horner(self.coeffs_w, self.t)
-        return torch.reciprocal(self.s + self.mu).add_(w / (self.s * self.u))
+        """Q_mu(x) = I_{mu+1}(x) / (x I_mu(x)) = (1/(1 + r) + t W(t)/U(t)) / mu, a new tensor."""
+        q = horner(self.coeffs_w, self.t).mul_(self.t).div_(self.u)
+        return q.add_(torch.add(self.r, 1.0).reciprocal_()).mul_(1.0 / self.mu)
 
 
-def _downward(nu: float, shift: int, q: torch.Tensor, x: torch.Tensor, x2: torch.Tensor, want_log: bool):
+def _downward(nu: float, shift: int, q: torch.Tensor, x: torch.Tensor, want_log: bool):
     """Recur Q from order nu + shift down to nu (DLMF 10.29.1): Q_n = 1/(x^2 Q_{n+1} + 2(n+1)).
 
     Returns Q_nu and, if ``want_log``, log prod_{n=nu}^{nu+shift-1} Q_n. Each factor is
     accumulated as Q_n (1 + x), which lies in [1/(2n+2), 2] for every x >= 0, so the product
     neither under- nor overflows whatever the argument; shift log1p(x) is taken off at the end."""
-    prod = None
-    x1 = 1.0 + x
+    x2 = x * x
+    x1 = torch.add(x, 1.0)
+    prod = torch.ones_like(x) if want_log else None
     for j in range(shift - 1, -1, -1):
-        q = torch.reciprocal(torch.addcmul(q.new_tensor(2.0 * (nu + j + 1)), x2, q))
+        q = torch.addcmul(q.new_tensor(2.0 * (nu + j + 1)), x2, q, out=q).reciprocal_()
         if want_log:
-            prod = q * x1 if prod is None else prod.mul_(q).mul_(x1)
+            prod.mul_(q).mul_(x1)
     if not want_log:
         return q, None
-    return q, torch.log(prod).sub_(torch.log1p(x), alpha=shift)
+    return q, prod.log_().sub_(x1.log_(), alpha=shift)
 
 
-def log_bessel_iv_scaled(nu: float, x: torch.Tensor, tol: float) -> torch.Tensor:
-    """h_nu(x) = log(I_nu(x) / x^nu) for float64 ``x >= 0``; finite at x = 0."""
+def neg_log_bessel_iv_scaled(nu: float, x: torch.Tensor, tol: float, offset: float = 0.0) -> torch.Tensor:
+    """offset - h_nu(x) = offset - log(I_nu(x) / x^nu) for float64 ``0 <= x <= X_LARGE`` (a new
+    tensor; finite at x = 0). The offset is added as part of a constant the expansion adds anyway."""
     shift, terms = _debye.shifted_order(nu, tol)
-    x2 = x * x
-    d = _Debye(nu + shift, terms, tol, x, x2)
-    h = d.log_scaled()
+    mu = nu + shift
+    d = Debye(mu, terms, tol, x)
+    out = d.log_terms(offset + log_order_constant(mu))
     if shift:
-        _, log_prod = _downward(nu, shift, d.scaled_ratio(), x, x2, want_log=True)
-        h = h.sub_(log_prod)
-    return h
+        _, log_prod = _downward(nu, shift, d.scaled_ratio(), x, want_log=True)
+        out.add_(log_prod)
+    return out
 
 
 def bessel_iv_scaled_ratio(nu: float, x: torch.Tensor, tol: float) -> torch.Tensor:
-    """Q_nu(x) = I_{nu+1}(x) / (x I_nu(x)) for float64 ``x >= 0``; equals 1/(2 nu + 2) at x = 0."""
+    """Q_nu(x) = I_{nu+1}(x) / (x I_nu(x)) for float64 ``0 <= x <= X_LARGE``; equals 1/(2 nu + 2) at x = 0."""
     shift, terms = _debye.shifted_order(nu, tol)
-    x2 = x * x
-    q = _Debye(nu + shift, terms, tol, x, x2).scaled_ratio()
+    q = Debye(nu + shift, terms, tol, x).scaled_ratio()
     if shift:
-        q, _ = _downward(nu, shift, q, x, x2, want_log=False)
+        q, _ = _downward(nu, shift, q, x, want_log=False)
     return q
 
 
 def _domain(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 copy of x with negative entries replaced by 0 (they are set to NaN afterwards) and
-    +inf by the largest float64 (their limits are set afterwards)."""
+    """float64 copy of x, and x clamped to [0, X_LARGE] (entries outside are replaced afterwards:
+    NaN below 0, the large-x limits above)."""
     x64 = x.to(torch.float64)
-    return x64, torch.nan_to_num(x64.clamp_min(0.0), posinf=torch.finfo(torch.float64).max)
+    return x64, x64.clamp(0.0, X_LARGE)
 
 
 def log_bessel_iv(nu: float, x: torch.Tensor) -> torch.Tensor:
@@ -167,9 +194,13 @@ def log_bessel_iv(nu: float, x: torch.Tensor) -> torch.Tensor:
     x = check_argument("x", x)
     raw, x64 = _domain(x)
     tol = tolerance(x.dtype)
-    out = log_bessel_iv_scaled(nu, x64, tol) + torch.xlogy(x64.new_tensor(nu), x64)
+    out = torch.xlogy(x64.new_tensor(nu), x64).sub_(neg_log_bessel_iv_scaled(nu, x64, tol))
+    # log I_nu(x) = x - log(2 pi x)/2 to float64 precision above X_LARGE (+inf at +inf).
+    finite = raw.clamp_max(torch.finfo(torch.float64).max)
+    out = torch.where(raw > X_LARGE, raw - 0.5 * torch.log(finite) - _HALF_LOG_2PI, out)
+    # The limit at 0 exactly (the shifted expansion leaves ~1e-14 there for small orders).
+    out = torch.where(raw == 0, 0.0 if nu == 0 else -math.inf, out)
     out = torch.where(raw >= 0, out, torch.nan)
-    out = torch.where(raw == math.inf, math.inf, out)
     return out.to(x.dtype)
 
 
@@ -189,6 +220,6 @@ def bessel_iv_ratio(nu: float, x: torch.Tensor) -> torch.Tensor:
     x = check_argument("x", x)
     raw, x64 = _domain(x)
     out = x64 * bessel_iv_scaled_ratio(nu, x64, tolerance(x.dtype))
+    out = torch.where(raw > X_LARGE, 1.0, out)
     out = torch.where(raw >= 0, out, torch.nan)
-    out = torch.where(raw == math.inf, 1.0, out)
     return out.to(x.dtype)

@@ -5,29 +5,104 @@
     d/dkappa log C_p(kappa) = -A_p(kappa) = -I_{p/2}(kappa) / I_{p/2-1}(kappa).
 
 Plain PyTorch forward computations without autograd; ``vmf_head.normalizer`` wraps them in the
-differentiable public function. Inputs are float64 tensors with kappa >= 0 (the public layer maps
-the rest of the real line to NaN).
+differentiable public function. Inputs are float64 tensors with 0 <= kappa <= ``bessel.X_LARGE``
+(the public layer maps the rest of the real line).
+
+Near its zero kappa_0, log C_p is a small difference of terms as large as s = sqrt(nu^2 + kappa^2)
+(p = 65536: kappa_0 = 3.6e5). Every rounding of a term costs 1e-16 of its size, so in float64 the
+value there is off by about 1e-16 s in absolute terms (6e-11 at p = 65536), while the library
+promises 1e-12 where |log C_p| < 1. For such p the large terms are written relative to an anchor
+kappa_0 near the zero (see ``log_normalizer_exact``): the constant part is computed once in 40-digit
+decimal arithmetic, and what is left at run time is small near kappa_0.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from decimal import Decimal, localcontext
 
 import torch
 
-from .bessel import bessel_iv_scaled_ratio, log_bessel_iv_scaled
+from . import _debye
+from .bessel import Debye, bessel_iv_scaled_ratio, neg_log_bessel_iv_scaled
 
 _LOG_2PI = math.log(2.0 * math.pi)
+_PI_40 = Decimal("3.141592653589793238462643383279502884197169399")
+
+# Anchor where the plain form's rounding near the zero, about 2^-53 s_0 with s_0 = sqrt(nu^2 +
+# kappa_0^2) (measured against mpmath: 4.2e-14 at p = 256, 3.0e-13 at p = 1024, 6.0e-11 at
+# p = 65536), exceeds this multiple of the tolerance: 1e-13 in float64, so p >= 512 is anchored and
+# the plain form keeps a 20x margin to 1e-12; float32 inputs (1e-7) never need an anchor.
+_ANCHOR_FACTOR = 1000.0
+
+
+def _plain(kappa: torch.Tensor, p: int, tol: float) -> torch.Tensor:
+    return neg_log_bessel_iv_scaled(0.5 * p - 1.0, kappa, tol, offset=-0.5 * p * _LOG_2PI)
+
+
+@functools.lru_cache(maxsize=None)
+def anchor(p: int, tol: float) -> tuple[float, float, float] | None:
+    """(kappa_0, r_0, b_p) for the anchored form of log C_p, or None where the plain form suffices.
+
+    kappa_0 is a float64 near the zero of log C_p (bisection on the plain form), r_0 =
+    sqrt(1 + (kappa_0/nu)^2) and b_p = log C_p(kappa_0) - log(r_0 / U(1/r_0)^2)/2 =
+    a_nu - (p/2) log(2 pi) + nu (log(1 + r_0) - r_0), computed in 40-digit decimal arithmetic
+    (r_0 returned rounded: it only enters denominators)."""
+    nu = 0.5 * p - 1.0
+    if _debye.shifted_order(nu, tol)[0] != 0 or math.lgamma(0.5 * p) - math.log(2.0) - 0.5 * p * math.log(math.pi) <= 0:
+        return None  # small p: no zero, or a zero at small kappa where the terms are small
+
+    def f(k: float) -> float:
+        return _plain(torch.tensor([k], dtype=torch.float64), p, tol).item()
+
+    lo, hi = 0.0, float(p)
+    while f(hi) > 0:
+        lo, hi = hi, 2.0 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
+    kappa0 = lo
+    with localcontext() as ctx:
+        ctx.prec = 40
+        n, k = Decimal(nu), Decimal(kappa0)
+        r0 = (1 + (k / n) ** 2).sqrt()
+        log_2pi = (2 * _PI_40).ln()
+        b = n * n.ln() + (2 * _PI_40 * n).ln() / 2 - Decimal(p) / 2 * log_2pi + n * ((1 + r0).ln() - r0)
+    if nu * float(r0) * 2.0**-53 <= _ANCHOR_FACTOR * tol:
+        return None
+    return kappa0, float(r0), float(b)
 
 
 def log_normalizer_exact(kappa: torch.Tensor, p: int, tol: float) -> torch.Tensor:
-    """log C_p(kappa) for float64 ``kappa >= 0``; at 0 it is log Gamma(p/2) - log 2 - (p/2) log pi."""
-    return -0.5 * p * _LOG_2PI - log_bessel_iv_scaled(0.5 * p - 1.0, kappa, tol)
+    """log C_p(kappa) for float64 ``kappa``; at 0 it is log Gamma(p/2) - log 2 - (p/2) log pi.
+
+    Plain form (every p): -(p/2) log(2 pi) - h_nu(kappa) with h_nu from ``bessel``. Anchored form,
+    where ``anchor(p, tol)`` gives (kappa_0, r_0, b_p): with r = sqrt(1 + (kappa/nu)^2),
+
+        log C_p(kappa) = b_p + nu (log1p(D / (1 + r_0)) - D) + log(r / U(1/r)^2) / 2,
+        D = r - r_0 = (kappa - kappa_0)(kappa + kappa_0) / (nu^2 (r + r_0)),
+
+    the same quantity, but with kappa - kappa_0 exact and D small near the zero, so the terms
+    that are rounded there are small too. Away from kappa_0 it is as accurate as the plain form
+    (its terms are then of the size of the value)."""
+    anchored = anchor(p, tol)
+    if anchored is None:
+        return _plain(kappa, p, tol)
+    kappa0, r0, b = anchored
+    nu = 0.5 * p - 1.0
+    d = Debye(nu, _debye.shifted_order(nu, tol)[1], tol, kappa)
+    # nu^2 D, then nu log1p(D / (1 + r_0)) - nu D + b_p + log(r / U^2) / 2
+    diff = torch.sub(kappa, kappa0).mul_(torch.add(kappa, kappa0)).div_(torch.add(d.r, r0))
+    out = torch.mul(diff, 1.0 / (nu * nu * (1.0 + r0))).log1p_().mul_(nu).sub_(diff, alpha=1.0 / nu).add_(b)
+    return out.add_(d.log_r_over_u2(), alpha=0.5)
 
 
 def mean_resultant_length(kappa: torch.Tensor, p: int, tol: float) -> torch.Tensor:
-    """A_p(kappa) = I_{p/2}(kappa) / I_{p/2-1}(kappa) in [0, 1) for float64 ``kappa >= 0``."""
-    return kappa * bessel_iv_scaled_ratio(0.5 * p - 1.0, kappa, tol)
+    """A_p(kappa) = I_{p/2}(kappa) / I_{p/2-1}(kappa) in [0, 1) for float64 ``kappa``."""
+    return bessel_iv_scaled_ratio(0.5 * p - 1.0, kappa, tol).mul_(kappa)
 
 
 def log_normalizer_approx(kappa: torch.Tensor, p: int) -> torch.Tensor:
