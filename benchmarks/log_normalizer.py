@@ -5,7 +5,7 @@ The peer is the formula everyone writes with scipy,
     nu log k - (p/2) log(2 pi) - log(scipy.special.ive(nu, k)) - k,      nu = p/2 - 1,
 
 on a float64 numpy array. For each p, kappa distribution and size the three are timed round-robin
-(so that noise from other processes spreads evenly) and reported as median and min-max over the
+(so that noise from other processes spreads evenly; ``--back-to-back`` times each in a row instead) and reported as median and min-max over the
 repeats, with the ratio scipy / ours of the medians. On a random subsample the error of each against
 mpmath (``vmf_head.accuracy.truth``, 40 digits) is reported as the worst |ours - truth| / max(1, |truth|),
 scipy's over its finite values, with the fraction of scipy's values that are inf/NaN over the whole
@@ -57,16 +57,17 @@ def sample_kappa(dist: str, n: int, rng: np.random.Generator) -> np.ndarray:
     return k.astype(np.float32).astype(np.float64)
 
 
-def time_round_robin(fns: dict, repeats: int) -> dict[str, list[float]]:
-    """Milliseconds per call for each function, interleaved over the repeats (after one warm-up)."""
+def time_calls(fns: dict, repeats: int, back_to_back: bool = False) -> dict[str, list[float]]:
+    """Milliseconds per call for each function (after one warm-up), interleaved over the repeats, or
+    with ``back_to_back`` all repeats of one function in a row (warm caches and threads)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(1e3 * (time.perf_counter() - start))
+    order = [name for name in fns for _ in range(repeats)] if back_to_back else list(fns) * repeats
+    for name in order:
+        start = time.perf_counter()
+        fns[name]()
+        times[name].append(1e3 * (time.perf_counter() - start))
     return times
 
 
@@ -90,6 +91,11 @@ def main() -> None:
     parser.add_argument("--subsample", type=int, default=64, help="values per (p, distribution) checked with mpmath")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--back-to-back",
+        action="store_true",
+        help="time the repeats of each candidate in a row instead of round-robin (warm caches and threads)",
+    )
     parser.add_argument(
         "--compiled",
         action="store_true",
@@ -126,7 +132,8 @@ def main() -> None:
                     k32 = k64.to(torch.float32)
                     fns = {"scipy": lambda: scipy_log_normalizer(kappa, p)}
                     fns.update({name: functools.partial(fn, k64, k32, p) for name, fn in candidates.items()})
-                    times = time_round_robin(fns, repeats=max(5, args.repeats * 65536 // max(n, 65536)))
+                    repeats = max(5, args.repeats * 65536 // max(n, 65536))
+                    times = time_calls(fns, repeats, back_to_back=args.back_to_back)
                     med = {name: statistics.median(t) for name, t in times.items()}
                     outputs = {name: np.asarray(fn().double()) for name, fn in fns.items() if name != "scipy"}
                     ref = scipy_log_normalizer(kappa, p)

@@ -67,7 +67,7 @@ CENTERINGS = ("logit", "probability")
 """Teacher centerings the fused kernels implement (``sinkhorn`` stays on the reference path)."""
 
 # Elements of one [rows, BLOCK_K] tile held in registers by a program, and warps per program.
-# Chosen from ptxas's register report for sm_90 (benchmarks/fused_loss_registers.py), not from
+# Chosen from ptxas's register report for sm_90 (benchmarks/kernel_registers.py), not from
 # timings, which are still to be measured (docs/fused_loss.md): 2048 elements on 8 warps keep the
 # student kernels at about 120 registers without spills (two programs per SM). The backward with
 # 16-bit inputs (the gradient's conversion) and float64 arithmetic need twice the registers per

@@ -72,9 +72,10 @@ _ANCHOR_SCALE = tl.constexpr(13)
 _HEADER = tl.constexpr(14)
 _X_LARGE = tl.constexpr(X_LARGE)
 
-# Block sizes, chosen from ptxas's register report for sm_90 (no GPU was at hand to time them; see
-# docs/triton.md): the float64 series costs about 60 registers per element in flight.
-_BLOCK = 256  # elementwise kernels: elements per program (2 per thread, 60 registers, no spill)
+# Block sizes, chosen from ptxas's register report for sm_90 (benchmarks/kernel_registers.py; no GPU
+# was at hand to time them, see docs/triton.md): the float64 series costs about 55 registers per
+# element in flight.
+_BLOCK = 256  # elementwise kernels: elements per program (2 per thread, 54 registers, no spill)
 _TILE = 1024  # fused kernels: elements of W per program and loop step ([32, 32] for p >= 32)
 _MAX_BLOCK_D = 32  # narrow column blocks keep few threads per row, so little per-row math is replicated
 
@@ -114,10 +115,12 @@ def _expansion(x2, params):
 
 @triton.jit
 def _scaled_ratio_shifted(r, t, u, params):
-    """Q_mu = I_{mu+1}/(kappa I_mu) = (1/(1 + r) + t W(t)/U(t)) / mu."""
+    """Q_mu = I_{mu+1}/(kappa I_mu) = (1/(1 + r) + t W(t)/U(t)) / mu, over one division (each float64
+    division is a long instruction sequence: with three, ptxas spilled)."""
     n_u = tl.load(params + _N_U).to(tl.int32)
     w = _horner(params, _HEADER + n_u, tl.load(params + _N_W).to(tl.int32), t)
-    return (1.0 / (r + 1.0) + w * t / u) / tl.load(params + _MU)
+    r1 = r + 1.0
+    return (u + r1 * t * w) / (r1 * u * tl.load(params + _MU))
 
 
 @triton.jit

@@ -81,9 +81,10 @@ def _coefficient_tensors(
     return tuple(make(c) for c in cu), tuple(make(c) for c in cw)
 
 
-@functools.lru_cache(maxsize=64)
-def _one(device: torch.device) -> torch.Tensor:
-    return torch.tensor(1.0, dtype=torch.float64, device=device)
+@functools.lru_cache(maxsize=512)
+def scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A cached 0-d float64 tensor, for the fused ops (addcmul) that take constants as tensors."""
+    return torch.tensor(value, dtype=torch.float64, device=device)
 
 
 def horner(coeffs: tuple[torch.Tensor, ...], t: torch.Tensor) -> torch.Tensor:
@@ -101,25 +102,29 @@ def log_order_constant(mu: float) -> float:
 
 class Debye:
     """The pieces of the uniform expansion at order ``mu > 0`` for float64 arguments ``0 <= x <= X_LARGE``:
-    ``r = sqrt(1 + (x/mu)^2)``, ``t = 1/r`` and ``U(t)``."""
+    ``r = sqrt(1 + (x/mu)^2)``, ``t = 1/r`` and ``U(t)``.
+
+    ``log_terms`` and ``log_r_over_u2`` are the last use of an instance: they write into the
+    buffers of t and U (on the CPU an element-wise op that allocates its output costs about twice
+    one that does not)."""
 
     def __init__(self, mu: float, terms: int, tol: float, x: torch.Tensor):
         self.mu = mu
-        self.r = torch.addcmul(_one(x.device), x, x, value=1.0 / (mu * mu)).sqrt_()
+        self.r = torch.addcmul(scalar(1.0, x.device), x, x, value=1.0 / (mu * mu)).sqrt_()
         self.t = torch.reciprocal(self.r)
         self.coeffs_u, self.coeffs_w = _coefficient_tensors(mu, terms, tol, x.device)
         self.u = horner(self.coeffs_u, self.t)
 
     def log_r_over_u2(self) -> torch.Tensor:
-        """log(r / U^2), a new tensor."""
-        out = self.u.square()
-        return torch.div(self.r, out, out=out).log_()
+        """log(r / U^2), in U's buffer (U is gone afterwards)."""
+        return torch.div(self.r, self.u.mul_(self.u), out=self.u).log_()
 
     def log_terms(self, const: float) -> torch.Tensor:
-        """G_mu(r) + const = mu (log(1 + r) - r) + log(r / U^2)/2 + const, a new tensor
-        (h_mu = -G_mu - a_mu)."""
-        out = torch.add(self.r, 1.0).log_().sub_(self.r).mul_(self.mu).add_(const)
-        return out.add_(self.log_r_over_u2(), alpha=0.5)
+        """G_mu(r) + const = mu (log(1 + r) - r + log(r / U^2) / (2 mu)) + const, in t's buffer
+        (h_mu = -G_mu - a_mu). The last use of the instance."""
+        out = torch.add(self.r, 1.0, out=self.t).log_().sub_(self.r).add_(self.log_r_over_u2(), alpha=0.5 / self.mu)
+        device = out.device
+        return torch.addcmul(scalar(const, device), out, scalar(self.mu, device), out=out)
 
     def scaled_ratio(self) -> torch.Tensor:
         """Q_mu(x) = I_{mu+1}(x) / (x I_mu(x)) = (1/(1 + r) + t W(t)/U(t)) / mu, a new tensor."""
@@ -151,11 +156,10 @@ def neg_log_bessel_iv_scaled(nu: float, x: torch.Tensor, tol: float, offset: flo
     shift, terms = _debye.shifted_order(nu, tol)
     mu = nu + shift
     d = Debye(mu, terms, tol, x)
-    out = d.log_terms(offset + log_order_constant(mu))
-    if shift:
-        _, log_prod = _downward(nu, shift, d.scaled_ratio(), x, want_log=True)
-        out.add_(log_prod)
-    return out
+    if not shift:
+        return d.log_terms(offset + log_order_constant(mu))
+    _, log_prod = _downward(nu, shift, d.scaled_ratio(), x, want_log=True)
+    return d.log_terms(offset + log_order_constant(mu)).add_(log_prod)
 
 
 def bessel_iv_scaled_ratio(nu: float, x: torch.Tensor, tol: float) -> torch.Tensor:

@@ -41,6 +41,7 @@ def _plain(kappa: torch.Tensor, p: int, tol: float) -> torch.Tensor:
     return neg_log_bessel_iv_scaled(0.5 * p - 1.0, kappa, tol, offset=-0.5 * p * _LOG_2PI)
 
 
+@torch.compiler.disable  # a one-time host computation (cached): never traced into a graph
 @functools.lru_cache(maxsize=None)
 def anchor(p: int, tol: float) -> tuple[float, float, float] | None:
     """(kappa_0, r_0, b_p) for the anchored form of log C_p, or None where the plain form suffices.

@@ -1,12 +1,14 @@
-"""Static resource report of the fused loss kernels: registers and spills per kernel, from ptxas.
+"""Static resource report of the Triton kernels: registers and spills per kernel, from ptxas.
 
-Compiles every kernel of ``vmf_head/ops/dino_loss.py`` for a CUDA architecture WITHOUT a GPU
-(Triton's compiler and the ptxas it ships) at the block sizes the op uses, for float32, bfloat16,
-float16 and float64 inputs and both centerings. It catches errors that only the compiler sees (the
-interpreter does not type-check) and shows whether a tile fits in registers, which is how the tile
-size in ``docs/fused_loss.md`` was chosen. Not a timing: timings need ``benchmarks/loss_gpu.py``.
+Compiles every kernel of ``vmf_head/ops/dino_loss.py`` (for float32, bfloat16, float16 and float64
+inputs and both centerings) and of ``vmf_head/ops/log_normalizer.py`` (exact and approx mode) for a
+CUDA architecture WITHOUT a GPU (Triton's compiler and the ptxas it ships), at the block sizes the
+ops use. It catches errors that only the compiler sees (the interpreter does not type-check) and
+shows whether a tile fits in registers, which is how the tile sizes in ``docs/fused_loss.md`` and
+``docs/triton.md`` were chosen. Not a timing: timings need ``benchmarks/loss_gpu.py`` and
+``benchmarks/log_normalizer_gpu.py``.
 
-    python benchmarks/fused_loss_registers.py [--arch 90] [--dtypes float32 bfloat16]
+    python benchmarks/kernel_registers.py [--arch 90] [--dtypes float32 bfloat16] [--ops loss log_normalizer]
 
 Do not run it with TRITON_INTERPRET=1 (the interpreter has no compiler).
 """
@@ -26,6 +28,7 @@ from triton.compiler import ASTSource
 
 from vmf_head.ops import dino_loss as op
 from vmf_head.ops import ibot_patch_loss
+from vmf_head.ops import log_normalizer as lcp
 
 _TYPES = {"float32": ("fp32", tl.float32), "bfloat16": ("bf16", tl.float32), "float16": ("fp16", tl.float32),
           "float64": ("fp64", tl.float64)}
@@ -33,14 +36,19 @@ _ACC_NAME = {tl.float32: "fp32", tl.float64: "fp64"}
 
 
 def _signature(fn, in_type: str, acc, constexprs: dict) -> dict[str, str]:
-    """Argument types by the kernels' naming convention: the student/teacher/gradient tiles have the
-    input dtype, every other pointer the arithmetic dtype, ``*_hi``/``*_lo`` are float32 scalars,
-    the rest int32."""
+    """Argument types by the kernels' naming convention: the loss's student/teacher/gradient tiles and
+    the normaliser's kappa, W, gradients and outputs have the input dtype, its constants table
+    ``params`` is float64, every other pointer has the arithmetic dtype, ``*_hi``/``*_lo`` are
+    float32 scalars, ``tau_bits`` int64, the rest int32."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ("s_ptr", "t_ptr", "ds_ptr"):
+        elif name == "params":
+            sig[name] = "*fp64"
+        elif name == "tau_bits":
+            sig[name] = "i64"
+        elif name in ("s_ptr", "t_ptr", "ds_ptr", "kappa_ptr", "out_ptr", "w_ptr", "gw_ptr", "grad_ptr"):
             sig[name] = "*" + in_type
         elif name.endswith("_ptr"):
             sig[name] = "*" + _ACC_NAME[acc]
@@ -52,7 +60,8 @@ def _signature(fn, in_type: str, acc, constexprs: dict) -> dict[str, str]:
 
 
 def report(fn, in_type: str, acc, constexprs: dict, arch: int, num_warps: int) -> str:
-    constexprs = {**constexprs, "ACC": acc}
+    if "ACC" in fn.arg_names:  # the loss kernels take their arithmetic dtype as a constexpr
+        constexprs = {**constexprs, "ACC": acc}
     kernel = triton.compile(ASTSource(fn, _signature(fn, in_type, acc, constexprs), constexprs),
                             target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     ptxas = get_ptxas(arch)
@@ -75,12 +84,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     parser.add_argument("--dtypes", nargs="*", default=list(_TYPES), choices=list(_TYPES))
+    parser.add_argument("--ops", nargs="*", default=["loss", "log_normalizer"], choices=["loss", "log_normalizer"])
     args = parser.parse_args(argv)
-    tile, warps = op._TILE_ELEMENTS, op._NUM_WARPS
-    dino_views, tokens = 16, ibot_patch_loss._TOKENS_PER_TILE  # 2 + 8 crops pad to 16 rows
-    print(f"sm_{args.arch}, triton {triton.__version__}, tile {tile} elements")
+    print(f"sm_{args.arch}, triton {triton.__version__}")
     print("| kernel | input | constexprs | warps | registers | spills |")
     print("| --- | --- | --- | ---: | ---: | --- |")
+    if "log_normalizer" in args.ops:
+        _log_normalizer_rows(args)
+    if "loss" in args.ops:
+        _loss_rows(args)
+    return 0
+
+
+def _log_normalizer_rows(args) -> None:
+    # Arithmetic is float64 whatever the input; p = 256 decides the prototype kernels' tiles.
+    block_k, block_d = lcp._blocks(256)
+    for dtype in args.dtypes:
+        in_type = _TYPES[dtype][0]
+        for exact in (True, False):
+            for derivative in (False, True):
+                flags = dict(DERIVATIVE=derivative, EXACT=exact, BLOCK=lcp._BLOCK)
+                print(report(lcp._elementwise_kernel, in_type, tl.float64, flags, args.arch, 4))
+            flags = dict(EXACT=exact, BLOCK_K=block_k, BLOCK_D=block_d)
+            print(report(lcp._prototype_forward_kernel, in_type, tl.float64, flags, args.arch, 4))
+            print(report(lcp._prototype_backward_kernel, in_type, tl.float64, flags, args.arch, 4))
+
+
+def _loss_rows(args) -> None:
+    tile, warps = op._TILE_ELEMENTS, op._NUM_WARPS
+    dino_views, tokens = 16, ibot_patch_loss._TOKENS_PER_TILE  # 2 + 8 crops pad to 16 rows
+    print(f"(fused loss: tile {tile} elements)")
     for dtype in args.dtypes:
         in_type, acc = _TYPES[dtype]
         for probability in (False, True):
@@ -101,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         for with_loss in (False, True):
             print(report(op._merge_kernel, in_type, acc, dict(WITH_LOSS=with_loss, BLOCK=op._MERGE_ROWS),
                          args.arch, op._MERGE_WARPS))
-    return 0
 
 
 if __name__ == "__main__":
