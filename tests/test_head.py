@@ -1,11 +1,11 @@
 """Prototype heads against independent stand-ins of DINO's and iBOT's heads.
 
-``DINOHeadRef`` and ``IBOTHeadRef`` below are re-implementations written in this file from the interfaces
-of facebookresearch/dino ``vision_transformer.DINOHead`` and bytedance/ibot ``models.head.iBOTHead``: the
-last layer is ``torch.nn.utils.weight_norm(nn.Linear(p, K, bias=False))`` with ``weight_g`` filled with 1,
-exactly as those codebases build it, so their state dicts carry the legacy ``weight_g`` / ``weight_v``
-keys of real checkpoints. ``cancel_gradients_last_layer`` and ``get_params_groups`` restate the
-behaviour of DINO's ``utils`` functions of the same names.
+``DINOHeadRef`` and ``IBOTHeadRef`` are the stand-ins of ``tests/standins`` (re-implementations written
+from the interfaces of facebookresearch/dino ``vision_transformer.DINOHead`` and bytedance/ibot
+``models.head.iBOTHead``): the last layer is ``torch.nn.utils.weight_norm(nn.Linear(p, K, bias=False))``
+with ``weight_g`` filled with 1, exactly as those codebases build it, so their state dicts carry the
+legacy ``weight_g`` / ``weight_v`` keys of real checkpoints. ``cancel_gradients_last_layer`` and
+``get_params_groups`` restate DINO's ``utils`` functions of the same names.
 """
 
 from __future__ import annotations
@@ -19,98 +19,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.nn import functional as F
 
+from standins.dino import DINOHead as DINOHeadRef
+from standins.dino import cancel_gradients_last_layer, get_params_groups
+from standins.ibot import iBOTHead as IBOTHeadRef
 from vmf_head import VMFPrototypeHead, iBOTvMFHead
 from vmf_head.nn import WeightNormLinear
 
 DIMS = dict(in_dim=12, out_dim=40, hidden_dim=24, bottleneck_dim=6)
 
 
-def _legacy_weight_norm_linear(p: int, k: int, norm_last_layer: bool) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # deprecated since torch 2.1; DINO still calls it
-        layer = nn.utils.weight_norm(nn.Linear(p, k, bias=False))
-    layer.weight_g.data.fill_(1)
-    if norm_last_layer:
-        layer.weight_g.requires_grad = False
-    return layer
-
-
-class DINOHeadRef(nn.Module):
-    """Stand-in for DINO's ``DINOHead``; ``shared_norm`` reuses one norm module in every hidden layer (iBOT)."""
-
-    def __init__(self, in_dim, out_dim, use_bn=False, norm_last_layer=True, nlayers=3, hidden_dim=2048,
-                 bottleneck_dim=256, norm_cls=None, act_cls=nn.GELU, shared_norm=False):
-        super().__init__()
-        if use_bn:
-            norm_cls = nn.BatchNorm1d
-        if nlayers == 1:
-            self.mlp = nn.Linear(in_dim, bottleneck_dim)
-        else:
-            shared = norm_cls(hidden_dim) if (norm_cls and shared_norm) else None
-            layers = []
-            for i in range(nlayers - 1):
-                layers.append(nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim))
-                if norm_cls is not None:
-                    layers.append(shared if shared is not None else norm_cls(hidden_dim))
-                layers.append(act_cls())
-            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
-            self.mlp = nn.Sequential(*layers)
-        for m in self.mlp.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        self.last_layer = _legacy_weight_norm_linear(bottleneck_dim, out_dim, norm_last_layer)
-
-    def run_mlp(self, x):
-        # iBOT applies BatchNorm1d to (B, N, C) tokens by moving C to dimension 1.
-        if isinstance(self.mlp, nn.Linear) or x.dim() == 2:
-            return self.mlp(x)
-        for m in self.mlp:
-            x = m(x.transpose(1, 2)).transpose(1, 2) if isinstance(m, nn.BatchNorm1d) else m(x)
-        return x
-
-    def forward(self, x):
-        return self.last_layer(F.normalize(self.run_mlp(x), dim=-1))
-
-
-class IBOTHeadRef(DINOHeadRef):
-    """Stand-in for iBOT's ``iBOTHead`` (norm None/'bn'/'ln', last_norm None)."""
-
-    def __init__(self, in_dim, out_dim, patch_out_dim=8192, norm=None, act="gelu", nlayers=3, hidden_dim=2048,
-                 bottleneck_dim=256, norm_last_layer=True, shared_head=False):
-        norm_cls = {None: None, "bn": nn.BatchNorm1d, "ln": nn.LayerNorm}[norm]
-        act_cls = {"gelu": nn.GELU, "relu": nn.ReLU}[act]
-        super().__init__(in_dim, out_dim, norm_last_layer=norm_last_layer, nlayers=nlayers, hidden_dim=hidden_dim,
-                         bottleneck_dim=bottleneck_dim, norm_cls=norm_cls, act_cls=act_cls, shared_norm=True)
-        if shared_head:
-            self.last_layer2 = self.last_layer
-        else:
-            self.last_layer2 = _legacy_weight_norm_linear(bottleneck_dim, patch_out_dim, norm_last_layer)
-
-    def forward(self, x):
-        if x.dim() == 2:
-            return super().forward(x)
-        y = F.normalize(self.run_mlp(x), dim=-1)
-        return self.last_layer(y[:, 0]), self.last_layer2(y[:, 1:])
-
-
-def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
-    """DINO's utils function: drop the gradients of every parameter named '*last_layer*' early on."""
-    if epoch < freeze_last_layer:
-        for name, param in model.named_parameters():
-            if "last_layer" in name:
-                param.grad = None
-
-
-def get_params_groups(model):
-    """DINO's utils function, by name: trainable 1-D tensors and biases get no weight decay."""
-    regularized, not_regularized = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (not_regularized if name.endswith(".bias") or param.ndim == 1 else regularized).append(name)
-    return regularized, not_regularized
+def _group_names(model) -> list[list[str]]:
+    """DINO's ``get_params_groups`` of ``model``, as parameter names."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in get_params_groups(model)]
 
 
 def _seeded(cls, seed, **kwargs):
@@ -256,8 +178,8 @@ def test_dino_train_loop_utilities_see_the_same_names(norm_last_layer):
                               "head": cls(**DIMS, norm_last_layer=norm_last_layer, use_bn=True)})
 
     ours, ref = wrapped(VMFPrototypeHead, 0), wrapped(DINOHeadRef, 0)
-    assert get_params_groups(ours) == get_params_groups(ref)
-    regularized, _ = get_params_groups(ours)
+    assert _group_names(ours) == _group_names(ref)
+    regularized, _ = _group_names(ours)
     assert ("head.last_layer.weight_g" in regularized) is (not norm_last_layer)  # (K, 1): 2-D, decayed as in DINO
 
     x = torch.randn(6, 3)

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -26,28 +28,58 @@ class TinyBackbone(nn.Module):
         return self.head(self.fc(torch.tanh(self.proj(pooled))))
 
 
+def weight_normed_linear(bottleneck_dim, out_dim, norm_last_layer):
+    """The prototype layer as DINO and iBOT build it: ``nn.utils.weight_norm(nn.Linear(p, K, bias=False))``
+    with ``weight_g`` filled with 1 (legacy ``weight_g``/``weight_v`` state-dict keys) and frozen when
+    ``norm_last_layer``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated since torch 2.1; DINO still calls it
+        layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+    layer.weight_g.data.fill_(1)
+    if norm_last_layer:
+        layer.weight_g.requires_grad = False
+    return layer
+
+
 class DINOHead(nn.Module):
-    """Constructor, attributes and parameter names of DINO's ``vision_transformer.DINOHead``."""
+    """Constructor, attributes, parameter names and initialisation of DINO's
+    ``vision_transformer.DINOHead`` (hidden Linear layers trunc-normal with std 0.02 and zero bias; the
+    prototype layer keeps torch's default). ``norm_cls``, ``act_cls`` and ``shared_norm`` (one norm module
+    reused by every hidden layer) are the options iBOT's head adds (``standins.ibot.iBOTHead``)."""
 
     def __init__(self, in_dim, out_dim, use_bn=False, norm_last_layer=True, nlayers=3, hidden_dim=2048,
-                 bottleneck_dim=256):
+                 bottleneck_dim=256, norm_cls=None, act_cls=nn.GELU, shared_norm=False):
         super().__init__()
-        dims = [in_dim] + [hidden_dim] * (max(nlayers, 1) - 1) + [bottleneck_dim]
-        layers: list[nn.Module] = []
-        for i in range(len(dims) - 1):
-            layers.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < len(dims) - 2:
-                if use_bn:
-                    layers.append(nn.BatchNorm1d(dims[i + 1]))
-                layers.append(nn.GELU())
-        self.mlp = layers[0] if len(layers) == 1 else nn.Sequential(*layers)
-        self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        self.last_layer.weight_g.data.fill_(1)
-        if norm_last_layer:
-            self.last_layer.weight_g.requires_grad = False
+        if use_bn:
+            norm_cls = nn.BatchNorm1d
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            shared = norm_cls(hidden_dim) if (norm_cls and shared_norm) else None
+            layers = []
+            for i in range(nlayers - 1):
+                layers.append(nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim))
+                if norm_cls is not None:
+                    layers.append(shared if shared is not None else norm_cls(hidden_dim))
+                layers.append(act_cls())
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+            self.mlp = nn.Sequential(*layers)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = weight_normed_linear(bottleneck_dim, out_dim, norm_last_layer)
+
+    def run_mlp(self, x):
+        # iBOT applies BatchNorm1d to (B, N, C) tokens by moving C to dimension 1.
+        if isinstance(self.mlp, nn.Linear) or x.dim() == 2:
+            return self.mlp(x)
+        for m in self.mlp:
+            x = m(x.transpose(1, 2)).transpose(1, 2) if isinstance(m, nn.BatchNorm1d) else m(x)
+        return x
 
     def forward(self, x):
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
+        return self.last_layer(F.normalize(self.run_mlp(x), dim=-1, p=2))
 
 
 class MultiCropWrapper(nn.Module):

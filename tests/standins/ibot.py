@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .dino import cancel_gradients_last_layer
+from .dino import DINOHead, cancel_gradients_last_layer, weight_normed_linear
 
 
 class TinyTokenBackbone(nn.Module):
@@ -37,36 +37,27 @@ class TinyTokenBackbone(nn.Module):
         return tokens + torch.tanh(self.mix(tokens))
 
 
-def _weight_normed(bottleneck_dim, out_dim, norm_last_layer):
-    layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-    layer.weight_g.data.fill_(1)
-    if norm_last_layer:
-        layer.weight_g.requires_grad = False
-    return layer
+class iBOTHead(DINOHead):
+    """iBOT's ``models.head.iBOTHead`` (norm None/'bn'/'ln', act 'gelu'/'relu', last_norm None): attributes
+    ``mlp`` (one norm module shared by the hidden layers), ``last_layer``, ``last_layer2`` (the same module
+    when ``shared_head``), ``last_norm``/``last_norm2`` (None). A 2-D input gives the [CLS] logits alone."""
 
-
-class iBOTHead(nn.Module):
-    """iBOT's ``iBOTHead`` (norm=None, act='gelu', last_norm=None): attributes ``mlp``, ``last_layer``,
-    ``last_layer2`` (the same module when ``shared_head``), ``last_norm``/``last_norm2`` (None)."""
-
-    def __init__(self, in_dim, out_dim, patch_out_dim=8192, nlayers=3, hidden_dim=2048, bottleneck_dim=256,
-                 norm_last_layer=True, shared_head=False):
-        super().__init__()
-        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
-        layers: list[nn.Module] = []
-        for i in range(len(dims) - 1):
-            layers.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < len(dims) - 2:
-                layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers)
-        self.last_layer = _weight_normed(bottleneck_dim, out_dim, norm_last_layer)
-        self.last_layer2 = self.last_layer if shared_head else _weight_normed(bottleneck_dim, patch_out_dim, norm_last_layer)
+    def __init__(self, in_dim, out_dim, patch_out_dim=8192, norm=None, act="gelu", nlayers=3, hidden_dim=2048,
+                 bottleneck_dim=256, norm_last_layer=True, shared_head=False):
+        norm_cls = {None: None, "bn": nn.BatchNorm1d, "ln": nn.LayerNorm}[norm]
+        act_cls = {"gelu": nn.GELU, "relu": nn.ReLU}[act]
+        super().__init__(in_dim, out_dim, norm_last_layer=norm_last_layer, nlayers=nlayers, hidden_dim=hidden_dim,
+                         bottleneck_dim=bottleneck_dim, norm_cls=norm_cls, act_cls=act_cls, shared_norm=True)
+        if shared_head:
+            self.last_layer2 = self.last_layer
+        else:
+            self.last_layer2 = weight_normed_linear(bottleneck_dim, patch_out_dim, norm_last_layer)
         self.last_norm = self.last_norm2 = None
 
     def forward(self, x):
-        y = F.normalize(self.mlp(x), dim=-1, p=2)
         if x.dim() == 2:
-            return self.last_layer(y)
+            return super().forward(x)
+        y = F.normalize(self.run_mlp(x), dim=-1, p=2)
         return self.last_layer(y[:, 0]), self.last_layer2(y[:, 1:])
 
 
