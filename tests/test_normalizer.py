@@ -124,6 +124,20 @@ def test_anchored_form_leaves_only_the_rounding_of_the_value(p):
         assert float(abs(o - truth.log_normalizer(p, k))) <= 40 * EPS64, (k, o)
 
 
+@pytest.mark.parametrize("p", [8192, 65536, 100000])
+def test_near_the_zero_finite_differences_equal_the_gradient(p):
+    # A smoothness check that needs no truth: over steps of 5e-3 around the zero, divided differences
+    # of log C_p must equal -A_p at the midpoints to 1e-9. An absolute error e in the values shows up
+    # as 2e / 5e-3 here, so the plain form's 6e-11 at p = 65536 would give 2.4e-8.
+    kappa0, _ = _crossing(p)
+    k = kappa0 + torch.arange(-2000, 2001, dtype=torch.float64) * 5e-3
+    value = log_vmf_normalizer(k, p)
+    slope = value.diff() / k.diff()
+    a_mid = vmf_mean_resultant_length(0.5 * (k[1:] + k[:-1]), p)
+    assert (value.diff() < 0).all()
+    assert (slope + a_mid).abs().max().item() <= 1e-9
+
+
 # --- scipy ----------------------------------------------------------------------------------------
 
 
