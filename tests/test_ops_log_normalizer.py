@@ -89,6 +89,7 @@ def test_forward_and_derivative_match_reference(p, mode, dtype):
 def test_kernel_keeps_the_absolute_bound_near_the_zero(p):
     # Against mpmath, not the reference: the kernel must take the anchored form too, or float64
     # rounding of terms of size kappa0 (3.6e5 at p = 65536) costs 6e-11 here.
+    pytest.importorskip("mpmath", reason="needs mpmath for the truth (the test extra)")
     import mpmath_truth as truth
     from vmf_head.special.vmf import anchor
 
