@@ -137,12 +137,13 @@ def _downward(nu: float, shift: int, q: torch.Tensor, x: torch.Tensor, want_log:
 
     Returns Q_nu and, if ``want_log``, log prod_{n=nu}^{nu+shift-1} Q_n. Each factor is
     accumulated as Q_n (1 + x), which lies in [1/(2n+2), 2] for every x >= 0, so the product
-    neither under- nor overflows whatever the argument; shift log1p(x) is taken off at the end."""
+    neither under- nor overflows whatever the argument; shift log(1 + x), of the same rounded 1 + x,
+    is taken off at the end."""
     x2 = x * x
     x1 = torch.add(x, 1.0)
     prod = torch.ones_like(x) if want_log else None
     for j in range(shift - 1, -1, -1):
-        q = torch.addcmul(q.new_tensor(2.0 * (nu + j + 1)), x2, q, out=q).reciprocal_()
+        q = torch.addcmul(scalar(2.0 * (nu + j + 1), q.device), x2, q, out=q).reciprocal_()
         if want_log:
             prod.mul_(q).mul_(x1)
     if not want_log:
