@@ -37,16 +37,10 @@ def _worst(ours: torch.Tensor, exact: list, where: list) -> tuple[float, float]:
 
 
 def _crossing(p: int) -> tuple[float, float]:
-    """(kappa0, A_p(kappa0)) with log C_p(kappa0) = 0, located with the code under test (only to
-    choose where to look), by bisection: log C_p is decreasing and positive at 0 for p >= 24."""
-    f = lambda k: log_vmf_normalizer(torch.tensor(k, dtype=torch.float64), p).item()  # noqa: E731
-    lo, hi = 0.0, float(p)
-    while f(hi) > 0:
-        lo, hi = hi, 2 * hi
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
-    return hi, vmf_mean_resultant_length(torch.tensor(hi, dtype=torch.float64), p).item()
+    """(kappa0, A_p(kappa0)) with log C_p(kappa0) = 0 (p >= 24), located with the code under test
+    (only to choose where to look)."""
+    kappa0 = _vmf.zero(p)
+    return kappa0, vmf_mean_resultant_length(torch.tensor(kappa0, dtype=torch.float64), p).item()
 
 
 # --- accuracy ------------------------------------------------------------------------------------

@@ -137,17 +137,12 @@ def crossing_points(p: int, values: tuple[float, ...] = CROSSING_VALUES) -> list
     be 0, so that the first kappa is the zero itself. Empty if log C_p(0) <= 0 (then there is no
     zero). Located with the package's own function: only where to sample comes from the code under
     test, never the truth."""
-    from .normalizer import log_vmf_normalizer, vmf_mean_resultant_length
+    from .normalizer import vmf_mean_resultant_length
+    from .special.vmf import zero
 
-    if math.lgamma(p / 2) - math.log(2) - p / 2 * math.log(math.pi) <= 0:
+    hi = zero(p)
+    if hi is None:
         return []
-    lo, hi = 0.0, 1.0
-    f = lambda k: log_vmf_normalizer(torch.tensor(k, dtype=torch.float64), p).item()  # noqa: E731
-    while f(hi) > 0:
-        lo, hi = hi, 2 * hi
-    for _ in range(200):  # bisection on a decreasing function
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
     slope = vmf_mean_resultant_length(torch.tensor(hi, dtype=torch.float64), p).item()
     ks = torch.tensor([hi - v / slope for v in values], dtype=torch.float64)
     return [k for k in ks.to(torch.float32).to(torch.float64).tolist() if k > 0]

@@ -25,7 +25,7 @@ from decimal import Decimal, localcontext
 import torch
 
 from . import _debye
-from .bessel import Debye, bessel_iv_scaled_ratio, neg_log_bessel_iv_scaled
+from .bessel import TOL_FLOAT64, Debye, bessel_iv_scaled_ratio, neg_log_bessel_iv_scaled
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _PI_40 = Decimal("3.141592653589793238462643383279502884197169399")
@@ -41,18 +41,13 @@ def _plain(kappa: torch.Tensor, p: int, tol: float) -> torch.Tensor:
     return neg_log_bessel_iv_scaled(0.5 * p - 1.0, kappa, tol, offset=-0.5 * p * _LOG_2PI)
 
 
-@torch.compiler.disable  # a one-time host computation (cached): never traced into a graph
 @functools.lru_cache(maxsize=None)
-def anchor(p: int, tol: float) -> tuple[float, float, float] | None:
-    """(kappa_0, r_0, b_p) for the anchored form of log C_p, or None where the plain form suffices.
-
-    kappa_0 is a float64 near the zero of log C_p (bisection on the plain form), r_0 =
-    sqrt(1 + (kappa_0/nu)^2) and b_p = log C_p(kappa_0) - log(r_0 / U(1/r_0)^2)/2 =
-    a_nu - (p/2) log(2 pi) + nu (log(1 + r_0) - r_0), computed in 40-digit decimal arithmetic
-    (r_0 returned rounded: it only enters denominators)."""
-    nu = 0.5 * p - 1.0
-    if _debye.shifted_order(nu, tol)[0] != 0 or math.lgamma(0.5 * p) - math.log(2.0) - 0.5 * p * math.log(math.pi) <= 0:
-        return None  # small p: no zero, or a zero at small kappa where the terms are small
+def zero(p: int, tol: float = TOL_FLOAT64) -> float | None:
+    """The kappa > 0 at which log C_p changes sign, or None where log C_p(0) <= 0 (p <= 19; log C_p
+    decreases, so it is then negative everywhere). Bisection on the plain form down to adjacent
+    float64s: accurate to its rounding there (about 1e-16 kappa_0 in log C_p, the same in kappa)."""
+    if math.lgamma(0.5 * p) - math.log(2.0) - 0.5 * p * math.log(math.pi) <= 0:
+        return None
 
     def f(k: float) -> float:
         return _plain(torch.tensor([k], dtype=torch.float64), p, tol).item()
@@ -60,20 +55,30 @@ def anchor(p: int, tol: float) -> tuple[float, float, float] | None:
     lo, hi = 0.0, float(p)
     while f(hi) > 0:
         lo, hi = hi, 2.0 * hi
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if mid in (lo, hi):
-            break
+    while (mid := 0.5 * (lo + hi)) not in (lo, hi):
         lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
-    kappa0 = lo
+    return hi
+
+
+@torch.compiler.disable  # a one-time host computation (cached): never traced into a graph
+@functools.lru_cache(maxsize=None)
+def anchor(p: int, tol: float) -> tuple[float, float, float] | None:
+    """(kappa_0, r_0, b_p) for the anchored form of log C_p, or None where the plain form suffices.
+
+    kappa_0 = ``zero(p, tol)``, r_0 = sqrt(1 + (kappa_0/nu)^2) and b_p = log C_p(kappa_0) -
+    log(r_0 / U(1/r_0)^2)/2 = a_nu - (p/2) log(2 pi) + nu (log(1 + r_0) - r_0), computed in 40-digit
+    decimal arithmetic (r_0 returned rounded: it only enters denominators)."""
+    nu = 0.5 * p - 1.0
+    kappa0 = zero(p, tol) if _debye.shifted_order(nu, tol)[0] == 0 else None
+    # No zero, a zero at small kappa where the terms are small, or rounding within the budget:
+    if kappa0 is None or math.hypot(nu, kappa0) * 2.0**-53 <= _ANCHOR_FACTOR * tol:
+        return None
     with localcontext() as ctx:
         ctx.prec = 40
         n, k = Decimal(nu), Decimal(kappa0)
         r0 = (1 + (k / n) ** 2).sqrt()
         log_2pi = (2 * _PI_40).ln()
         b = n * n.ln() + (2 * _PI_40 * n).ln() / 2 - Decimal(p) / 2 * log_2pi + n * ((1 + r0).ln() - r0)
-    if nu * float(r0) * 2.0**-53 <= _ANCHOR_FACTOR * tol:
-        return None
     return kappa0, float(r0), float(b)
 
 
