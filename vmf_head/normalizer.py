@@ -36,7 +36,7 @@ from types import ModuleType
 import torch
 
 from .special import vmf as _vmf
-from .special.bessel import X_LARGE, check_argument, tolerance
+from .special.bessel import X_LARGE, check_argument, finish_domain, tolerance
 
 MODES = ("exact", "approx")
 BACKENDS = ("auto", "triton", "reference")
@@ -136,10 +136,7 @@ def _reference(k64: torch.Tensor, p: int, mode: str, tol: float, derivative: boo
         out = _vmf.mean_resultant_length(x, p, tol).neg_() if derivative else _vmf.log_normalizer_exact(x, p, tol)
     else:
         out = _vmf.log_normalizer_approx_derivative(x, p) if derivative else _vmf.log_normalizer_approx(x, p)
-    if outside:
-        out = torch.where(k64 > X_LARGE, -1.0 if derivative else k64.neg(), out)
-        out = out.masked_fill_(~(k64 >= 0), math.nan)
-    return out
+    return finish_domain(out, k64, -1.0 if derivative else k64.neg()) if outside else out
 
 
 def _elementwise(kappa: torch.Tensor, p: int, mode: str, backend: str, derivative: bool) -> torch.Tensor:
@@ -282,7 +279,8 @@ def log_vmf_normalizer(kappa: torch.Tensor, p: int, *, mode: str = "exact", back
     Returns:
         A tensor like ``kappa``. Differentiable in kappa with the exact derivative of the chosen mode:
         ``-A_p(kappa) = -I_{p/2}(kappa)/I_{p/2-1}(kappa)`` for ``exact``. Negative or NaN kappa give
-        NaN (as torch's own math functions do outside their domain); +inf gives -inf.
+        NaN (as torch's own math functions do outside their domain); above 1e150 the result is the
+        large-kappa limit -kappa (exact to float64 there), so +inf gives -inf.
 
     Raises:
         TypeError: kappa is not a tensor, or has an integer or complex dtype.

@@ -173,10 +173,18 @@ def bessel_iv_scaled_ratio(nu: float, x: torch.Tensor, tol: float) -> torch.Tens
 
 
 def _domain(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 copy of x, and x clamped to [0, X_LARGE] (entries outside are replaced afterwards:
-    NaN below 0, the large-x limits above)."""
+    """float64 copy of x, and x clamped to [0, X_LARGE] (entries outside are replaced afterwards by
+    ``finish_domain``)."""
     x64 = x.to(torch.float64)
     return x64, x64.clamp(0.0, X_LARGE)
+
+
+def finish_domain(out: torch.Tensor, raw: torch.Tensor, at_large: torch.Tensor | float) -> torch.Tensor:
+    """``out`` computed at ``raw`` clamped to [0, X_LARGE], with the rest of the real line mapped:
+    ``at_large`` (the large-argument limit, exact to float64 there) above X_LARGE, NaN below 0 and
+    at NaN (as torch's own functions do outside their domain)."""
+    out = torch.where(raw > X_LARGE, at_large, out)
+    return out.masked_fill_(~(raw >= 0), math.nan)
 
 
 def log_bessel_iv(nu: float, x: torch.Tensor) -> torch.Tensor:
@@ -202,11 +210,9 @@ def log_bessel_iv(nu: float, x: torch.Tensor) -> torch.Tensor:
     out = torch.xlogy(x64.new_tensor(nu), x64).sub_(neg_log_bessel_iv_scaled(nu, x64, tol))
     # log I_nu(x) = x - log(2 pi x)/2 to float64 precision above X_LARGE (+inf at +inf).
     finite = raw.clamp_max(torch.finfo(torch.float64).max)
-    out = torch.where(raw > X_LARGE, raw - 0.5 * torch.log(finite) - _HALF_LOG_2PI, out)
     # The limit at 0 exactly (the shifted expansion leaves ~1e-14 there for small orders).
     out = torch.where(raw == 0, 0.0 if nu == 0 else -math.inf, out)
-    out = torch.where(raw >= 0, out, torch.nan)
-    return out.to(x.dtype)
+    return finish_domain(out, raw, raw - 0.5 * torch.log(finite) - _HALF_LOG_2PI).to(x.dtype)
 
 
 def bessel_iv_ratio(nu: float, x: torch.Tensor) -> torch.Tensor:
@@ -225,6 +231,4 @@ def bessel_iv_ratio(nu: float, x: torch.Tensor) -> torch.Tensor:
     x = check_argument("x", x)
     raw, x64 = _domain(x)
     out = x64 * bessel_iv_scaled_ratio(nu, x64, tolerance(x.dtype))
-    out = torch.where(raw > X_LARGE, 1.0, out)
-    out = torch.where(raw >= 0, out, torch.nan)
-    return out.to(x.dtype)
+    return finish_domain(out, raw, 1.0).to(x.dtype)
