@@ -148,6 +148,16 @@ def _proc_status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+def cuda_peak_mib(step: Step, student: torch.Tensor) -> float:
+    """Peak CUDA memory of one forward + backward of ``step`` above what was allocated before it, MiB."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step(student).backward()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def peak_memory_mib(name: str, args: argparse.Namespace) -> float:
     """Extra memory one step (after a warm-up step) needs at its peak, in MiB.
 
@@ -159,12 +169,7 @@ def peak_memory_mib(name: str, args: argparse.Namespace) -> float:
     _one_step(step, x)  # first-call work (lazy imports, caches) is not the step's memory
     student = x.student.detach().clone().requires_grad_()
     if args.device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step(student).backward()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
+        return cuda_peak_mib(step, student)
     before = _proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set

@@ -85,12 +85,7 @@ def copy_bandwidth(nbytes: int = 2**30, repeats: int = 10) -> float:
 def peak_mib(step, x: cpu_bench.Inputs) -> float:
     student = x.student.detach().clone().requires_grad_()
     x.student_norms.grad = None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step(student).backward()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    return cpu_bench.cuda_peak_mib(step, student)
 
 
 def _at_least(values: dict[str, float], peer: str, name: str, ratio: float) -> bool | None:
