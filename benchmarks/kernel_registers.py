@@ -1,14 +1,14 @@
 """Static resource report of the Triton kernels: registers and spills per kernel, from ptxas.
 
-Compiles every kernel of ``vmf_head/ops/dino_loss.py`` (for float32, bfloat16, float16 and float64
-inputs and both centerings) and of ``vmf_head/ops/log_normalizer.py`` (exact and approx mode) for a
-CUDA architecture WITHOUT a GPU (Triton's compiler and the ptxas it ships), at the block sizes the
-ops use. It catches errors that only the compiler sees (the interpreter does not type-check) and
-shows whether a tile fits in registers, which is how the tile sizes in ``docs/fused_loss.md`` and
-``docs/triton.md`` were chosen. Not a timing: timings need ``benchmarks/loss_gpu.py`` and
-``benchmarks/log_normalizer_gpu.py``.
+Runs the ops' own host code (``vmf_head/ops/``) on CPU tensors at DINO's sizes (K = 65,536, 2 + 8
+views; p = 256 for the normaliser) with every kernel launch intercepted, then compiles each
+intercepted launch, with exactly the arguments, block sizes and warps the op chose, for CUDA
+architectures WITHOUT a GPU (Triton's compiler and the ptxas it ships). It catches errors that only
+the compiler sees (the interpreter does not type-check) and shows whether a tile fits in registers,
+which is how the tile sizes in ``docs/fused_loss.md`` and ``docs/triton.md`` were chosen. Not a
+timing: timings need ``benchmarks/loss_gpu.py`` and ``benchmarks/log_normalizer_gpu.py``.
 
-    python benchmarks/kernel_registers.py [--arch 90] [--dtypes float32 bfloat16] [--ops loss log_normalizer]
+    python benchmarks/kernel_registers.py [--arch 80 89 90] [--dtypes float32 bfloat16] [--ops loss log_normalizer]
 
 Do not run it with TRITON_INTERPRET=1 (the interpreter has no compiler).
 """
@@ -16,124 +16,164 @@ Do not run it with TRITON_INTERPRET=1 (the interpreter has no compiler).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
+import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
+from triton.backends.nvidia import compiler as nvidia
 from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
-from vmf_head.ops import dino_loss as op
-from vmf_head.ops import ibot_patch_loss
-from vmf_head.ops import log_normalizer as lcp
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("kernel_registers.py compiles kernels: run it without TRITON_INTERPRET=1")
 
-_TYPES = {"float32": ("fp32", tl.float32), "bfloat16": ("bf16", tl.float32), "float16": ("fp16", tl.float32),
-          "float64": ("fp64", tl.float64)}
-_ACC_NAME = {tl.float32: "fp32", tl.float64: "fp64"}
+from vmf_head.ops import cross_entropy as ce  # noqa: E402
+from vmf_head.ops import cross_entropy_backward, cross_entropy_forward  # noqa: E402
+from vmf_head.ops import log_normalizer as lcp  # noqa: E402
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_CODES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16",
+          torch.int64: "i64", torch.int32: "i32"}
 
 
-def _signature(fn, in_type: str, acc, constexprs: dict) -> dict[str, str]:
-    """Argument types by the kernels' naming convention: the loss's student/teacher/gradient tiles and
-    the normaliser's kappa, W, gradients and outputs have the input dtype, its constants table
-    ``params`` is float64, every other pointer has the arithmetic dtype, ``*_hi``/``*_lo`` are
-    float32 scalars, ``tau_bits`` int64, the rest int32."""
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name == "params":
-            sig[name] = "*fp64"
-        elif name == "tau_bits":
-            sig[name] = "i64"
-        elif name in ("s_ptr", "t_ptr", "ds_ptr", "kappa_ptr", "out_ptr", "w_ptr", "gw_ptr", "grad_ptr"):
-            sig[name] = "*" + in_type
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + _ACC_NAME[acc]
-        elif name.endswith(("_hi", "_lo")):
-            sig[name] = "fp32"
+def capture(run: Callable[[], object]) -> list[tuple[JITFunction, dict, int]]:
+    """The kernel launches ``run()`` makes: (kernel, arguments by name, num_warps), none executed."""
+    launches = []
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        named = dict(zip(self.arg_names, args))
+        named.update(kwargs)
+        launches.append((self, named, named.pop("num_warps", 4)))
+
+    JITFunction.run = record
+    try:
+        run()
+    finally:
+        JITFunction.run = original
+    return launches
+
+
+def _signature(fn: JITFunction, args: dict) -> tuple[dict, dict]:
+    signature, constexprs = {}, {}
+    for param in fn.params:
+        value = args[param.name]
+        if param.is_constexpr or value is None:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _CODES[value.dtype]
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
         else:
-            sig[name] = "i32"
-    return sig
+            signature[param.name] = "i64" if abs(int(value)) >= 2**31 else "i32"
+    return signature, constexprs
 
 
-def report(fn, in_type: str, acc, constexprs: dict, arch: int, num_warps: int) -> str:
-    if "ACC" in fn.arg_names:  # the loss kernels take their arithmetic dtype as a constexpr
-        constexprs = {**constexprs, "ACC": acc}
-    kernel = triton.compile(ASTSource(fn, _signature(fn, in_type, acc, constexprs), constexprs),
-                            target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    ptxas = get_ptxas(arch)
-    ptxas = getattr(ptxas, "path", ptxas)
+def _ptxas(arch: int) -> str:
+    try:
+        found = nvidia.get_ptxas(arch)
+    except TypeError:  # older Triton: one ptxas for every architecture
+        found = nvidia.get_ptxas()
+    return getattr(found, "path", found)
+
+
+def report(fn: JITFunction, args: dict, num_warps: int, arch: int) -> tuple[str, str]:
+    signature, constexprs = _signature(fn, args)
+    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(kernel.asm["ptx"])
         f.flush()
-        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
-                              f.name, "-o", "/dev/null"], capture_output=True, text=True)
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        out = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu}", f.name, "-o", "/dev/null"],
+                             capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"ptxas failed for {fn.__name__}: {out.stderr}")
     lines = out.stderr.splitlines()
     regs = next(line.split("Used ")[1].split(" registers")[0] for line in lines if "Used" in line)
     spill = next(line.split(",")[1].strip() for line in lines if "spill stores" in line)
-    shown = {k: v for k, v in constexprs.items() if k != "ACC"}
-    return f"| {fn.__name__} | {in_type} | {shown} | {num_warps} | {regs} | {spill} |"
+    return regs, spill
+
+
+def _shown(fn: JITFunction, args: dict) -> str:
+    flags = {p.name: args[p.name] for p in fn.params if p.is_constexpr and p.name != "ACC"}
+    absent = sorted(p.name for p in fn.params if args[p.name] is None)
+    return f"{flags}" + (f", None: {', '.join(absent)}" if absent else "")
+
+
+def _log_normalizer_launches(dtype: torch.dtype) -> list:
+    kappa = torch.rand(1024, dtype=dtype)
+    weight = torch.randn(65536, 256, dtype=dtype)
+    tau = torch.tensor(0.1, dtype=torch.float64)
+    launches = []
+    for mode in ("exact", "approx"):
+        for derivative in (False, True):
+            launches += capture(lambda: lcp.log_normalizer(kappa, p=256, mode=mode, derivative=derivative))
+        launches += capture(lambda: lcp.prototype_log_normalizer(weight, tau=tau, p=256, mode=mode,
+                                                                 out_dtype=torch.float32))
+        launches += capture(lambda: lcp.prototype_log_normalizer_backward(torch.ones(65536), weight, tau=tau, p=256,
+                                                                          mode=mode))
+    return launches
+
+
+def _loss_launches(dtype: torch.dtype) -> list:
+    """The launches of the DINO layout (2 + 8 views), iBOT's patches and DINOv2's targets, K = 65,536."""
+    K, B = 65536, 2
+    acc = ce.arithmetic_dtype(torch.empty(0, dtype=dtype))
+    inv_temps = torch.tensor([10.0, 25.0], dtype=acc)
+    corr = torch.zeros(K, dtype=acc)
+    launches = []
+    for layout, rows, t_rows in ((ce.PairLayout.multicrop(B, 10, 2, True), 10 * B, 2 * B),
+                                 (ce.PairLayout.row_to_row(8 * B), 8 * B, 8 * B)):
+        student, teacher = torch.randn(rows, K, dtype=dtype), torch.randn(t_rows, K, dtype=dtype)
+        weights, stat = torch.ones(rows, dtype=acc), torch.ones(t_rows, dtype=acc)
+        for centering in ("logit", "probability", None):  # None: precomputed targets
+            center = None if centering is None else corr
+            if centering is not None:
+                launches += capture(lambda: cross_entropy_forward.teacher_statistics(
+                    teacher, center, corr, inv_temps, probability=centering == "probability", ACC=ce._TL_DTYPES[acc]))
+            mq = None if centering is None else stat
+            launches += capture(lambda: cross_entropy_forward.student_pass(
+                student, teacher, weights, center, corr, corr, mq, mq, inv_temps, layout, ce._TL_DTYPES[acc]))
+            launches += capture(lambda: cross_entropy_backward.student_backward(
+                torch.ones((), dtype=acc), student, teacher, weights, center, corr, corr, mq, mq, weights, weights,
+                weights, inv_temps, layout, want_ds=True, want_dscorr=True, ACC=ce._TL_DTYPES[acc]))
+    return launches
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
-    parser.add_argument("--dtypes", nargs="*", default=list(_TYPES), choices=list(_TYPES))
+    parser.add_argument("--arch", type=int, nargs="*", default=[80, 89, 90], help="compute capabilities x 10")
+    parser.add_argument("--dtypes", nargs="*", default=list(_DTYPES), choices=list(_DTYPES))
     parser.add_argument("--ops", nargs="*", default=["loss", "log_normalizer"], choices=["loss", "log_normalizer"])
     args = parser.parse_args(argv)
-    print(f"sm_{args.arch}, triton {triton.__version__}")
-    print("| kernel | input | constexprs | warps | registers | spills |")
-    print("| --- | --- | --- | ---: | ---: | --- |")
-    if "log_normalizer" in args.ops:
-        _log_normalizer_rows(args)
-    if "loss" in args.ops:
-        _loss_rows(args)
+    print(f"triton {triton.__version__}, torch {torch.__version__}; registers / spill stores per architecture")
+    print("| kernel | input | constexprs | warps | " + " | ".join(f"sm_{a}" for a in args.arch) + " |")
+    print("| --- | --- | --- | ---: | " + " | ".join("---" for _ in args.arch) + " |")
+    seen = set()
+    for name in args.dtypes:
+        dtype = _DTYPES[name]
+        launches = []
+        if "log_normalizer" in args.ops:
+            launches += _log_normalizer_launches(dtype)
+        if "loss" in args.ops:
+            launches += _loss_launches(dtype)
+        for fn, named, warps in launches:
+            key = (fn.__name__, name, _shown(fn, named), warps, tuple(sorted(_signature(fn, named)[0].items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            cells = []
+            for arch in args.arch:
+                regs, spill = report(fn, named, warps, arch)
+                cells.append(f"{regs} / {spill.split()[0]}")
+            print(f"| {fn.__name__} | {name} | {_shown(fn, named)} | {warps} | " + " | ".join(cells) + " |", flush=True)
     return 0
-
-
-def _log_normalizer_rows(args) -> None:
-    # Arithmetic is float64 whatever the input; p = 256 decides the prototype kernels' tiles.
-    block_k, block_d = lcp._blocks(256)
-    for dtype in args.dtypes:
-        in_type = _TYPES[dtype][0]
-        for exact in (True, False):
-            for derivative in (False, True):
-                flags = dict(DERIVATIVE=derivative, EXACT=exact, BLOCK=lcp._BLOCK)
-                print(report(lcp._elementwise_kernel, in_type, tl.float64, flags, args.arch, 4))
-            flags = dict(EXACT=exact, BLOCK_K=block_k, BLOCK_D=block_d)
-            print(report(lcp._prototype_forward_kernel, in_type, tl.float64, flags, args.arch, 4))
-            print(report(lcp._prototype_backward_kernel, in_type, tl.float64, flags, args.arch, 4))
-
-
-def _loss_rows(args) -> None:
-    tile, warps = op._TILE_ELEMENTS, op._NUM_WARPS
-    dino_views, tokens = 16, ibot_patch_loss._TOKENS_PER_TILE  # 2 + 8 crops pad to 16 rows
-    print(f"(fused loss: tile {tile} elements)")
-    for dtype in args.dtypes:
-        in_type, acc = _TYPES[dtype]
-        for probability in (False, True):
-            common = dict(PROBABILITY=probability, HAS_TCORR=True)
-            print(report(op._teacher_stats_kernel, in_type, acc, dict(common, BLOCK_K=tile), args.arch, warps))
-            print(report(op._center_stat_kernel, in_type, acc,
-                         dict(common, ROWS=op._STAT_ROWS, BLOCK_K=tile // op._STAT_ROWS), args.arch, warps))
-            for pair_self, views in ((False, dino_views), (True, tokens)):
-                # the tiles the op picks for K = 65,536 (see _block_k's half_tile in the op)
-                fp64 = acc == tl.float64
-                flags = dict(common, PAIR_SELF=pair_self, N_TEACHER=views if pair_self else 2, HAS_SCORR=True,
-                             VIEWS=views, BLOCK_K=op._block_k(views, 65536, half_tile=fp64))
-                print(report(op._student_forward_kernel, in_type, acc, flags, args.arch, warps))
-                half = fp64 or in_type in ("bf16", "fp16")
-                print(report(op._student_backward_kernel, in_type, acc,
-                             dict(flags, WRITE_DS=True, WRITE_DSCORR=True, BLOCK_K=op._block_k(views, 65536, half)),
-                             args.arch, warps))
-        for with_loss in (False, True):
-            print(report(op._merge_kernel, in_type, acc, dict(WITH_LOSS=with_loss, BLOCK=op._MERGE_ROWS),
-                         args.arch, op._MERGE_WARPS))
 
 
 if __name__ == "__main__":

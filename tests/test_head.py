@@ -287,10 +287,33 @@ def test_sync_batchnorm_conversion_keeps_output():
         lambda: iBOTvMFHead(12, 40, norm="csyncbn"),
         lambda: iBOTvMFHead(12, 40, act="tanh"),
         lambda: iBOTvMFHead(12, 40, patch_out_dim=0),
-        lambda: WeightNormLinear(6, 2.5),
         lambda: iBOTvMFHead(12, 40, hidden_dim=8, bottleneck_dim=4, patch_out_dim=8)(torch.randn(2, 3, 4, 12)),
+        lambda: iBOTvMFHead(12, 40, hidden_dim=8, bottleneck_dim=4, patch_out_dim=8)(torch.randn(2, 0, 12)),
     ],
 )
 def test_bad_arguments_raise_value_error(build):
     with pytest.raises(ValueError):
         build()
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda: WeightNormLinear(6, 2.5), "out_features"),
+        (lambda: VMFPrototypeHead(12, "40"), "out_dim"),
+        (lambda: iBOTvMFHead(12, 40, hidden_dim=8, bottleneck_dim=4, patch_out_dim=8)([1.0]), "x"),
+    ],
+)
+def test_arguments_of_the_wrong_type_raise_type_error_naming_them(build, name):
+    with pytest.raises(TypeError, match=f"^{name} must be"):
+        build()
+
+
+@pytest.mark.parametrize("integer", [np.int8, np.int16, np.int32, np.int64, np.uint16, np.uint32])
+def test_numpy_integers_are_accepted(integer):
+    head = VMFPrototypeHead(integer(12), integer(40), hidden_dim=integer(16), bottleneck_dim=integer(8))
+    assert head.last_layer.weight_v.shape == (40, 8) and head(torch.randn(3, 12)).shape == (3, 40)
+    ibot = iBOTvMFHead(integer(12), integer(40), patch_out_dim=integer(24), hidden_dim=integer(16),
+                       bottleneck_dim=integer(8), nlayers=integer(2))
+    cls, patch = ibot(torch.randn(2, 5, 12))
+    assert cls.shape == (2, 40) and patch.shape == (2, 4, 24)

@@ -289,9 +289,9 @@ def test_nan_negative_and_infinite_kappa():
     [
         ({"p": 1}, ValueError, "p must be an int >= 2"),
         ({"p": 0}, ValueError, "p must be an int >= 2"),
-        ({"p": 3.0}, ValueError, "p must be an int >= 2"),
-        ({"p": True}, ValueError, "p must be an int >= 2"),
-        ({"p": "3"}, ValueError, "p must be an int >= 2"),
+        ({"p": 3.0}, TypeError, "p must be an int .*got float 3.0"),
+        ({"p": True}, TypeError, "p must be an int .*got bool True"),
+        ({"p": "3"}, TypeError, "p must be an int .*got str '3'"),
         ({"p": 3, "mode": "fast"}, ValueError, r"mode must be one of \('exact', 'approx'\)"),
         ({"p": 2, "mode": "approx"}, ValueError, "p >= 3"),
         ({"p": 3, "kappa": [1.0]}, TypeError, "kappa must be a torch.Tensor"),

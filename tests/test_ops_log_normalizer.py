@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import vmf_head
 from vmf_head import log_vmf_normalizer, prototype_log_normalizer, vmf_mean_resultant_length
-from vmf_head import normalizer
+from vmf_head import _dispatch, normalizer
 
 
 def _triton_device() -> str | None:
@@ -112,10 +112,10 @@ def test_autograd_and_mean_resultant_length_through_the_kernel():
 @needs_triton
 def test_triton_backend_really_runs_the_kernel(monkeypatch):
     # Guards every comparison above: "triton" must not quietly fall back to the reference.
-    kernels = normalizer._triton_kernels()
+    kernels = _dispatch.kernels("log_normalizer")
     calls = []
     real = kernels.log_normalizer
-    monkeypatch.setattr(kernels, "log_normalizer", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(kernels, "log_normalizer", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     log_vmf_normalizer(_kappa(torch.float32)[:10], 16, backend="triton")
     assert len(calls) == 1
 
@@ -272,42 +272,24 @@ def test_prototype_strided_weight_and_empty():
 # The compiler sees what the interpreter does not (types, globals, lowering): compile for Hopper
 
 
-_COMPILE_FOR_SM90 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from vmf_head.ops import log_normalizer as k
-
-assert not k.INTERPRETED
-INTS = {"n", "n_rows", "n_cols", "stride_r", "stride_c", "gstride_r", "gstride_c"}
-
-def build(fn, data, out, constexprs):
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in INTS:
-            sig[name] = "i32"
-        else:
-            sig[name] = {"params": "*fp64", "tau_bits": "i64", "out_ptr": "*" + out, "grad_ptr": "*" + out}.get(name, "*" + data)
-    triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-
-for data, deriv, exact in (("fp32", False, True), ("bf16", True, True), ("fp64", False, False), ("fp16", True, False)):
-    build(k._elementwise_kernel, data, data, {"DERIVATIVE": deriv, "EXACT": exact, "BLOCK": k._BLOCK})
-for data, out, exact, cols in (("fp32", "fp32", True, 256), ("bf16", "fp32", False, 1), ("fp64", "fp64", True, 3)):
-    block_k, block_d = k._blocks(cols)
-    for fn in (k._prototype_forward_kernel, k._prototype_backward_kernel):
-        build(fn, data, out, {"EXACT": exact, "BLOCK_K": block_k, "BLOCK_D": block_d})
-print("compiled")
-"""
-
-
 def test_kernels_compile_for_hopper_without_a_gpu():
-    # Triton compiles (ptxas included) for a target without the device; this caught a NaN constexpr
-    # global that the interpreter accepts and the compiler rejects.
+    """Every kernel launch the ops make at DINO's sizes (normaliser and fused loss, 16-bit and float64
+    inputs) compiles for sm_90, ptxas included, without spilling registers. This caught a NaN
+    constexpr global that the interpreter accepts and the compiler rejects."""
     pytest.importorskip("triton.backends.nvidia.compiler", reason="needs Triton's NVIDIA backend")
-    res = _run_python(_COMPILE_FOR_SM90, TRITON_INTERPRET="0")
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "kernel_registers.py")
+    res = subprocess.run(
+        [sys.executable, script, "--arch", "90", "--dtypes", "bfloat16", "float64"], capture_output=True, text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "0"}, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| _")]
+    kernels = {row.split("|")[1].strip() for row in rows}
+    assert kernels >= {"_elementwise_kernel", "_prototype_forward_kernel", "_prototype_backward_kernel",
+                       "_teacher_stats_kernel", "_center_stat_kernel", "_student_forward_kernel",
+                       "_student_backward_kernel", "_merge_kernel"}
+    spilling = [row for row in rows if not row.rstrip(" |").endswith("/ 0")]
+    assert not spilling, spilling
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +305,11 @@ def test_prototype_argument_errors():
     with pytest.raises(ValueError, match="tau"):
         prototype_log_normalizer(w, math.nan)
     with pytest.raises(TypeError, match="tau"):
-        prototype_log_normalizer(w, torch.tensor(0.1))
+        prototype_log_normalizer(w, torch.tensor([0.1]))
+    with pytest.raises(TypeError, match="tau"):
+        prototype_log_normalizer(w, "0.1")
+    with pytest.raises(TypeError, match="p must be an int"):
+        prototype_log_normalizer(w, 0.1, 8.0)
     with pytest.raises(ValueError, match="disagrees"):
         prototype_log_normalizer(w, 0.1, 16)
     with pytest.raises(ValueError, match="p is required"):
@@ -395,7 +381,8 @@ def test_custom_ops_pass_opcheck():
     kappa = torch.logspace(-3, 3, 9, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(normalizer._log_vmf_normalizer_op, (kappa, 16, "exact", "reference"))
     weight = _prototypes(5, 8, torch.float64).requires_grad_()
-    torch.library.opcheck(normalizer._prototype_op, (weight, 0.1, 8, "exact", "reference"))
+    tau = torch.tensor(0.1, dtype=torch.float64)
+    torch.library.opcheck(normalizer._prototype_op, (weight, tau, 8, "exact", "reference"))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
@@ -424,12 +411,12 @@ def test_torch_compile_fullgraph_forward_and_backward():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_auto_takes_the_kernel_and_never_syncs(dtype, monkeypatch):
-    kernels = normalizer._triton_kernels()
+    kernels = _dispatch.kernels("log_normalizer")
     calls = []
-    for name in ("log_normalizer", "log_normalizer_derivative", "prototype_log_normalizer",
-                 "prototype_log_normalizer_backward"):
+    for name in ("log_normalizer", "prototype_log_normalizer", "prototype_log_normalizer_backward"):
         real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **kw: calls.append(
+            _name + ("_derivative" if kw.get("derivative") else "")) or _real(*a, **kw))
     weight = _prototypes(65536, 256, dtype).cuda().requires_grad_()
     kappa = torch.logspace(-6, 6, 100_003, dtype=dtype, device="cuda").requires_grad_()
 

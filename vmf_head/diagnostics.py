@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from ._validation import check_int, check_real, check_tensor
+
 __all__ = [
     "count_distinct_prototypes",
     "effective_num_clusters",
@@ -36,13 +38,18 @@ __all__ = [
 
 
 def _check_matrix(name: str, x: object) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+    x = check_tensor(name, x, dims=2, shape="(N, K)")
+    if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} must be a non-empty 2-D tensor (N, K), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    _check_finite(name, x)
     return x
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    # Diagnostics read their inputs anyway (they return Python numbers): a NaN would give a number
+    # that looks healthy (argmax of NaN rows, a NaN prototype counted as distinct).
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} has non-finite values (inf or NaN): a diagnostic of them would be meaningless")
 
 
 @torch.no_grad()
@@ -75,6 +82,8 @@ def effective_num_clusters(probs: torch.Tensor) -> float:
     probs = _check_matrix("probs", probs)
     if (probs < 0).any():
         raise ValueError("probs must be non-negative (pass softmax outputs, not logits)")
+    if not bool(torch.allclose(probs.double().sum(dim=1), probs.new_ones(probs.shape[0], dtype=torch.float64), atol=1e-3)):
+        raise ValueError("probs must have rows that sum to 1 (pass softmax outputs)")
     pbar = probs.double().mean(dim=0)
     pbar = pbar / pbar.sum()
     # 0 log 0 = 0: xlogy handles the empty prototypes.
@@ -93,10 +102,13 @@ def kappa_stats(norms: torch.Tensor, tau: float) -> dict[str, float]:
     Returns:
         ``{"kappa_min": ..., "kappa_median": ..., "kappa_max": ...}`` (lower median for even K).
     """
-    if not isinstance(norms, torch.Tensor) or norms.dim() != 1 or norms.numel() == 0:
+    norms = check_tensor("norms", norms, dims=1, shape="(K,) of prototype norms")
+    if norms.numel() == 0:
         raise ValueError("norms must be a non-empty 1-D tensor (K,) of prototype norms")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
-        raise ValueError(f"tau must be a positive number, got {tau!r}")
+    _check_finite("norms", norms)
+    if bool((norms < 0).any()):
+        raise ValueError("norms has negative values: a prototype norm ||w_k|| is >= 0")
+    tau = check_real("tau", tau, low=0.0, open_low=True)
     kappa = norms.detach().double() / tau
     return {
         "kappa_min": float(kappa.min()),
@@ -123,10 +135,10 @@ def near_duplicate_pairs(weights: torch.Tensor, threshold: float = 0.99, chunk_s
         (M, 2) int64 tensor on ``weights``' device, rows ``(i, j)`` with ``i < j``, sorted.
     """
     weights = _check_matrix("weights", weights)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 < threshold < 1.0:
+    threshold = check_real("threshold", threshold, low=-1.0, high=1.0)
+    if not -1.0 < threshold < 1.0:
         raise ValueError(f"threshold must be a number in (-1, 1), got {threshold!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     w = weights.detach()
     if w.dtype != torch.float64:
         w = w.float()

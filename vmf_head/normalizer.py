@@ -8,109 +8,66 @@ Public functions:
   straight from the prototype matrix (or the weight-norm magnitudes), with its gradient with respect
   to the weights.
 
-Each validates its arguments, picks a backend and calls a custom operator registered with
-``torch.library`` (``vmf_head::log_vmf_normalizer``, ``vmf_head::log_vmf_normalizer_grad``,
-``vmf_head::prototype_log_normalizer``, ``vmf_head::prototype_log_normalizer_backward``). The
-operators have fake (meta) implementations and autograd formulas, so ``torch.compile(fullgraph=True)``
-traces through them without graph breaks, and backward passes are exact derivatives computed by the
-``*_grad``/``*_backward`` operators (never autograd through a series).
-
-Backends (``backend=``):
-
-* ``"reference"``: plain PyTorch (``vmf_head.special``), float64 arithmetic, any device;
-* ``"triton"``: the kernels of ``vmf_head.ops.log_normalizer`` (one launch per call, no host
-  synchronisation), for CUDA tensors, or CPU tensors when the kernels were imported under
-  ``TRITON_INTERPRET=1``; an error where they cannot run;
-* ``"auto"`` (default): ``"triton"`` for CUDA tensors when Triton imports, ``"reference"`` otherwise.
-
-Triton is optional: it is imported only when a CUDA tensor or ``backend="triton"`` asks for it.
-See ``docs/triton.md``.
+Each validates its arguments and calls a custom operator registered with ``torch.library``
+(``vmf_head::log_vmf_normalizer``, ``vmf_head::log_vmf_normalizer_grad``,
+``vmf_head::prototype_log_normalizer``, ``vmf_head::prototype_log_normalizer_backward``), which picks
+the backend (``vmf_head._dispatch``: the Triton kernels of ``vmf_head.ops.log_normalizer`` or the plain
+PyTorch reference of ``vmf_head.special``) when it runs. The operators have fake (meta)
+implementations and autograd formulas, so ``torch.compile(fullgraph=True)`` traces through them
+without graph breaks, and backward passes are exact derivatives computed by the ``*_grad``/``*_backward``
+operators (never autograd through a series). Neither backend reads the data on the host: a call is
+free of host-device synchronisation. See ``docs/triton.md``.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
-from types import ModuleType
 
 import torch
 
+from . import _dispatch
+from ._validation import check_choice, check_int, check_temperature, check_tensor
 from .special import vmf as _vmf
-from .special.bessel import X_LARGE, check_argument, finish_domain, tolerance
+from .special.bessel import X_LARGE, tolerance
+from .special.vmf import MODES
 
-MODES = ("exact", "approx")
-BACKENDS = ("auto", "triton", "reference")
+__all__ = ["log_vmf_normalizer", "vmf_mean_resultant_length", "prototype_log_normalizer"]
 
-_REAL = (int, float, torch.SymInt, torch.SymFloat)
+_FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 
-def _check_p_mode(p: object, mode: object) -> None:
-    if isinstance(p, bool) or not isinstance(p, (int, torch.SymInt)) or p < 2:
-        raise ValueError(f"p must be an int >= 2 (the ambient dimension of the sphere S^(p-1)), got {p!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+def _check_p_mode(p: object, mode: object) -> int:
+    p = check_int("p", p, minimum=2, what="the ambient dimension of the sphere S^(p-1)")
+    check_choice("mode", mode, MODES)
     if mode == "approx" and p < 3:
         raise ValueError("mode='approx' needs p >= 3: at p = 2 the approximation diverges at kappa = 0")
+    return p
 
 
-def _check(kappa: object, p: object, mode: object) -> None:
-    check_argument("kappa", kappa)
-    if kappa.is_complex():  # type: ignore[union-attr]
-        raise TypeError("kappa must be real")
-    _check_p_mode(p, mode)
+def _check_float16_range(p: int) -> None:
+    """ValueError when float16 cannot hold log C_p(kappa) for every float16 kappa.
 
-
-# ----------------------------------------------------------------------------------------------
-# Dispatch
-
-
-_TRITON_MODULE = "vmf_head.ops.log_normalizer"
-_triton_cache: dict[str, object] = {}
-
-
-def _triton_kernels() -> ModuleType | ImportError:
-    """The kernel module, or the ImportError that importing it (hence Triton) raised; cached."""
-    if "module" not in _triton_cache:
-        try:
-            _triton_cache["module"] = importlib.import_module(_TRITON_MODULE)
-        except ImportError as exc:
-            _triton_cache["module"] = exc
-    return _triton_cache["module"]  # type: ignore[return-value]
-
-
-def _triton_problem(device_type: str) -> str:
-    """Why the Triton kernels cannot run on tensors of ``device_type`` here ('' if they can)."""
-    kernels = _triton_kernels()
-    if isinstance(kernels, ImportError):
-        return f"Triton is not available (importing it failed: {kernels})"
-    if device_type == "cuda" or (device_type == "cpu" and kernels.INTERPRETED):
-        return ""
-    if device_type == "cpu":
-        return (
-            "Triton kernels run on CUDA tensors; CPU tensors only through Triton's interpreter, which "
-            "needs TRITON_INTERPRET=1 in the environment before vmf_head's kernels are first imported"
+    log C_p decreases from log C_p(0) = log Gamma(p/2) - log 2 - (p/2) log pi, so over float16's
+    kappa in [0, 65504] its least value is at 65504, where the leading term of the uniform expansion
+    (``mode="approx"``'s formula, off by less than 1/(12 nu) there) gives it in closed form."""
+    nu = 0.5 * p - 1.0
+    s = math.hypot(nu, _FLOAT16_MAX)
+    at_max = nu * math.log(nu + s) - s + 0.5 * math.log(s) - (nu + 0.5) * math.log(2.0 * math.pi)
+    at_zero = math.lgamma(0.5 * p) - math.log(2.0) - 0.5 * p * math.log(math.pi)
+    if min(at_max, at_zero) < -_FLOAT16_MAX:
+        raise ValueError(
+            f"float16 cannot hold log C_p(kappa) at p = {p}: it falls below -65504 (float16's range) for "
+            f"kappa {'>= 0' if at_zero < -_FLOAT16_MAX else 'near 65504'}; pass kappa as float32 (or bfloat16)"
         )
-    return f"Triton kernels run on CUDA tensors, got a tensor on {device_type!r}"
 
 
-def _check_backend(backend: object) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def _select_backend(backend: str, x: torch.Tensor) -> str:
-    """Resolve ``backend`` for tensor ``x`` to ``"triton"`` or ``"reference"`` (see the module doc).
-
-    Called inside the operators, at run time: a compiled graph holds the operator, not this choice,
-    so tracing never meets the (lazy) import of Triton."""
-    if backend == "reference":
-        return "reference"
-    if backend == "auto":
-        return "triton" if x.device.type == "cuda" and not _triton_problem("cuda") else "reference"
-    problem = _triton_problem(x.device.type)
-    if problem:
-        raise RuntimeError(f"backend='triton' cannot run here: {problem}. Use backend='reference' or 'auto'.")
-    return "triton"
+def _check_kappa(kappa: object, p: int) -> torch.Tensor:
+    kappa = check_tensor("kappa", kappa)
+    if kappa.is_complex():
+        raise TypeError("kappa must be real")
+    if kappa.dtype == torch.float16:
+        _check_float16_range(p)
+    return kappa
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,32 +75,27 @@ def _select_backend(backend: str, x: torch.Tensor) -> str:
 
 
 def _reference(k64: torch.Tensor, p: int, mode: str, tol: float, derivative: bool) -> torch.Tensor:
-    """log C_p or its derivative at float64 ``k64``, mapping the rest of the domain: NaN below 0 and
-    at NaN (as torch's math functions do), the large-kappa limits above ``X_LARGE`` (-kappa for the
-    value, -1 for the slope: there they are exact to float64)."""
+    """log C_p or its derivative at float64 ``k64``, on the whole real line without reading the data
+    (a branch on it would synchronise a GPU): computed at ``k64`` clamped to [0, X_LARGE], then NaN
+    below 0 (NaN stays NaN, as in torch's math functions). Above ``X_LARGE`` the value continues as
+    its limit -kappa, exactly: log C_p(X_LARGE) = -X_LARGE to float64, so adding the clamped-off
+    part ``X_LARGE - kappa`` gives -kappa; the slope's limit -1 is already what it is at X_LARGE."""
     if k64.numel() == 0:
         return torch.empty_like(k64)
-    x = k64
-    # On the CPU one reduction tells whether the masks are needed at all (they cost as much as a
-    # fifth of the computation); on an accelerator the test would be a host synchronisation.
-    outside = True
-    if k64.device.type == "cpu":
-        lo, hi = (v.item() for v in torch.aminmax(k64))
-        outside = not (lo >= 0 and hi <= X_LARGE)  # (also true when a NaN is present)
-    if outside:
-        x = k64.clamp(0.0, X_LARGE)
+    x = k64.clamp(0.0, X_LARGE)
     if mode == "exact":
         out = _vmf.mean_resultant_length(x, p, tol).neg_() if derivative else _vmf.log_normalizer_exact(x, p, tol)
     else:
         out = _vmf.log_normalizer_approx_derivative(x, p) if derivative else _vmf.log_normalizer_approx(x, p)
-    return finish_domain(out, k64, -1.0 if derivative else k64.neg()) if outside else out
+    if not derivative:
+        out.add_(x.sub_(k64))
+    return out.masked_fill_(k64 < 0, math.nan)
 
 
 def _elementwise(kappa: torch.Tensor, p: int, mode: str, backend: str, derivative: bool) -> torch.Tensor:
-    if _select_backend(backend, kappa) == "triton":
-        kernels = _triton_kernels()
-        fn = kernels.log_normalizer_derivative if derivative else kernels.log_normalizer
-        return fn(kappa, p, mode)
+    if _dispatch.use_triton(backend, "log_normalizer", kappa.device):
+        kernels = _dispatch.kernels("log_normalizer")
+        return kernels.log_normalizer(kappa, p=p, mode=mode, derivative=derivative)
     return _reference(kappa.to(torch.float64), p, mode, tolerance(kappa.dtype), derivative).to(kappa.dtype)
 
 
@@ -162,7 +114,9 @@ def _reference_norms(weight: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom operators
+# Custom operators. The backend is chosen inside them, at run time: a compiled graph holds the
+# operator, not the choice, so tracing never imports Triton. Temperatures are 0-d float64 tensors
+# on the weights' device, so a new temperature is new data, not a new graph.
 
 
 @torch.library.custom_op("vmf_head::log_vmf_normalizer", mutates_args=())
@@ -200,20 +154,24 @@ _log_vmf_normalizer_op.register_autograd(_backward, setup_context=_setup_context
 
 
 @torch.library.custom_op("vmf_head::prototype_log_normalizer", mutates_args=())
-def _prototype_op(weight: torch.Tensor, tau: float, p: int, mode: str, backend: str) -> torch.Tensor:
+def _prototype_op(weight: torch.Tensor, tau: torch.Tensor, p: int, mode: str, backend: str) -> torch.Tensor:
     out_dtype = _correction_dtype(weight.dtype)
-    if _select_backend(backend, weight) == "triton":
-        return _triton_kernels().prototype_log_normalizer(weight, tau, p, mode, out_dtype)
+    if _dispatch.use_triton(backend, "log_normalizer", weight.device):
+        return _dispatch.kernels("log_normalizer").prototype_log_normalizer(
+            weight, tau=tau, p=p, mode=mode, out_dtype=out_dtype
+        )
     kappa = _reference_norms(weight) / tau
     return _reference(kappa, p, mode, tolerance(weight.dtype), derivative=False).to(out_dtype)
 
 
 @torch.library.custom_op("vmf_head::prototype_log_normalizer_backward", mutates_args=())
 def _prototype_backward_op(
-    grad: torch.Tensor, weight: torch.Tensor, tau: float, p: int, mode: str, backend: str
+    grad: torch.Tensor, weight: torch.Tensor, tau: torch.Tensor, p: int, mode: str, backend: str
 ) -> torch.Tensor:
-    if _select_backend(backend, weight) == "triton":
-        return _triton_kernels().prototype_log_normalizer_backward(grad, weight, tau, p, mode)
+    if _dispatch.use_triton(backend, "log_normalizer", weight.device):
+        return _dispatch.kernels("log_normalizer").prototype_log_normalizer_backward(
+            grad, weight, tau=tau, p=p, mode=mode
+        )
     norms = _reference_norms(weight)
     slope = _reference(norms / tau, p, mode, tolerance(weight.dtype), derivative=True)
     # d/dw_k log C_p(||w_k||/tau) = slope / tau * w_k / ||w_k||, and 0 at w_k = 0 (slope(0) = 0).
@@ -224,28 +182,36 @@ def _prototype_backward_op(
 
 
 @_prototype_op.register_fake
-def _(weight: torch.Tensor, tau: float, p: int, mode: str, backend: str) -> torch.Tensor:
+def _(weight: torch.Tensor, tau: torch.Tensor, p: int, mode: str, backend: str) -> torch.Tensor:
     return weight.new_empty(weight.shape[:1], dtype=_correction_dtype(weight.dtype))
 
 
 @_prototype_backward_op.register_fake
-def _(grad: torch.Tensor, weight: torch.Tensor, tau: float, p: int, mode: str, backend: str) -> torch.Tensor:
+def _(grad: torch.Tensor, weight: torch.Tensor, tau: torch.Tensor, p: int, mode: str, backend: str) -> torch.Tensor:
     return torch.empty_like(weight)
 
 
 def _prototype_setup_context(ctx, inputs, output) -> None:
     weight, tau, p, mode, backend = inputs
-    ctx.save_for_backward(weight)
-    ctx.tau, ctx.p, ctx.mode, ctx.backend = tau, p, mode, backend
+    ctx.save_for_backward(weight, tau)
+    ctx.p, ctx.mode, ctx.backend = p, mode, backend
 
 
 def _prototype_backward(ctx, grad: torch.Tensor):
-    (weight,) = ctx.saved_tensors
-    grad_weight = _prototype_backward_op(grad, weight, ctx.tau, ctx.p, ctx.mode, ctx.backend)
+    weight, tau = ctx.saved_tensors
+    grad_weight = _prototype_backward_op(grad, weight, tau, ctx.p, ctx.mode, ctx.backend)
     return grad_weight, None, None, None, None
 
 
 _prototype_op.register_autograd(_prototype_backward, setup_context=_prototype_setup_context)
+
+
+def as_temperature_tensor(tau: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A temperature as the 0-d float64 tensor on ``device`` that the operators take. A Python number
+    is filled in on the device (``torch.full``: no host-to-device copy); a tensor is cast and moved."""
+    if isinstance(tau, torch.Tensor):
+        return tau.detach().to(device=device, dtype=torch.float64)
+    return torch.full((), tau, dtype=torch.float64, device=device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +225,8 @@ def log_vmf_normalizer(kappa: torch.Tensor, p: int, *, mode: str = "exact", back
 
     Args:
         kappa: concentrations, a tensor of any shape on any device; float16, bfloat16, float32 or
-            float64. Everything is computed in float64 and returned in kappa's dtype.
+            float64. Everything is computed in float64 and returned in kappa's dtype. float16 is
+            refused where it cannot hold the result (p >= 18700: log C_p < -65504), never rounded to -inf.
         p: the ambient dimension (an int >= 2); DINO's bottleneck gives p = 256.
         mode: ``"exact"`` (default) or ``"approx"``.
 
@@ -283,8 +250,9 @@ def log_vmf_normalizer(kappa: torch.Tensor, p: int, *, mode: str = "exact", back
         large-kappa limit -kappa (exact to float64 there), so +inf gives -inf.
 
     Raises:
-        TypeError: kappa is not a tensor, or has an integer or complex dtype.
-        ValueError: p is not an int >= 2, or mode or backend is unknown.
+        TypeError: kappa is not a tensor, or has an integer or complex dtype; p is not an int.
+        ValueError: p < 2, mode or backend is unknown, or float16 kappa where float16 cannot hold
+            log C_p.
         RuntimeError: ``backend="triton"`` where the kernels cannot run (no Triton, or a CPU tensor
             without ``TRITON_INTERPRET=1``).
 
@@ -293,9 +261,9 @@ def log_vmf_normalizer(kappa: torch.Tensor, p: int, *, mode: str = "exact", back
         >>> log_vmf_normalizer(kappa, 3)  # C_3(kappa) = kappa / (4 pi sinh kappa)
         tensor([ -2.5310,  -2.6925, -97.2327], dtype=torch.float64, grad_fn=...)
     """
-    _check(kappa, p, mode)
-    _check_backend(backend)
-    return _log_vmf_normalizer_op(kappa, p, mode, backend)
+    p = _check_p_mode(p, mode)
+    kappa = _check_kappa(kappa, p)
+    return _log_vmf_normalizer_op(kappa, p, mode, _dispatch.check_backend(backend))
 
 
 def vmf_mean_resultant_length(kappa: torch.Tensor, p: int, *, backend: str = "auto") -> torch.Tensor:
@@ -305,14 +273,14 @@ def vmf_mean_resultant_length(kappa: torch.Tensor, p: int, *, backend: str = "au
     and accuracy as ``log_vmf_normalizer(mode="exact")``; not differentiable (use
     ``vmf_head.special.bessel_iv_ratio`` for the Bessel ratio at a general order).
     """
-    _check(kappa, p, "exact")
-    _check_backend(backend)
-    return -_log_vmf_normalizer_grad_op(kappa.detach(), p, "exact", backend)
+    p = _check_p_mode(p, "exact")
+    kappa = _check_kappa(kappa, p)
+    return -_log_vmf_normalizer_grad_op(kappa.detach(), p, "exact", _dispatch.check_backend(backend))
 
 
 def prototype_log_normalizer(
     weight_or_norms: torch.Tensor,
-    tau: float,
+    tau: float | torch.Tensor,
     p: int | None = None,
     *,
     mode: str = "exact",
@@ -331,8 +299,9 @@ def prototype_log_normalizer(
         weight_or_norms: either the prototype matrix W of shape (K, p) (the rows w_k; e.g. the
             head's last-layer weight), or the weight-norm magnitudes g of shape (K,) (or weight_g's
             own (K, 1) layout), for which ||w_k|| = |g_k|. Floating dtype, any device.
-        tau: the temperature of the branch, a positive Python number (student 0.1; the teacher's
-            scheduled value for the current epoch). Not differentiated.
+        tau: the temperature of the branch (student 0.1; the teacher's scheduled value for the
+            current epoch): a positive number, or a 0-d floating tensor (a schedule kept on the
+            device; its value is not checked, reading it would synchronise a GPU). Not differentiated.
         p: the dimension of the sphere's ambient space. Defaults to W.shape[1] for a matrix (and
             must equal it if given); required for norms.
         mode: ``"exact"`` (default) or ``"approx"``, as in ``log_vmf_normalizer``.
@@ -345,7 +314,8 @@ def prototype_log_normalizer(
         squares in float64, the reference in float32 for non-float64 weights).
 
     Raises:
-        TypeError: weight_or_norms is not a real floating tensor, or tau is not a real number.
+        TypeError: weight_or_norms is not a real floating tensor, tau is neither a real number nor a
+            0-d floating tensor, or p is not an int.
         ValueError: weight_or_norms is not 1-D or 2-D, tau <= 0 or not finite, p is missing, < 2
             or disagrees with W.shape[1], or mode or backend is unknown.
         RuntimeError: ``backend="triton"`` where the kernels cannot run.
@@ -354,26 +324,21 @@ def prototype_log_normalizer(
         >>> W = torch.randn(65536, 256)
         >>> correction = prototype_log_normalizer(W, 0.1)  # (65536,), added to the student logits
     """
-    weight = check_argument("weight_or_norms", weight_or_norms)
+    weight = check_tensor("weight_or_norms", weight_or_norms, dims=(1, 2), shape="(K, p) or (K,)")
     if weight.is_complex():
         raise TypeError("weight_or_norms must be real")
-    if weight.dim() not in (1, 2):
-        raise ValueError(
-            f"weight_or_norms must be a (K, p) prototype matrix or (K,) norms, got shape {tuple(weight.shape)}"
-        )
-    if isinstance(tau, bool) or not isinstance(tau, _REAL):
-        raise TypeError(f"tau must be a positive Python number, got {type(tau).__name__}")
-    if not 0 < tau < math.inf:  # (NaN fails too; math.isfinite would break torch.compile graphs)
-        raise ValueError(f"tau must be a finite number > 0, got {tau}")
+    tau = check_temperature("tau", tau)
     # A (K, 1) matrix cannot hold prototypes of a sphere (p >= 2): it is weight_g's layout of norms.
     holds_norms = weight.dim() == 1 or weight.shape[1] == 1
     if holds_norms and p is None:
         raise ValueError("p is required when weight_or_norms holds norms g (shape (K,) or (K, 1))")
+    if p is not None:
+        p = check_int("p", p, minimum=2, what="the ambient dimension of the sphere S^(p-1)")
     if not holds_norms:
         if p is None:
             p = weight.shape[1]
         elif p != weight.shape[1]:
             raise ValueError(f"p = {p} disagrees with the prototype matrix of shape {tuple(weight.shape)}")
-    _check_p_mode(p, mode)
-    _check_backend(backend)
-    return _prototype_op(weight, tau, p, mode, backend)
+    p = _check_p_mode(p, mode)
+    backend = _dispatch.check_backend(backend)
+    return _prototype_op(weight, as_temperature_tensor(tau, weight.device), p, mode, backend)

@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import torch
 
-from ._distributed import all_reduce_logsumexp_, all_reduce_sum_
-from .vmf import check_temperature, compute_dtype, no_autocast, softmax_shifted
+from .._validation import check_choice, check_int, check_temperature, check_tensor
+from ._distributed import all_reduce_logsumexp_, all_reduce_sum_, is_distributed
+from .vmf import compute_dtype, no_autocast, softmax_shifted
 
 CENTERINGS = ("logit", "probability", "sinkhorn")
 
 
 def check_centering(centering: object) -> str:
     """``centering`` if it is one of :data:`CENTERINGS`, else a ValueError listing them."""
-    if centering not in CENTERINGS:
-        raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
-    return centering  # type: ignore[return-value]
+    return check_choice("centering", centering, CENTERINGS)
 
 
 def _batch_mean(x: torch.Tensor) -> torch.Tensor:
@@ -38,13 +37,42 @@ def _batch_mean(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).mean(0).view((1,) * (x.dim() - 1) + (x.shape[-1],))
 
 
+def _check_teacher(teacher_output: object, teacher_correction: object) -> torch.Tensor:
+    teacher_output = check_tensor("teacher_output", teacher_output, shape="(..., K)")
+    if teacher_output.dim() == 0:
+        raise ValueError("teacher_output must have a last dim of K prototypes, got a 0-d tensor")
+    if teacher_correction is not None:
+        check_tensor("teacher_correction", teacher_correction, dims=1, shape="(K,)")
+        if teacher_correction.shape[0] != teacher_output.shape[-1]:
+            raise ValueError(
+                f"teacher_correction has {teacher_correction.shape[0]} prototypes but teacher_output has "
+                f"{teacher_output.shape[-1]}"
+            )
+    return teacher_output
+
+
+def _check_center(center: object, teacher_output: torch.Tensor) -> torch.Tensor:
+    center = check_tensor("center", center, shape="broadcastable to teacher_output, e.g. (1, K)")
+    k = teacher_output.shape[-1]
+    if center.dim() == 0 or tuple(center.shape) != (1,) * (center.dim() - 1) + (k,) or center.dim() > teacher_output.dim():
+        raise ValueError(
+            f"center must have shape (1, ..., 1, K) with K = {teacher_output.shape[-1]} (the prototypes of "
+            f"teacher_output {tuple(teacher_output.shape)}), got {tuple(center.shape)}"
+        )
+    return center
+
+
 def teacher_vmf_logits(
-    teacher_output: torch.Tensor, teacher_temp: float, teacher_correction: torch.Tensor | None = None
+    teacher_output: torch.Tensor,
+    teacher_temp: float | torch.Tensor,
+    teacher_correction: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``l_t = teacher_output / teacher_temp + teacher_correction`` (detached), float32 or float64, up
-    to a constant (the correction enters shifted by its maximum, see ``softmax_shifted``)."""
+    """``l_t = teacher_output / teacher_temp + teacher_correction`` (detached), float32 (float64 for
+    float64 outputs), up to a constant (the correction enters shifted by its maximum, see
+    ``softmax_shifted``)."""
+    teacher_output = _check_teacher(teacher_output, teacher_correction)
     teacher_temp = check_temperature("teacher_temp", teacher_temp)
-    dtype = compute_dtype(teacher_output, teacher_correction)
+    dtype = compute_dtype(teacher_output)
     logits = teacher_output.detach().to(dtype) / teacher_temp
     if teacher_correction is not None:
         logits += softmax_shifted(teacher_correction.detach(), dtype)
@@ -54,24 +82,26 @@ def teacher_vmf_logits(
 def logit_centering(
     teacher_output: torch.Tensor,
     center: torch.Tensor,
-    teacher_temp: float,
+    teacher_temp: float | torch.Tensor,
     teacher_correction: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DINO's centering in logit space, with the vMF correction.
 
     Args:
         teacher_output: ``(..., K)`` raw teacher outputs ``t = w^T y``.
-        center: the running mean of ``t``, broadcastable to ``teacher_output`` (DINO: ``(1, K)``).
-        teacher_temp: the scheduled teacher temperature.
+        center: the running mean of ``t``, ``(1, ..., 1, K)`` (DINO: ``(1, K)``).
+        teacher_temp: the scheduled teacher temperature (a number or a 0-d tensor).
         teacher_correction: ``(K,)`` ``log C_p(||w_t|| / teacher_temp)`` or None (DINO).
 
     Returns:
         ``(q, batch_stat)``: ``q = softmax((t - c) / teacher_temp + correction)`` over the last dim,
         and ``batch_stat = mean(t)`` over the leading dims (``(1, ..., 1, K)``), both detached.
     """
+    teacher_output = _check_teacher(teacher_output, teacher_correction)
+    center = _check_center(center, teacher_output)
+    teacher_temp = check_temperature("teacher_temp", teacher_temp)
     with no_autocast(teacher_output.device), torch.no_grad():
-        teacher_temp = check_temperature("teacher_temp", teacher_temp)
-        dtype = compute_dtype(teacher_output, teacher_correction)
+        dtype = compute_dtype(teacher_output)
         t = teacher_output.to(dtype)
         logits = (t - center.to(dtype)) / teacher_temp
         if teacher_correction is not None:
@@ -82,7 +112,7 @@ def logit_centering(
 def probability_centering(
     teacher_output: torch.Tensor,
     center: torch.Tensor,
-    teacher_temp: float,
+    teacher_temp: float | torch.Tensor,
     teacher_correction: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DINO-vMF's centering in probability space.
@@ -90,15 +120,17 @@ def probability_centering(
     Args:
         teacher_output: ``(..., K)`` raw teacher outputs.
         center: running mean of the uncentred posterior ``softmax(l_t)`` (starts at ``1/K``),
-            broadcastable to ``teacher_output``. Entries are clamped at the smallest normal float
-            before the log, so a prototype whose probability underflowed gets a finite weight.
-        teacher_temp: the scheduled teacher temperature.
+            ``(1, ..., 1, K)``. Entries are clamped at the smallest normal float before the log, so a
+            prototype whose probability underflowed gets a finite weight.
+        teacher_temp: the scheduled teacher temperature (a number or a 0-d tensor).
         teacher_correction: ``(K,)`` ``log C_p(||w_t|| / teacher_temp)`` or None.
 
     Returns:
         ``(q, batch_stat)``: ``q = softmax(l_t - log c)`` (``q ~ pbar / c``) and
         ``batch_stat = mean(pbar)``, ``pbar = softmax(l_t)``, over the leading dims; detached.
     """
+    teacher_output = _check_teacher(teacher_output, teacher_correction)
+    center = _check_center(center, teacher_output)
     with no_autocast(teacher_output.device), torch.no_grad():
         logits = teacher_vmf_logits(teacher_output, teacher_temp, teacher_correction)
         stat = _batch_mean(torch.softmax(logits, dim=-1))
@@ -107,9 +139,27 @@ def probability_centering(
         return torch.softmax(logits, dim=-1, out=logits), stat
 
 
+def sinkhorn_log_targets(log_q: torch.Tensor, n_iterations: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Sinkhorn-Knopp in log space on a ``(N, K)`` matrix of logits, in place; returns ``log q``.
+
+    Each iteration divides every prototype column by its sum over the global batch (all-reduced
+    under torch.distributed), then every sample row by its sum. ``rows`` (``(N,)`` bool) restricts
+    the batch to the rows marked True without selecting them (a selection of data-dependent size
+    would synchronise a GPU): the others take no part in the column sums and get rows that sum to
+    1 but mean nothing. A column without any row in the global batch keeps its logits."""
+    for _ in range(n_iterations):
+        summed = log_q if rows is None else log_q.masked_fill(~rows[:, None], float("-inf"))
+        column = all_reduce_logsumexp_(torch.logsumexp(summed, dim=0, keepdim=True))
+        log_q -= column.masked_fill_(column == float("-inf"), 0.0)
+        torch.log_softmax(log_q, dim=-1, out=log_q)
+    if n_iterations == 0:
+        torch.log_softmax(log_q, dim=-1, out=log_q)
+    return log_q
+
+
 def sinkhorn_centering(
     teacher_output: torch.Tensor,
-    teacher_temp: float,
+    teacher_temp: float | torch.Tensor,
     teacher_correction: torch.Tensor | None = None,
     n_iterations: int = 3,
 ) -> torch.Tensor:
@@ -124,7 +174,7 @@ def sinkhorn_centering(
 
     Args:
         teacher_output: ``(..., K)`` raw teacher outputs; every leading index is one sample.
-        teacher_temp: the scheduled teacher temperature.
+        teacher_temp: the scheduled teacher temperature (a number or a 0-d tensor).
         teacher_correction: ``(K,)`` vMF correction or None.
         n_iterations: number of Sinkhorn iterations (>= 0; DINOv2 uses 3).
 
@@ -132,25 +182,18 @@ def sinkhorn_centering(
         ``q`` like ``teacher_output`` (float32/float64, detached): rows sum to 1 and prototype
         marginals approach ``B / K`` as the iterations proceed.
     """
-    if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 0:
-        raise ValueError(f"sinkhorn_iterations must be an int >= 0, got {n_iterations!r}")
+    n_iterations = check_int("sinkhorn_iterations", n_iterations, minimum=0)
     with no_autocast(teacher_output.device), torch.no_grad():
         log_q = teacher_vmf_logits(teacher_output, teacher_temp, teacher_correction)
         shape = log_q.shape
-        log_q = log_q.reshape(-1, shape[-1])
-        for _ in range(n_iterations):
-            log_q -= all_reduce_logsumexp_(torch.logsumexp(log_q, dim=0, keepdim=True))
-            torch.log_softmax(log_q, dim=-1, out=log_q)
-        if n_iterations == 0:
-            torch.log_softmax(log_q, dim=-1, out=log_q)
-        return log_q.exp_().view(shape)
+        return sinkhorn_log_targets(log_q.reshape(-1, shape[-1]), n_iterations).exp_().view(shape)
 
 
 def center_teacher(
     teacher_output: torch.Tensor,
     center: torch.Tensor | None,
     *,
-    teacher_temp: float,
+    teacher_temp: float | torch.Tensor,
     teacher_correction: torch.Tensor | None = None,
     centering: str = "probability",
     sinkhorn_iterations: int = 3,
@@ -162,31 +205,56 @@ def center_teacher(
         return sinkhorn_centering(teacher_output, teacher_temp, teacher_correction, sinkhorn_iterations), None
     if center is None:
         raise ValueError(f"centering={centering!r} needs a center tensor, got None")
-    if center.shape[-1] != teacher_output.shape[-1]:
-        raise ValueError(
-            f"center has {center.shape[-1]} prototypes but teacher_output has {teacher_output.shape[-1]}"
-        )
     fn = logit_centering if centering == "logit" else probability_centering
     return fn(teacher_output, center, teacher_temp, teacher_correction)
+
+
+def _check_stats(stats: tuple) -> list[tuple[torch.Tensor, int]]:
+    if not stats:
+        raise ValueError("pass at least one (batch_stat, n_local) pair")
+    checked = []
+    for i, pair in enumerate(stats):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"stats[{i}] must be a pair (batch_stat, n_local), got {type(pair).__name__}")
+        stat = check_tensor(f"stats[{i}][0] (batch_stat)", pair[0])
+        checked.append((stat, check_int(f"stats[{i}][1] (n_local)", pair[1], minimum=0)))
+    return checked
+
+
+def global_batch_sums(*stats: tuple[torch.Tensor, int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``(sums, counts)``: per statistic the sum over the global batch of ``batch_stat * n_local``, and
+    the ``(len(stats),)`` global sample counts; ONE all-reduce (none without a process group), no
+    host synchronisation. A rank with ``n_local = 0`` adds zeros (its mean over no samples is NaN)."""
+    stats = _check_stats(stats)
+    dtype = compute_dtype(*(stat for stat, _ in stats))
+    device = stats[0][0].device
+    parts = [stat.detach().reshape(-1).to(dtype) * n if n else stat.new_zeros(stat.numel(), dtype=dtype)
+             for stat, n in stats]
+    # filled on the device: torch.tensor of Python numbers would be a host-to-device copy
+    counts = torch.cat([torch.full((1,), float(n), dtype=dtype, device=device) for _, n in stats])
+    buf = all_reduce_sum_(torch.cat(parts + [counts]))
+    sums, start = [], 0
+    for stat, _ in stats:
+        sums.append(buf[start : start + stat.numel()].view(stat.shape))
+        start += stat.numel()
+    return sums, buf[start:]
 
 
 def global_batch_means(*stats: tuple[torch.Tensor, int]) -> list[torch.Tensor]:
     """Turn local-batch means into global-batch means (over all ranks).
 
     Args:
-        stats: pairs ``(batch_stat, n_local)``: a mean over ``n_local`` local samples.
+        stats: pairs ``(batch_stat, n_local)``: a mean over ``n_local`` >= 0 local samples.
 
     Returns:
         The means over the global batch, every rank weighted by its own sample count, in float32
-        (float64 for float64 stats), shaped like each ``batch_stat``. Identity without a process
-        group; otherwise ONE all-reduce of ``[stat_1 * n_1, ..., n_1, ...]``.
+        (float64 for float64 stats), shaped like each ``batch_stat``; ONE all-reduce. A rank without
+        samples contributes nothing. Without a process group, every ``n_local = 0`` is a ValueError
+        (there is no mean); under torch.distributed a statistic no rank has samples for is NaN
+        (knowing that would need a synchronisation; the loss modules then keep their centres).
     """
-    dtype = compute_dtype(*(stat for stat, _ in stats))
-    parts = [stat.detach().reshape(-1).to(dtype) * n for stat, n in stats]
-    counts = torch.tensor([float(n) for _, n in stats], dtype=dtype, device=parts[0].device)
-    buf = all_reduce_sum_(torch.cat(parts + [counts]))
-    out, start = [], 0
-    for i, (stat, _) in enumerate(stats):
-        out.append((buf[start : start + stat.numel()] / buf[len(buf) - len(stats) + i]).view(stat.shape))
-        start += stat.numel()
-    return out
+    checked = _check_stats(stats)
+    if not is_distributed() and all(n == 0 for _, n in checked):
+        raise ValueError("no samples: every n_local is 0, so there is no batch mean")
+    sums, counts = global_batch_sums(*checked)
+    return [total / counts[i] for i, total in enumerate(sums)]

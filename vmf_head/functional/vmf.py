@@ -5,22 +5,26 @@ components with means ``mu_k = w_k/||w_k||`` and concentrations ``kappa_k = ||w_
 normaliser ``C_p(kappa_k)`` is the same. DINO-vMF (Govindarajan et al., ICLR 2023, eq. 6) adds it:
 
     l_k = w_k^T y / tau + log C_p(||w_k|| / tau)  =  kappa_k mu_k^T y + log C_p(kappa_k).
+
+Temperatures are positive numbers or 0-d tensors (a schedule kept on the device, so that a new
+temperature is new data, not a new compiled graph).
 """
 
 from __future__ import annotations
 
 import contextlib
-import numbers
+from collections.abc import Sequence
 
 import torch
 
+from .._validation import check_tensor, check_temperature
 from ..normalizer import log_vmf_normalizer
 
-
-def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """The dtype the losses compute in: float64 if any input is float64, else float32 (float16 and
-    bfloat16 inputs are promoted so that softmax, log-sum-exp and the normaliser never run in half)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+def compute_dtype(*logits: torch.Tensor | None) -> torch.dtype:
+    """The dtype of the B x K work: float64 if a B x K input (logits, targets) is float64, else
+    float32 (float16 and bfloat16 are promoted, so softmax and log-sum-exp never run in half). The
+    K-vectors (corrections, centres) never decide it: they are cast after their own arithmetic."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in logits) else torch.float32
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -30,15 +34,9 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def check_temperature(name: str, value: object) -> float:
-    """``value`` as a positive finite float, or a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < float(value) < float("inf")):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
 def softmax_shifted(correction: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``correction - max(correction)`` in ``dtype``, for logits that only enter softmaxes over K.
+    """``correction - max(correction)``, computed in the correction's dtype, then cast to ``dtype``,
+    for logits that only enter softmaxes over K.
 
     A softmax over prototypes does not see a constant, and ``log C_p`` is in the hundreds for DINO's
     p = 256 (about 340 at kappa = 25), which would cost float32 logits five bits of their fraction;
@@ -47,14 +45,19 @@ def softmax_shifted(correction: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return (correction - correction.detach().max()).to(dtype)
 
 
+def _check_norms(name: str, norms: object) -> torch.Tensor:
+    return check_tensor(name, norms, dims=1, shape="(K,) of prototype norms ||w_k||")
+
+
 def vmf_correction(
-    prototype_norms: torch.Tensor, temperature: float, p: int, *, mode: str = "exact"
+    prototype_norms: torch.Tensor, temperature: float | torch.Tensor, p: int, *, mode: str = "exact"
 ) -> torch.Tensor:
     """The vMF correction ``log C_p(prototype_norms / temperature)`` of one branch.
 
     Args:
         prototype_norms: ``(K,)`` norms ``||w_k||`` of the prototypes (any float dtype; gradients flow).
-        temperature: the branch's temperature (``tau_s`` or the scheduled ``tau_t``), > 0.
+        temperature: the branch's temperature (``tau_s`` or the scheduled ``tau_t``), > 0: a number
+            or a 0-d tensor.
         p: the dimension of the sphere's ambient space (the head's bottleneck dim, 256 in DINO).
         mode: ``"exact"`` or ``"approx"``, see :func:`vmf_head.log_vmf_normalizer`.
 
@@ -66,7 +69,7 @@ def vmf_correction(
 
 
 def vmf_corrections(
-    branches: list[tuple[torch.Tensor, float]], p: int, *, mode: str = "exact"
+    branches: Sequence[tuple[torch.Tensor, float | torch.Tensor]], p: int, *, mode: str = "exact"
 ) -> list[torch.Tensor]:
     """:func:`vmf_correction` of several branches (e.g. student and teacher) in ONE normaliser call.
 
@@ -74,20 +77,24 @@ def vmf_corrections(
     kernels), so the branches share one call on their concatenated concentrations.
 
     Args:
-        branches: ``(prototype_norms (K_i,), temperature)`` per branch; detach a branch's norms to
-            keep gradients away from it.
+        branches: a non-empty sequence of ``(prototype_norms (K_i,), temperature)``, one per branch;
+            detach a branch's norms to keep gradients away from it.
         p, mode: as :func:`vmf_correction`.
 
     Returns:
         One correction per branch, float32 (float64 if any norms are float64).
     """
+    if not isinstance(branches, Sequence) or not branches:
+        raise ValueError(
+            f"branches must be a non-empty sequence of (prototype_norms, temperature) pairs, got {branches!r}"
+        )
     kappas = []
-    for norms, temperature in branches:
-        temperature = check_temperature("temperature", temperature)
-        if not isinstance(norms, torch.Tensor) or not norms.is_floating_point() or norms.dim() != 1:
-            raise TypeError(f"prototype_norms must be a 1-D floating-point tensor, got {getattr(norms, 'shape', type(norms).__name__)}")
-        kappas.append((norms, temperature))
-    dtype = compute_dtype(*(norms for norms, _ in kappas))
+    for i, branch in enumerate(branches):
+        if not isinstance(branch, (tuple, list)) or len(branch) != 2:
+            raise TypeError(f"branches[{i}] must be a pair (prototype_norms, temperature), got {type(branch).__name__}")
+        norms, temperature = branch
+        kappas.append((_check_norms("prototype_norms", norms), check_temperature("temperature", temperature)))
+    dtype = torch.float64 if any(norms.dtype == torch.float64 for norms, _ in kappas) else torch.float32
     with no_autocast(kappas[0][0].device):
         kappa = torch.cat([norms.to(dtype) / temperature for norms, temperature in kappas])
         return list(log_vmf_normalizer(kappa, p, mode=mode).split([len(norms) for norms, _ in kappas]))
@@ -96,7 +103,7 @@ def vmf_corrections(
 def vmf_logits(
     logits: torch.Tensor,
     prototype_norms: torch.Tensor,
-    temperature: float,
+    temperature: float | torch.Tensor,
     p: int,
     *,
     mode: str = "exact",
@@ -106,24 +113,27 @@ def vmf_logits(
     Args:
         logits: ``(..., K)`` raw head outputs ``w_k^T y`` (y unit length), any float dtype.
         prototype_norms: ``(K,)`` prototype norms ``||w_k||``; broadcast over the last dim of ``logits``.
-        temperature: the branch's temperature, > 0.
+        temperature: the branch's temperature, > 0 (a number or a 0-d tensor).
         p: ambient dimension of the sphere (bottleneck dim).
         mode: ``"exact"`` or ``"approx"`` normaliser (the approximation is off by a constant in kappa
             only for large p, which cancels in the softmax).
 
     Returns:
-        ``(..., K)`` tensor in float32 (float64 if an input is float64), even under autocast, so that
+        ``(..., K)`` tensor in float32 (float64 for float64 logits), even under autocast, so that
         its softmax is the Bayes posterior of the uniform vMF mixture ``{(mu_k, kappa_k)}``.
 
     Raises:
-        ValueError: the last dim of ``logits`` is not the number of norms, or temperature/p/mode are bad.
+        TypeError: an argument has the wrong type; ValueError: the last dim of ``logits`` is not
+        the number of norms, or temperature/p/mode are bad.
     """
-    if prototype_norms.dim() != 1 or logits.shape[-1] != prototype_norms.shape[0]:
+    logits = check_tensor("logits", logits, shape="(..., K)")
+    prototype_norms = _check_norms("prototype_norms", prototype_norms)
+    if logits.dim() == 0 or logits.shape[-1] != prototype_norms.shape[0]:
         raise ValueError(
-            f"prototype_norms must have shape (K,) with K = logits.shape[-1] = {logits.shape[-1]}, "
-            f"got {tuple(prototype_norms.shape)}"
+            f"prototype_norms must have shape (K,) with K = logits.shape[-1] = "
+            f"{logits.shape[-1] if logits.dim() else None}, got {tuple(prototype_norms.shape)}"
         )
     correction = vmf_correction(prototype_norms, temperature, p, mode=mode)
     with no_autocast(logits.device):
-        dtype = compute_dtype(logits, correction)
+        dtype = compute_dtype(logits)
         return logits.to(dtype) / temperature + correction.to(dtype)

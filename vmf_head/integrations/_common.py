@@ -27,9 +27,9 @@ __all__ = [
     "prototype_shape",
     "warn_if_frozen",
     "copy_schedule",
+    "require_attributes",
     "schedule_arguments",
     "device_of",
-    "ProbabilityCenterCheck",
 ]
 
 
@@ -141,17 +141,17 @@ def warn_if_frozen(layer: nn.Module, *, flag: str, stacklevel: int = 3) -> bool:
     return frozen
 
 
-def copy_schedule(source: object, target: object, name: str) -> None:
-    """Give ``target`` a copy of ``source``'s temperature schedule ``name`` (numpy array or tensor).
+def copy_schedule(source: object, target: nn.Module, name: str) -> None:
+    """Copy ``source``'s temperature schedule ``name`` (numpy array or tensor) into ``target``'s buffer.
 
-    The vMF loss is built from arguments reconstructed from the original loss; copying the array itself
+    The vMF loss is built from arguments reconstructed from the original loss; copying the values
     afterwards makes the two schedules identical element by element, including forms the arguments
     cannot express (iBOT's ``mim_start_epoch`` prefix).
     """
-    if not hasattr(target, name):
-        raise AttributeError(f"{type(target).__name__} has no attribute {name!r} to receive the schedule")
-    value = getattr(source, name)
-    setattr(target, name, value.clone() if isinstance(value, torch.Tensor) else value.copy())
+    buffer = getattr(target, name, None)
+    if not isinstance(buffer, torch.Tensor):
+        raise AttributeError(f"{type(target).__name__} has no schedule buffer {name!r}")
+    buffer.copy_(torch.as_tensor(getattr(source, name)).detach().to(dtype=buffer.dtype, device=buffer.device))
 
 
 def schedule_arguments(schedule) -> tuple[float, float, int, int]:
@@ -167,38 +167,19 @@ def schedule_arguments(schedule) -> tuple[float, float, int, int]:
     return values[0], values[-1], 0, len(values)
 
 
+def require_attributes(name: str, obj: object, attrs: tuple[str, ...], what: str) -> None:
+    """TypeError naming ``name`` unless ``obj`` has every attribute in ``attrs`` (e.g. a loss of the
+    codebase being patched, ``what``)."""
+    missing = [a for a in attrs if not hasattr(obj, a)]
+    if missing:
+        raise TypeError(
+            f"{name} must be {what} (with {', '.join(attrs)}), got {type(obj).__name__} without "
+            f"{', '.join(missing)}"
+        )
+
+
 def device_of(module: nn.Module, default: Optional[torch.device] = None) -> torch.device:
     """Device of the first buffer or parameter of ``module`` (``default`` / CPU when it has none)."""
     for tensor in (*module.buffers(), *module.parameters()):
         return tensor.device
     return default or torch.device("cpu")
-
-
-class ProbabilityCenterCheck:
-    """Mixin for the patched losses: refuse a checkpoint whose center cannot be a probability center.
-
-    Resuming a plain DINO/iBOT/DINOv2 checkpoint into a run patched with probability centering would
-    load their logit-space center (zeros at the start, raw output means later) into a buffer read as
-    a distribution over prototypes. The training scripts restore the loss's state dict themselves
-    (DINO: ``utils.restart_from_checkpoint``), so the check sits in ``_load_from_state_dict``: a
-    ValueError names the problem instead of a run that trains with a meaningless center.
-    """
-
-    _CENTERS = ("center", "center2")
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        if getattr(self, "centering", None) == "probability":
-            for name in self._CENTERS:
-                value = state_dict.get(prefix + name)
-                if isinstance(value, torch.Tensor) and value.numel() and not _is_distribution(value):
-                    raise ValueError(
-                        f"the checkpoint's {prefix + name} is not a probability vector (min {float(value.min()):.3g}, "
-                        f"sum {float(value.double().sum()):.6g}): it was written by a run without probability centering "
-                        "(plain DINO/iBOT, or centering='logit'). Start the vMF run from scratch, or patch with "
-                        "centering='logit'."
-                    )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-
-
-def _is_distribution(center: torch.Tensor) -> bool:
-    return bool((center >= 0).all()) and abs(float(center.double().sum()) - 1.0) < 1e-3

@@ -28,11 +28,11 @@ from torch import nn
 
 from ..nn import DINOvMFLoss
 from ._common import (
-    ProbabilityCenterCheck,
     copy_schedule,
     find_head,
     prototype_norms,
     prototype_shape,
+    require_attributes,
     schedule_arguments,
     warn_if_frozen,
 )
@@ -40,7 +40,7 @@ from ._common import (
 __all__ = ["PatchedDINOLoss", "patch"]
 
 
-class PatchedDINOLoss(ProbabilityCenterCheck, DINOvMFLoss):
+class PatchedDINOLoss(DINOvMFLoss):
     """:class:`vmf_head.DINOvMFLoss` bound to DINO's prototype layers, called as DINO's ``DINOLoss``.
 
     ``forward(student_output, teacher_output, epoch)``: ``student_output`` (ncrops * B, K) and
@@ -55,7 +55,7 @@ class PatchedDINOLoss(ProbabilityCenterCheck, DINOvMFLoss):
         # state dict and under its .cuda()/.to().
         self._prototype_layers = (student_layer, teacher_layer)
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int | torch.Tensor) -> torch.Tensor:
         student_layer, teacher_layer = self._prototype_layers
         student_norms = prototype_norms(student_layer)
         with torch.no_grad():
@@ -97,6 +97,8 @@ def patch(
         TypeError, ValueError: no unique head in ``student``/``teacher``, or K/p disagree between the
             heads and the loss.
     """
+    require_attributes("dino_loss", dino_loss, ("ncrops", "student_temp", "center_momentum", "teacher_temp_schedule", "center"),
+                       "facebookresearch/dino's DINOLoss")
     student_layer = find_head(student, role="student").last_layer
     teacher_layer = find_head(teacher, role="teacher").last_layer
     shape = prototype_shape(student_layer)

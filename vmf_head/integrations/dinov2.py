@@ -36,7 +36,8 @@ from torch import nn
 
 from ..functional import center_teacher, global_batch_means, multicrop_cross_entropy, sinkhorn_centering, vmf_correction
 from ..functional.centering import check_centering
-from ._common import ProbabilityCenterCheck, device_of, find_head, prototype_norms, prototype_shape, warn_if_frozen
+from ..nn._loss_common import ProbabilityCenterCheck
+from ._common import device_of, find_head, prototype_norms, prototype_shape, warn_if_frozen
 
 __all__ = ["CapturedNorms", "DINOv2vMFLoss", "DINOv2iBOTPatchvMFLoss", "patch"]
 

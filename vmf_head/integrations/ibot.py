@@ -23,11 +23,11 @@ from torch import nn
 
 from ..nn import iBOTvMFLoss
 from ._common import (
-    ProbabilityCenterCheck,
     copy_schedule,
     find_head,
     prototype_norms,
     prototype_shape,
+    require_attributes,
     schedule_arguments,
     warn_if_frozen,
 )
@@ -46,7 +46,7 @@ def _layers(model: nn.Module, role: str) -> tuple[nn.Module, nn.Module]:
     return head.last_layer, head.last_layer2
 
 
-class PatchediBOTLoss(ProbabilityCenterCheck, iBOTvMFLoss):
+class PatchediBOTLoss(iBOTvMFLoss):
     """:class:`vmf_head.iBOTvMFLoss` bound to iBOT's prototype layers, called as iBOT's ``iBOTLoss``.
 
     ``forward(student_output, teacher_output, student_local_cls, student_mask, epoch)`` with iBOT's
@@ -98,6 +98,11 @@ def patch(
     Warns:
         FrozenNormsWarning: the student's [CLS] or patch norms are frozen (``--norm_last_layer true``).
     """
+    require_attributes(
+        "ibot_loss", ibot_loss,
+        ("ngcrops", "nlcrops", "student_temp", "center_momentum", "center_momentum2", "lambda1", "lambda2",
+         "teacher_temp_schedule", "teacher_temp2_schedule", "center", "center2"),
+        "bytedance/ibot's iBOTLoss")
     student_layers = _layers(student, "student")
     teacher_layers = _layers(teacher, "teacher")
     n_cls, n_patch = ibot_loss.center.shape[-1], ibot_loss.center2.shape[-1]

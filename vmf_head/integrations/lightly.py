@@ -5,12 +5,16 @@ Where the training code builds lightly's loss, add one line::
     criterion = DINOLoss(output_dim=2048, warmup_teacher_temp_epochs=5)
     criterion = vmf_head.integrations.lightly.patch(model.student_head, model.teacher_head, criterion)
 
-and build the student head with ``DINOProjectionHead(..., norm_last_layer=False)``. The returned loss is
-called as lightly's: ``criterion(teacher_out, student_out, teacher_temp=None, epoch=None)`` with lists
-of per-view outputs (teacher views first in the pairing; same view index skipped), the temperature
-chosen by lightly's rule (the ``teacher_temp`` argument, else lightly's warm-up schedule at ``epoch``,
-else the final temperature). As for DINO, the heads are not replaced: the norms are read from the
-``last_layer`` (``weight_norm``'d linear) of lightly's heads at every call, student with gradient.
+and build the student head with ``DINOProjectionHead(..., norm_last_layer=False)``. The line also
+switches lightly's logit centering to probability centering, the seed's DINO-vMF; pass
+``centering="logit"`` to keep lightly's. The returned loss is called as lightly's:
+``criterion(teacher_out, student_out, teacher_temp=None, epoch=None)`` with lists of per-view outputs
+(teacher views first in the pairing; same view index skipped; more teacher than student views is
+fine), the temperature chosen by lightly's rule (the ``teacher_temp`` argument, a number or a 0-d
+tensor, else lightly's warm-up schedule at ``epoch``, else the final temperature), and it has
+lightly's ``update_center(teacher_out)``. As for DINO, the heads are not replaced: the norms are
+read from the ``last_layer`` (``weight_norm``'d linear) of lightly's heads at every call, student
+with gradient.
 """
 
 from __future__ import annotations
@@ -20,13 +24,17 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .._validation import check_int, check_tensor, check_temperature
+from ..functional.centering import center_teacher
+from ..functional.dino_loss import dino_vmf_loss
+from ..functional.vmf import vmf_correction
 from ..nn import _loss_common as common
-from ._common import ProbabilityCenterCheck, find_head, prototype_norms, prototype_shape, warn_if_frozen
+from ._common import find_head, prototype_norms, prototype_shape, require_attributes, warn_if_frozen
 
 __all__ = ["PatchedLightlyDINOLoss", "patch"]
 
 
-class PatchedLightlyDINOLoss(ProbabilityCenterCheck, nn.Module):
+class PatchedLightlyDINOLoss(common.ProbabilityCenterCheck, nn.Module):
     """DINO-vMF loss with lightly's ``DINOLoss`` call signature, bound to lightly's prototype layers.
 
     Args:
@@ -35,13 +43,15 @@ class PatchedLightlyDINOLoss(ProbabilityCenterCheck, nn.Module):
         teacher_temp: final teacher temperature; ``teacher_temp_schedule`` (tensor) the warm-up values
             used for ``epoch < warmup_teacher_temp_epochs``.
         student_temp, center_momentum: as lightly's.
-        p, centering, mode, backend: as :class:`vmf_head.DINOvMFLoss`.
+        p, centering, mode, backend, check_finite: as :class:`vmf_head.DINOvMFLoss`.
 
     Buffers:
         center: ``(1, 1, K)`` (lightly's shape); ``1/K`` at the start for probability centering.
+        teacher_temp_schedule (warm-up values) and the final teacher temperature, float64, not saved.
     """
 
     center: torch.Tensor
+    teacher_temp_schedule: torch.Tensor
 
     def __init__(
         self,
@@ -58,33 +68,48 @@ class PatchedLightlyDINOLoss(ProbabilityCenterCheck, nn.Module):
         centering: str = "probability",
         mode: str = "exact",
         backend: str = "auto",
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
-        common.check_config(p, mode, centering, backend, {"center_momentum": center_momentum})
-        self.output_dim = common.check_out_dim("output_dim", output_dim)
-        self.teacher_temp = common.check_temperature("teacher_temp", teacher_temp)
-        self.student_temp = common.check_temperature("student_temp", student_temp)
-        self.teacher_temp_schedule = teacher_temp_schedule.clone()
-        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.p = common.check_config(p, mode, centering, backend, {"center_momentum": center_momentum})
+        self.output_dim = check_int("output_dim", output_dim, minimum=1)
+        self.teacher_temp = check_temperature("teacher_temp", teacher_temp)
+        self.student_temp = check_temperature("student_temp", student_temp)
+        self.warmup_teacher_temp_epochs = check_int("warmup_teacher_temp_epochs", warmup_teacher_temp_epochs, minimum=0)
         self.center_momentum = float(center_momentum)
-        self.p, self.centering, self.mode, self.backend = p, centering, mode, backend
-        self.register_buffer("center", common.initial_center(centering, (1, 1, output_dim)))
+        self.centering, self.mode, self.backend = centering, mode, backend
+        self.check_finite = bool(check_finite)
+        self.register_buffer("teacher_temp_schedule", torch.as_tensor(teacher_temp_schedule, dtype=torch.float64).clone(),
+                             persistent=False)
+        self.register_buffer("_final_teacher_temp", torch.tensor(float(teacher_temp), dtype=torch.float64),
+                             persistent=False)
+        self.register_buffer("center", common.initial_center(centering, (1, 1, self.output_dim)))
         # A tuple, not attributes: see vmf_head.integrations.dino.PatchedDINOLoss.
         self._prototype_layers = (student_layer, teacher_layer)
 
-    def temperature(self, teacher_temp: Optional[float] = None, epoch: Optional[int] = None) -> float:
-        """lightly's choice: ``teacher_temp`` if given, else the warm-up value at ``epoch``, else the final."""
+    def temperature(self, teacher_temp: Optional[float | torch.Tensor] = None, epoch: Optional[int] = None):
+        """lightly's choice: ``teacher_temp`` if given, else the warm-up value at ``epoch``, else the
+        final; a number as given, otherwise a 0-d tensor on the loss's device (no host sync)."""
         if teacher_temp is not None:
-            return common.check_temperature("teacher_temp", teacher_temp)
-        if epoch is not None and epoch < self.warmup_teacher_temp_epochs:
-            return float(self.teacher_temp_schedule[epoch])
-        return self.teacher_temp
+            return check_temperature("teacher_temp", teacher_temp)
+        if epoch is not None:
+            epoch = check_int("epoch", epoch, minimum=0)
+            if epoch < self.warmup_teacher_temp_epochs:
+                return self.teacher_temp_schedule[epoch]
+        return self._final_teacher_temp
+
+    def _norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        student_layer, teacher_layer = self._prototype_layers
+        student_norms = prototype_norms(student_layer)
+        with torch.no_grad():
+            teacher_norms = prototype_norms(teacher_layer)
+        return student_norms, teacher_norms
 
     def forward(
         self,
         teacher_out: Sequence[torch.Tensor],
         student_out: Sequence[torch.Tensor],
-        teacher_temp: Optional[float] = None,
+        teacher_temp: Optional[float | torch.Tensor] = None,
         epoch: Optional[int] = None,
     ) -> torch.Tensor:
         """Mean over view pairs (teacher view i, student view j, i != j) of the batch-mean cross-entropy
@@ -95,38 +120,69 @@ class PatchedLightlyDINOLoss(ProbabilityCenterCheck, nn.Module):
             student_out: list of (B, K) student outputs, one per view (the first ones are the teacher's).
         """
         temp = self.temperature(teacher_temp, epoch)
-        n_pairs = len(teacher_out) * len(student_out) - min(len(teacher_out), len(student_out))
-        if n_pairs <= 0:
+        teacher, student = _stack_views("teacher_out", teacher_out, self.output_dim), _stack_views(
+            "student_out", student_out, self.output_dim)
+        n_teacher, n_student = len(teacher_out), len(student_out)
+        if n_teacher * n_student - min(n_teacher, n_student) == 0:
             raise ValueError(
-                f"need at least two views in total with a cross-view pair, got {len(teacher_out)} teacher and "
-                f"{len(student_out)} student view(s)"
+                f"need at least two views in total with a cross-view pair, got {n_teacher} teacher and "
+                f"{n_student} student view(s)"
             )
-        student, teacher = torch.cat(list(student_out)), torch.cat(list(teacher_out))
-        student_layer, teacher_layer = self._prototype_layers
-        student_norms = prototype_norms(student_layer)
-        with torch.no_grad():
-            teacher_norms = prototype_norms(teacher_layer)
+        if teacher.shape[0] // n_teacher != student.shape[0] // n_student:
+            raise ValueError(
+                f"teacher_out and student_out views must have the same batch size, got "
+                f"{teacher.shape[0] // n_teacher} and {student.shape[0] // n_student}"
+            )
+        student_norms, teacher_norms = self._norms()
         student_correction, teacher_correction = common.corrections(
             student_norms, teacher_norms, self.output_dim, student_temp=self.student_temp, teacher_temp=temp,
             p=self.p, mode=self.mode,
         )
-        # The same backend choice (fused Triton op on CUDA, reference otherwise) as vmf_head.DINOvMFLoss.
-        dino_vmf_loss = common.loss_function("dino_vmf_loss", self.backend, self.centering, student.device)
         loss, stat = dino_vmf_loss(
-            student,
-            teacher,
-            self.center.view(1, self.output_dim),
-            n_views=len(student_out),
-            n_global=len(teacher_out),
-            student_temp=self.student_temp,
-            teacher_temp=temp,
-            student_correction=student_correction,
-            teacher_correction=teacher_correction,
-            centering=self.centering,
+            student, teacher, self.center.view(1, self.output_dim), n_views=n_student, n_global=n_teacher,
+            student_temp=self.student_temp, teacher_temp=temp, student_correction=student_correction,
+            teacher_correction=teacher_correction, centering=self.centering, backend=self.backend,
         )
-        if stat is not None:
-            common.update_centers_((self.center, stat, teacher.shape[0], self.center_momentum))
+        if self.check_finite:
+            temps = {"teacher_temp": temp} if isinstance(temp, torch.Tensor) else {}
+            common.assert_finite(loss, temps, lambda: common.diagnose_nonfinite(
+                {"teacher_out": teacher, "student_out": student, "center": self.center},
+                {"student last_layer norms": student_norms, "teacher last_layer norms": teacher_norms}, temps))
+        common.update_centers_((self.center, stat, teacher.shape[0], self.center_momentum))
         return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor, teacher_temp: Optional[float | torch.Tensor] = None,
+                      epoch: Optional[int] = None) -> None:
+        """lightly's moving-average update of the center from ``teacher_out`` ``(views, B, K)`` (or
+        ``(B, K)``). Logit centering averages the raw outputs (lightly's own update); probability
+        centering averages the teacher's vMF posterior at the temperature of lightly's rule; Sinkhorn
+        keeps no center. ``forward`` already updates the center: call this only for outputs it did not see."""
+        teacher_out = check_tensor("teacher_out", teacher_out, dims=(2, 3), shape="(views, B, K) or (B, K)")
+        if self.centering == "sinkhorn":
+            return
+        temp = self.temperature(teacher_temp, epoch)
+        teacher_correction = None
+        if self.centering == "probability":
+            teacher_correction = vmf_correction(self._norms()[1], temp, self.p, mode=self.mode)
+        rows = teacher_out.reshape(-1, teacher_out.shape[-1])
+        _, stat = center_teacher(rows, self.center.view(1, -1), teacher_temp=temp,
+                                 teacher_correction=teacher_correction, centering=self.centering)
+        common.update_centers_((self.center, stat, rows.shape[0], self.center_momentum))
+
+
+def _stack_views(name: str, views: object, k: int) -> torch.Tensor:
+    """lightly's list of per-view ``(B, K)`` outputs as one ``(views * B, K)`` tensor, checked in its terms."""
+    if isinstance(views, torch.Tensor) or not isinstance(views, Sequence) or not views:
+        raise TypeError(f"{name} must be a non-empty list of (B, K) tensors, one per view, got {type(views).__name__}")
+    for i, view in enumerate(views):
+        check_tensor(f"{name}[{i}]", view, dims=2, shape=f"(B, K = {k})")
+        if view.shape != views[0].shape or view.shape[1] != k:
+            raise ValueError(
+                f"{name}[{i}] has shape {tuple(view.shape)}; every view must be (B, K = {k}) like "
+                f"{name}[0] {tuple(views[0].shape)}"
+            )
+    return torch.cat(list(views))
 
 
 def patch(
@@ -146,11 +202,17 @@ def patch(
         dino_loss: ``lightly.loss.DINOLoss``; copied: ``teacher_temp``, ``student_temp``,
             ``center_momentum``, ``warmup_teacher_temp_epochs``, ``teacher_temp_schedule``, K from
             ``center``. With ``centering="logit"`` its center is carried over too.
-        centering, mode, backend: as :func:`vmf_head.integrations.dino.patch`.
+        centering: ``"probability"`` (DINO-vMF, default: NOT lightly's own centering), ``"logit"``
+            (lightly's) or ``"sinkhorn"``.
+        mode, backend: as :func:`vmf_head.integrations.dino.patch`.
 
     Warns:
         FrozenNormsWarning: the student head was built with ``norm_last_layer=True`` (lightly's default).
     """
+    require_attributes(
+        "dino_loss", dino_loss,
+        ("teacher_temp", "student_temp", "center_momentum", "warmup_teacher_temp_epochs", "teacher_temp_schedule",
+         "center"), "lightly's DINOLoss")
     student_layer = find_head(student, role="student").last_layer
     teacher_layer = find_head(teacher, role="teacher").last_layer
     shape = prototype_shape(student_layer)

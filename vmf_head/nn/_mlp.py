@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ._validate import check_positive_int
+from .._validation import check_int
 
 __all__ = ["TokenSequential", "build_mlp"]
 
@@ -62,7 +62,7 @@ def build_mlp(
     """
     for name, value in (("in_dim", in_dim), ("bottleneck_dim", bottleneck_dim), ("nlayers", nlayers),
                         ("hidden_dim", hidden_dim)):
-        check_positive_int(name, value)
+        check_int(name, value, minimum=1)
     if nlayers == 1:
         mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
     else:

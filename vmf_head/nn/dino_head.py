@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._mlp import build_mlp
-from ._validate import check_positive_int
+from .._validation import check_int
 from .weight_norm import WeightNormLinear
 
 __all__ = ["VMFPrototypeHead"]
@@ -53,7 +53,7 @@ class VMFPrototypeHead(nn.Module):
         bottleneck_dim: int = 256,
     ) -> None:
         super().__init__()
-        check_positive_int("out_dim", out_dim)
+        check_int("out_dim", out_dim, minimum=1)
         norm = (lambda: nn.BatchNorm1d(hidden_dim)) if use_bn else None
         self.mlp = build_mlp(in_dim, bottleneck_dim, nlayers=nlayers, hidden_dim=hidden_dim, norm=norm, act=nn.GELU)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, freeze_norm=norm_last_layer)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..functional.dino_loss import check_dino_inputs
+from .._validation import check_int, check_temperature
+from ..functional.dino_loss import check_dino_inputs, dino_vmf_loss
 from . import _loss_common as common
 
 
-class DINOvMFLoss(nn.Module):
+class DINOvMFLoss(common.ProbabilityCenterCheck, nn.Module):
     """DINO-vMF loss (DINO's when no prototype norms are given).
 
     Args:
@@ -24,19 +25,25 @@ class DINOvMFLoss(nn.Module):
             temperature schedule ``concat(linspace(warmup, final, warmup_epochs), final...)``.
         student_temp: ``tau_s``.
         center_momentum: EMA momentum of the center.
-        p: dimension of the sphere's ambient space (the head's bottleneck dim).
+        p: dimension of the sphere's ambient space, the head's bottleneck dim (``head.p``; 256 in
+            DINO). Required when the forward gets prototype norms: the correction log C_p depends on
+            it, and no default could be right for every head.
         centering: ``"probability"`` (default; DINO-vMF), ``"logit"`` (DINO) or ``"sinkhorn"`` (DINOv2).
         mode: normaliser ``"exact"`` or ``"approx"`` (see :func:`vmf_head.log_vmf_normalizer`).
         backend: ``"auto"`` (fused Triton op for CUDA inputs when available), ``"triton"`` or ``"reference"``.
         sinkhorn_iterations: Sinkhorn-Knopp iterations for ``centering="sinkhorn"``.
-        check_finite: raise a ValueError naming a non-finite input when the loss is not finite:
-            True always, False never, None (default) only where it needs no device sync (CPU).
+        check_finite: check on the device that the loss is finite and the temperature positive,
+            without a host sync (``torch._assert_async``; see ``docs/loss.md``). On the CPU a failure
+            is a ValueError naming the bad input; on CUDA a device-side assert.
 
     Buffers:
-        center: ``(1, K)`` float32; starts at 0 (logit) or ``1/K`` (probability); Sinkhorn leaves it alone.
+        center: ``(1, K)`` float32; starts at 0 (logit) or ``1/K`` (probability); Sinkhorn leaves it
+            alone. A probability-centred loss refuses a checkpoint whose center is not a distribution.
+        teacher_temp_schedule: ``(nepochs,)`` float64, not saved (DINO's checkpoints hold ``center`` only).
     """
 
     center: torch.Tensor
+    teacher_temp_schedule: torch.Tensor
 
     def __init__(
         self,
@@ -49,34 +56,31 @@ class DINOvMFLoss(nn.Module):
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
         *,
-        p: int = 256,
+        p: int | None = None,
         centering: str = "probability",
         mode: str = "exact",
         backend: str = "auto",
         sinkhorn_iterations: int = 3,
-        check_finite: bool | None = None,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
-        common.check_config(p, mode, centering, backend, {"center_momentum": center_momentum})
-        self.out_dim = common.check_out_dim("out_dim", out_dim)
-        if isinstance(ncrops, bool) or not isinstance(ncrops, int) or ncrops < 2:
-            raise ValueError(f"ncrops must be an int >= 2 (the 2 global crops + local crops), got {ncrops!r}")
-        self.ncrops = ncrops
-        self.student_temp = common.check_temperature("student_temp", student_temp)
+        self.p = common.check_config(p, mode, centering, backend, {"center_momentum": center_momentum})
+        self.out_dim = check_int("out_dim", out_dim, minimum=1)
+        self.ncrops = check_int("ncrops", ncrops, minimum=2, what="the 2 global crops + local crops")
+        self.student_temp = check_temperature("student_temp", student_temp)
         self.center_momentum = float(center_momentum)
-        self.p, self.centering, self.mode, self.backend = p, centering, mode, backend
-        self.sinkhorn_iterations = sinkhorn_iterations
-        self.check_finite = check_finite
-        self.teacher_temp_schedule = common.temperature_schedule(
-            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs
-        )
-        self.register_buffer("center", common.initial_center(centering, (1, out_dim)))
+        self.centering, self.mode, self.backend = centering, mode, backend
+        self.sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, minimum=0)
+        self.check_finite = bool(check_finite)
+        schedule = common.temperature_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+        self.register_buffer("teacher_temp_schedule", schedule, persistent=False)
+        self.register_buffer("center", common.initial_center(centering, (1, self.out_dim)))
 
     def forward(
         self,
         student_output: torch.Tensor,
         teacher_output: torch.Tensor,
-        epoch: int,
+        epoch: int | torch.Tensor,
         student_norms: torch.Tensor | None = None,
         teacher_norms: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -85,12 +89,13 @@ class DINOvMFLoss(nn.Module):
         Args:
             student_output: ``(ncrops * B, K)`` raw student head outputs ``w_k^T y``, views stacked.
             teacher_output: ``(2 * B, K)`` raw teacher outputs of the 2 global views.
-            epoch: index into the teacher temperature schedule.
+            epoch: index into the teacher temperature schedule: an int, or a 0-d integer tensor (then
+                a compiled step never specialises on its value).
             student_norms: ``(K,)`` student prototype norms ``||w_k||`` (differentiable), or None.
             teacher_norms: ``(K,)`` teacher prototype norms, or None (both or neither).
 
         Returns:
-            The scalar loss of the local batch (float32; float64 for float64 inputs).
+            The scalar loss of the local batch (float32; float64 for float64 outputs; 0 for B = 0).
         """
         temp = common.scheduled(self.teacher_temp_schedule, epoch)
         _, k = check_dino_inputs(student_output, teacher_output, n_views=self.ncrops, n_global=2)
@@ -99,33 +104,17 @@ class DINOvMFLoss(nn.Module):
         student_correction, teacher_correction = common.corrections(
             student_norms, teacher_norms, k, student_temp=self.student_temp, teacher_temp=temp, p=self.p, mode=self.mode
         )
-        dino_vmf_loss = common.loss_function("dino_vmf_loss", self.backend, self.centering, student_output.device)
         loss, stat = dino_vmf_loss(
-            student_output,
-            teacher_output,
-            self.center,
-            n_views=self.ncrops,
-            n_global=2,
-            student_temp=self.student_temp,
-            teacher_temp=temp,
-            student_correction=student_correction,
-            teacher_correction=teacher_correction,
-            centering=self.centering,
-            sinkhorn_iterations=self.sinkhorn_iterations,
+            student_output, teacher_output, self.center, n_views=self.ncrops, n_global=2,
+            student_temp=self.student_temp, teacher_temp=temp, student_correction=student_correction,
+            teacher_correction=teacher_correction, centering=self.centering,
+            sinkhorn_iterations=self.sinkhorn_iterations, backend=self.backend,
         )
-        if common.should_check_finite(self.check_finite, loss.device):
-            common.raise_if_not_finite(
-                loss,
-                {
-                    "student_output": student_output,
-                    "teacher_output": teacher_output,
-                    "student_norms": student_norms,
-                    "teacher_norms": teacher_norms,
-                    "center": self.center,
-                },
-            )
-        if stat is not None:
-            common.update_centers_((self.center, stat, teacher_output.shape[0], self.center_momentum))
+        if self.check_finite:
+            common.assert_finite(loss, {"teacher_temp": temp}, lambda: common.diagnose_nonfinite(
+                {"student_output": student_output, "teacher_output": teacher_output, "center": self.center},
+                {"student_norms": student_norms, "teacher_norms": teacher_norms}, {"teacher_temp": temp}))
+        common.update_centers_((self.center, stat, teacher_output.shape[0], self.center_momentum))
         return loss
 
     def extra_repr(self) -> str:
@@ -133,5 +122,3 @@ class DINOvMFLoss(nn.Module):
             f"out_dim={self.out_dim}, ncrops={self.ncrops}, p={self.p}, centering={self.centering!r}, "
             f"mode={self.mode!r}, backend={self.backend!r}"
         )
-
-

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._mlp import build_mlp
-from ._validate import check_positive_int
+from .._validation import check_int, check_tensor
 from .weight_norm import WeightNormLinear
 
 __all__ = ["iBOTvMFHead"]
@@ -76,9 +76,9 @@ class iBOTvMFHead(nn.Module):
                 f"last_norm must be None, got {last_norm!r}: a norm applied to the logits makes them something "
                 "other than w_k^T y, which the vMF log-normaliser correction assumes"
             )
-        check_positive_int("out_dim", out_dim)
+        check_int("out_dim", out_dim, minimum=1)
         if not shared_head:
-            check_positive_int("patch_out_dim", patch_out_dim)
+            check_int("patch_out_dim", patch_out_dim, minimum=1)
         shared_norm = _NORMS[norm](hidden_dim) if norm is not None else None
         self.mlp = build_mlp(
             in_dim,
@@ -110,10 +110,11 @@ class iBOTvMFHead(nn.Module):
         - ``x`` of shape (B, N, in_dim), token 0 being [CLS]: the tuple ``(cls_logits (B, K),
           patch_logits (B, N-1, K2))``.
         """
+        x = check_tensor("x", x, dims=(2, 3), shape="(B, in_dim) or (B, N, in_dim) with token 0 = [CLS]")
         if x.dim() == 2:
             return self.last_layer(self.embed(x))
-        if x.dim() != 3:
-            raise ValueError(f"x must be (B, in_dim) or (B, N, in_dim) with token 0 = [CLS], got shape {tuple(x.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError(f"x must hold the [CLS] token and the patch tokens (N >= 1), got shape {tuple(x.shape)}")
         y = self.embed(x)
         return self.last_layer(y[:, 0]), self.last_layer2(y[:, 1:])
 

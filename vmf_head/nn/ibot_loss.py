@@ -13,29 +13,35 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..functional.dino_loss import check_dino_inputs, check_patch_inputs
+from .._validation import check_int, check_real, check_temperature, check_tensor
+from ..functional.dino_loss import check_dino_inputs, check_patch_inputs, dino_vmf_loss, ibot_patch_vmf_loss
 from . import _loss_common as common
 
 
-def _stack_masks(student_mask: Sequence[torch.Tensor] | torch.Tensor, ngcrops: int, images: int) -> torch.Tensor:
+def _stack_masks(student_mask: Sequence[torch.Tensor] | torch.Tensor, ngcrops: int, images: int, tokens: int) -> torch.Tensor:
     """iBOT's masks (a sequence with one ``(B, H, W)`` or ``(B, N)`` bool mask per crop, of which the
     first ``ngcrops`` belong to the global views; or one tensor for the stacked global views) as
     ``(ngcrops * B, N)``."""
     if isinstance(student_mask, torch.Tensor):
         masks = student_mask
     elif isinstance(student_mask, Sequence) and len(student_mask) >= ngcrops:
+        for i, m in enumerate(student_mask[:ngcrops]):
+            check_tensor(f"student_mask[{i}]", m, floating=False, shape="(B, H, W) or (B, N)")
         masks = torch.cat([m.flatten(1) if m.dim() > 1 else m[:, None] for m in student_mask[:ngcrops]])
     else:
         raise ValueError(
             f"student_mask must be a tensor or a sequence of at least ngcrops={ngcrops} per-crop masks, "
             f"got {type(student_mask).__name__}"
         )
-    if masks.shape[0] != images:
-        raise ValueError(f"student_mask covers {masks.shape[0]} images, expected ngcrops * B = {images}")
-    return masks.reshape(images, -1)
+    if masks.dim() == 0 or masks.shape[0] != images or masks.numel() != images * tokens:
+        raise ValueError(
+            f"student_mask must cover ngcrops * B = {images} images of {tokens} patch tokens each, got shape "
+            f"{tuple(masks.shape)}"
+        )
+    return masks.reshape(images, tokens)
 
 
-class iBOTvMFLoss(nn.Module):
+class iBOTvMFLoss(common.ProbabilityCenterCheck, nn.Module):
     """iBOT-vMF loss (iBOT's when no prototype norms are given).
 
     Args:
@@ -47,14 +53,21 @@ class iBOTvMFLoss(nn.Module):
         warmup_teacher_temp_epochs, nepochs: schedule lengths.
         student_temp: ``tau_s`` for both terms.
         center_momentum, center_momentum2: EMA momenta of ``center`` and ``center2``.
-        lambda1, lambda2: weights of the [CLS] and patch terms.
+        lambda1, lambda2: weights of the [CLS] and patch terms (finite numbers).
         mim_start_epoch: see above.
-        p, centering, mode, backend, sinkhorn_iterations, check_finite: as :class:`DINOvMFLoss`; the
-            centering applies to both terms.
+        p, centering, mode, backend, sinkhorn_iterations, check_finite: as :class:`DINOvMFLoss` (``p``
+            is the bottleneck dim of the head both prototype layers share); the centering applies to
+            both terms.
+
+    Buffers:
+        center ``(1, K)``, center2 ``(1, 1, K2)``; ``teacher_temp_schedule``,
+        ``teacher_temp2_schedule`` ``(nepochs,)`` float64, not saved.
     """
 
     center: torch.Tensor
     center2: torch.Tensor
+    teacher_temp_schedule: torch.Tensor
+    teacher_temp2_schedule: torch.Tensor
 
     def __init__(
         self,
@@ -75,40 +88,39 @@ class iBOTvMFLoss(nn.Module):
         lambda2: float = 1.0,
         mim_start_epoch: int = 0,
         *,
-        p: int = 256,
+        p: int | None = None,
         centering: str = "probability",
         mode: str = "exact",
         backend: str = "auto",
         sinkhorn_iterations: int = 3,
-        check_finite: bool | None = None,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
-        common.check_config(
+        self.p = common.check_config(
             p, mode, centering, backend, {"center_momentum": center_momentum, "center_momentum2": center_momentum2}
         )
-        self.out_dim = common.check_out_dim("out_dim", out_dim)
-        self.patch_out_dim = common.check_out_dim("patch_out_dim", patch_out_dim)
-        if isinstance(ngcrops, bool) or not isinstance(ngcrops, int) or ngcrops < 1:
-            raise ValueError(f"ngcrops must be an int >= 1, got {ngcrops!r}")
-        if isinstance(nlcrops, bool) or not isinstance(nlcrops, int) or nlcrops < 0:
-            raise ValueError(f"nlcrops must be an int >= 0, got {nlcrops!r}")
-        if ngcrops + nlcrops < 2:
+        self.out_dim = check_int("out_dim", out_dim, minimum=1)
+        self.patch_out_dim = check_int("patch_out_dim", patch_out_dim, minimum=1)
+        self.ngcrops = check_int("ngcrops", ngcrops, minimum=1)
+        self.nlcrops = check_int("nlcrops", nlcrops, minimum=0)
+        if self.ngcrops + self.nlcrops < 2:
             raise ValueError("the [CLS] term needs at least 2 crops in total (ngcrops + nlcrops >= 2)")
-        self.ngcrops, self.nlcrops, self.ncrops = ngcrops, nlcrops, ngcrops + nlcrops
-        self.student_temp = common.check_temperature("student_temp", student_temp)
+        self.ncrops = self.ngcrops + self.nlcrops
+        self.student_temp = check_temperature("student_temp", student_temp)
         self.center_momentum, self.center_momentum2 = float(center_momentum), float(center_momentum2)
-        self.lambda1, self.lambda2 = float(lambda1), float(lambda2)
-        self.p, self.centering, self.mode, self.backend = p, centering, mode, backend
-        self.sinkhorn_iterations = sinkhorn_iterations
-        self.check_finite = check_finite
-        self.teacher_temp_schedule = common.temperature_schedule(
-            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs
+        self.lambda1, self.lambda2 = check_real("lambda1", lambda1), check_real("lambda2", lambda2)
+        self.centering, self.mode, self.backend = centering, mode, backend
+        self.sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, minimum=0)
+        self.check_finite = bool(check_finite)
+        schedule = common.temperature_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+        schedule2 = common.temperature_schedule(
+            warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, nepochs, hold_epochs=mim_start_epoch,
+            names=("warmup_teacher_temp2", "teacher_temp2"),
         )
-        self.teacher_temp2_schedule = common.temperature_schedule(
-            warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, nepochs, hold_epochs=mim_start_epoch
-        )
-        self.register_buffer("center", common.initial_center(centering, (1, out_dim)))
-        self.register_buffer("center2", common.initial_center(centering, (1, 1, patch_out_dim)))
+        self.register_buffer("teacher_temp_schedule", schedule, persistent=False)
+        self.register_buffer("teacher_temp2_schedule", schedule2, persistent=False)
+        self.register_buffer("center", common.initial_center(centering, (1, self.out_dim)))
+        self.register_buffer("center2", common.initial_center(centering, (1, 1, self.patch_out_dim)))
 
     def forward(
         self,
@@ -116,7 +128,7 @@ class iBOTvMFLoss(nn.Module):
         teacher_output: tuple[torch.Tensor, torch.Tensor],
         student_local_cls: torch.Tensor | None,
         student_mask: Sequence[torch.Tensor] | torch.Tensor,
-        epoch: int,
+        epoch: int | torch.Tensor,
         student_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
         teacher_norms: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
@@ -130,7 +142,7 @@ class iBOTvMFLoss(nn.Module):
                 when ``nlcrops == 0``.
             student_mask: iBOT's masks: a sequence of per-crop ``(B, H, W)`` (or ``(B, N)``) bool masks,
                 the first ``ngcrops`` used; or one ``(ngcrops * B, N)`` tensor. True = masked.
-            epoch: index into the schedules.
+            epoch: index into the schedules (an int or a 0-d integer tensor).
             student_norms, teacher_norms: ``(cls_norms (K,), patch_norms (K2,))`` or None.
 
         Returns:
@@ -148,14 +160,14 @@ class iBOTvMFLoss(nn.Module):
             )
         if student_local_cls is not None:
             for name, x in (("student_output[0]", student_cls), ("student_local_cls", student_local_cls)):
-                if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.out_dim:
-                    raise ValueError(f"{name} must be a (crops * B, out_dim={self.out_dim}) tensor, got {getattr(x, 'shape', x)!r}")
+                check_tensor(name, x, dims=2, shape=f"(crops * B, out_dim={self.out_dim})")
+                if x.shape[1] != self.out_dim:
+                    raise ValueError(f"{name} must be a (crops * B, out_dim={self.out_dim}) tensor, got shape {tuple(x.shape)}")
             student_cls = torch.cat([student_cls, student_local_cls])
         _, k = check_dino_inputs(student_cls, teacher_cls, n_views=self.ncrops, n_global=self.ngcrops)
-        if not isinstance(student_patch, torch.Tensor) or student_patch.dim() != 3:
-            raise ValueError(f"student_output[1] must be a (ngcrops * B, N, K2) tensor, got {getattr(student_patch, 'shape', student_patch)!r}")
-        mask = _stack_masks(student_mask, self.ngcrops, student_patch.shape[0])
-        images, _, k2 = check_patch_inputs(student_patch, teacher_patch, mask)
+        check_tensor("student_output[1]", student_patch, dims=3, shape="(ngcrops * B, N, K2)")
+        mask = _stack_masks(student_mask, self.ngcrops, student_patch.shape[0], student_patch.shape[1])
+        images, tokens, k2 = check_patch_inputs(student_patch, teacher_patch, mask)
         if teacher_cls.shape[0] != images:
             raise ValueError(f"the [CLS] outputs cover {teacher_cls.shape[0]} global images but the patch outputs {images}")
         if (k, k2) != (self.out_dim, self.patch_out_dim):
@@ -171,59 +183,30 @@ class iBOTvMFLoss(nn.Module):
         corr2 = common.corrections(
             s_norms[1], t_norms[1], k2, student_temp=self.student_temp, teacher_temp=temp2, p=self.p, mode=self.mode, what="[1] (patch)"
         )
-        device = student_cls.device
-        dino_vmf_loss = common.loss_function("dino_vmf_loss", self.backend, self.centering, device)
-        ibot_patch_vmf_loss = common.loss_function("ibot_patch_vmf_loss", self.backend, self.centering, device)
-        # Only the reference does Sinkhorn, and only it takes the iteration count of the patch term.
-        sinkhorn = {"sinkhorn_iterations": self.sinkhorn_iterations} if self.centering == "sinkhorn" else {}
+        shared = dict(student_temp=self.student_temp, centering=self.centering,
+                      sinkhorn_iterations=self.sinkhorn_iterations, backend=self.backend)
         loss_cls, stat = dino_vmf_loss(
-            student_cls,
-            teacher_cls,
-            self.center,
-            n_views=self.ncrops,
-            n_global=self.ngcrops,
-            student_temp=self.student_temp,
-            teacher_temp=temp,
-            student_correction=corr[0],
-            teacher_correction=corr[1],
-            centering=self.centering,
-            sinkhorn_iterations=self.sinkhorn_iterations,
+            student_cls, teacher_cls, self.center, n_views=self.ncrops, n_global=self.ngcrops, teacher_temp=temp,
+            student_correction=corr[0], teacher_correction=corr[1], **shared,
         )
         loss_patch, stat2 = ibot_patch_vmf_loss(
-            student_patch,
-            teacher_patch,
-            mask,
-            self.center2,
-            student_temp=self.student_temp,
-            teacher_temp=temp2,
-            student_correction=corr2[0],
-            teacher_correction=corr2[1],
-            centering=self.centering,
-            **sinkhorn,
+            student_patch, teacher_patch, mask, self.center2, teacher_temp=temp2,
+            student_correction=corr2[0], teacher_correction=corr2[1], **shared,
         )
         loss_cls, loss_patch = loss_cls * self.lambda1, loss_patch * self.lambda2
         total = loss_cls + loss_patch
-        if common.should_check_finite(self.check_finite, total.device):
-            common.raise_if_not_finite(
-                total,
-                {
-                    "student_output[0] (cls)": student_cls,
-                    "student_output[1] (patch)": student_patch,
-                    "teacher_output[0] (cls)": teacher_cls,
-                    "teacher_output[1] (patch)": teacher_patch,
-                    "student_norms[0]": s_norms[0],
-                    "student_norms[1]": s_norms[1],
-                    "teacher_norms[0]": t_norms[0],
-                    "teacher_norms[1]": t_norms[1],
-                    "center": self.center,
-                    "center2": self.center2,
-                },
-            )
-        if stat is not None:
-            common.update_centers_(
-                (self.center, stat, teacher_cls.shape[0], self.center_momentum),
-                (self.center2, stat2, teacher_patch.shape[0] * teacher_patch.shape[1], self.center_momentum2),
-            )
+        if self.check_finite:
+            temps = {"teacher_temp": temp, "teacher_temp2": temp2}
+            common.assert_finite(total, temps, lambda: common.diagnose_nonfinite(
+                {"student_output[0] (cls)": student_cls, "student_output[1] (patch)": student_patch,
+                 "teacher_output[0] (cls)": teacher_cls, "teacher_output[1] (patch)": teacher_patch,
+                 "center": self.center, "center2": self.center2},
+                {"student_norms[0]": s_norms[0], "student_norms[1]": s_norms[1],
+                 "teacher_norms[0]": t_norms[0], "teacher_norms[1]": t_norms[1]}, temps))
+        common.update_centers_(
+            (self.center, stat, teacher_cls.shape[0], self.center_momentum),
+            (self.center2, stat2, images * tokens, self.center_momentum2),
+        )
         return {"cls": loss_cls, "patch": loss_patch, "loss": total}
 
     def extra_repr(self) -> str:
@@ -235,5 +218,5 @@ class iBOTvMFLoss(nn.Module):
 
 def _pair(name: str, value: object) -> tuple:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"{name} must be a pair (cls, patch), got {type(value).__name__}")
+        raise TypeError(f"{name} must be a pair (cls, patch), got {type(value).__name__}")
     return tuple(value)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._validate import check_positive_int
+from .._validation import check_int
 
 __all__ = ["WeightNormLinear"]
 
@@ -54,8 +54,8 @@ class WeightNormLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, *, freeze_norm: bool = False) -> None:
         super().__init__()
-        check_positive_int("in_features", in_features)
-        check_positive_int("out_features", out_features)
+        check_int("in_features", in_features, minimum=1)
+        check_int("out_features", out_features, minimum=1)
         self.in_features = in_features
         self.out_features = out_features
         # Registration order g, v matches torch.nn.utils.weight_norm, so parameters() lines up with

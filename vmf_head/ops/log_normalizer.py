@@ -10,9 +10,10 @@ same shift M, term count K and polynomial coefficients (``_debye.shifted_order``
    Q_mu = I_{mu+1}/(kappa I_mu) = (1/(1 + r) + t W(t)/U(t)) / mu;
 2. M steps of the downward recurrence Q_n = 1/(kappa^2 Q_{n+1} + 2(n+1)) (DLMF 10.29.1), with
    log prod Q_n accumulated as prod Q_n (1 + kappa) so that it neither under- nor overflows;
-3. log C_p = -(p/2) log(2 pi) - h_nu and d/dkappa log C_p = -kappa Q_nu; for p >= 512 the value
-   is taken in the anchored form of ``vmf_head.special.vmf.log_normalizer_exact`` (the same
-   anchor kappa_0 and 40-digit constant), which keeps it accurate near the zero of log C_p.
+3. log C_p = -(p/2) log(2 pi) - h_nu and d/dkappa log C_p = -kappa Q_nu; where
+   ``vmf_head.special.vmf.anchor`` says so (p >= 352) the large terms of the value are taken in its
+   anchored form (the same anchor kappa_0 and 40-digit constant), which keeps it accurate near the
+   zero of log C_p.
 
 ``approx`` mode is the seed paper's leading term nu log(nu + s) - s + log(s)/2 - (nu + 1/2) log(2 pi) with
 s = hypot(kappa, nu), and its exact derivative.
@@ -22,8 +23,9 @@ of terms near p log p (p = 65536: 4e5), which float32 arithmetic cannot resolve 
 library promises. The per-order constants (shifted order, term counts, shift, coefficients,
 log 2 pi terms) live in a small cached float64 tensor per (p, mode, accuracy, device), because
 Triton passes Python floats to a kernel as float32, and because loops bounded by values read at run
-time let one compiled kernel serve every p (no recompilation per dimension). The temperature of the
-fused kernels travels as the int64 bit pattern of its float64 value for the same reason.
+time let one compiled kernel serve every p (no recompilation per dimension). For the same reasons
+the temperature of the prototype kernels is read from a 0-d float64 tensor: every scalar a kernel
+needs in float64 reaches it through memory, never as a launch argument.
 
 Nothing here synchronises with the host: shapes decide the grid, the per-order constants are
 uploaded once and cached, and there is no data-dependent Python control flow.
@@ -38,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import math
-import struct
 
 import torch
 import triton
@@ -47,8 +48,7 @@ import triton.language as tl
 from ..special import _debye
 from ..special.bessel import X_LARGE, log_order_constant, tolerance
 from ..special.vmf import anchor
-
-MODES = ("exact", "approx")
+from ._launch import is_interpreted, on_device
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -64,7 +64,7 @@ _SHIFT = tl.constexpr(7)
 # NaN is read from memory too: a NaN constexpr global fails Triton's compile-time consistency
 # check of globals (NaN != NaN), which the interpreter does not run.
 _NAN = tl.constexpr(8)
-_ANCHORED = tl.constexpr(9)  # 1.0 for the anchored form, then kappa_0, r_0, b_p, 1/(nu^2 (1 + r_0))
+_ANCHORED = tl.constexpr(9)  # 1.0 for the anchored form, then kappa_0, r_0, b_p, 1/(mu^2 (1 + r_0))
 _KAPPA0 = tl.constexpr(10)
 _R0 = tl.constexpr(11)
 _ANCHOR_B = tl.constexpr(12)
@@ -135,27 +135,27 @@ def _log_normalizer_exact(x, params):
     """log C_p(x) for float64 x >= 0 (values outside are fixed by ``_finish``)."""
     x2 = x * x
     r, t, u = _expansion(x2, params)
-    half_log_r_over_u2 = 0.5 * tl.log(r / (u * u))
-    if tl.load(params + _ANCHORED) > 0.0:
+    # The recurrence's product first, then log(r / U^2): t and U are dead before the large terms
+    # (fewer registers live through the branch; ptxas spilled with the other order).
+    out = 0.5 * tl.log(r / (u * u))
+    shift = tl.load(params + _SHIFT).to(tl.int32)
+    if shift > 0:
         nu = tl.load(params + _NU)
+        q = _scaled_ratio_shifted(r, t, u, params)
+        x1 = 1.0 + x
+        prod = tl.full(x.shape, 1.0, tl.float64)
+        for i in range(shift):
+            # order n = nu + shift - 1 - i, so 2(n + 1) = 2(nu + shift - i)
+            q = 1.0 / (2.0 * (nu + (shift - i).to(tl.float64)) + x2 * q)
+            prod = prod * q * x1
+        out = out + (tl.log(prod) - shift.to(tl.float64) * tl.log(x1))
+    mu = tl.load(params + _MU)
+    if tl.load(params + _ANCHORED) > 0.0:
         kappa0 = tl.load(params + _KAPPA0)
-        diff = (x - kappa0) * (x + kappa0) / (r + tl.load(params + _R0))  # nu^2 (r - r_0)
-        out = _log1p(diff * tl.load(params + _ANCHOR_SCALE)) * nu - diff / nu + tl.load(params + _ANCHOR_B)
-        out = out + half_log_r_over_u2
+        diff = (x - kappa0) * (x + kappa0) / (r + tl.load(params + _R0))  # mu^2 (r - r_0)
+        out = out + (_log1p(diff * tl.load(params + _ANCHOR_SCALE)) * mu - diff / mu + tl.load(params + _ANCHOR_B))
     else:
-        mu = tl.load(params + _MU)
-        out = (tl.log(r + 1.0) - r) * mu + tl.load(params + _PLAIN_CONST) + half_log_r_over_u2
-        shift = tl.load(params + _SHIFT).to(tl.int32)
-        if shift > 0:
-            nu = tl.load(params + _NU)
-            q = _scaled_ratio_shifted(r, t, u, params)
-            x1 = 1.0 + x
-            prod = tl.full(x.shape, 1.0, tl.float64)
-            for i in range(shift):
-                # order n = nu + shift - 1 - i, so 2(n + 1) = 2(nu + shift - i)
-                q = 1.0 / (2.0 * (nu + (shift - i).to(tl.float64)) + x2 * q)
-                prod = prod * q * x1
-            out = out + (tl.log(prod) - shift.to(tl.float64) * tl.log(x1))
+        out = out + ((tl.log(r + 1.0) - r) * mu + tl.load(params + _PLAIN_CONST))
     return out
 
 
@@ -232,7 +232,8 @@ def _elementwise_kernel(
     mask = offs < n
     x = _to_f64(tl.load(kappa_ptr + offs, mask=mask, other=0.0))
     if DERIVATIVE:
-        out = _finish(x * _scaled_derivative(x, params, EXACT), x, -1.0, params)
+        # -A_p in [-1, 0]: the rounding of x Q can pass 1 at huge x
+        out = _finish(tl.maximum(x * _scaled_derivative(x, params, EXACT), -1.0), x, -1.0, params)
     else:
         out = _finish(_log_normalizer(x, params, EXACT), x, -x, params)
     tl.store(out_ptr + offs, _from_f64(out, out_ptr.dtype.element_ty), mask=mask)
@@ -250,23 +251,23 @@ def _row_norms(w_ptr, rows, row_mask, n_cols, stride_r, stride_c, BLOCK_K: tl.co
     return tl.sqrt(acc)
 
 
-@triton.jit(do_not_specialize=["tau_bits"])
+@triton.jit
 def _prototype_forward_kernel(
-    w_ptr, out_ptr, params, n_rows, n_cols, stride_r, stride_c, tau_bits,
+    w_ptr, out_ptr, params, n_rows, n_cols, stride_r, stride_c, tau_ptr,
     EXACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out_k = log C_p(||w_k|| / tau) for the rows of W (K x D); D = 1 gives |g_k| / tau."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_mask = rows < n_rows
-    tau = tau_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    tau = tl.load(tau_ptr)
     kappa = _row_norms(w_ptr, rows, row_mask, n_cols, stride_r, stride_c, BLOCK_K, BLOCK_D) / tau
     out = _finish(_log_normalizer(kappa, params, EXACT), kappa, -kappa, params)
     tl.store(out_ptr + rows, _from_f64(out, out_ptr.dtype.element_ty), mask=row_mask)
 
 
-@triton.jit(do_not_specialize=["tau_bits"])
+@triton.jit
 def _prototype_backward_kernel(
-    grad_ptr, w_ptr, gw_ptr, params, n_rows, n_cols, stride_r, stride_c, gstride_r, gstride_c, tau_bits,
+    grad_ptr, w_ptr, gw_ptr, params, n_rows, n_cols, stride_r, stride_c, gstride_r, gstride_c, tau_ptr,
     EXACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dL/dw_k = dL/dout_k * (d log C_p/dkappa)(kappa_k) / tau * w_k / ||w_k||.
@@ -275,7 +276,7 @@ def _prototype_backward_kernel(
     D(kappa)/tau^2 * w_k: no division by ||w_k||, and 0 for w_k = 0 as the limit says."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_mask = rows < n_rows
-    tau = tau_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    tau = tl.load(tau_ptr)
     kappa = _row_norms(w_ptr, rows, row_mask, n_cols, stride_r, stride_c, BLOCK_K, BLOCK_D) / tau
     g = _to_f64(tl.load(grad_ptr + rows, mask=row_mask, other=0.0))
     scale = g * _scaled_derivative(kappa, params, EXACT) / (tau * tau)
@@ -287,7 +288,7 @@ def _prototype_backward_kernel(
         tl.store(gw_ptr + rows[:, None] * gstride_r + cols[None, :] * gstride_c, gw, mask=m)
 
 
-INTERPRETED: bool = type(_elementwise_kernel).__name__ == "InterpretedFunction"
+INTERPRETED: bool = is_interpreted(_elementwise_kernel)
 """True when the kernels were built under ``TRITON_INTERPRET=1``: they then run on CPU tensors."""
 
 
@@ -308,7 +309,7 @@ def _plan(p: int, mode: str, tol: float) -> tuple[float, ...]:
         header += (0.0, 0.0, 0.0, 0.0, 0.0)
     else:
         kappa0, r0, b = anchored
-        header += (1.0, kappa0, r0, b, 1.0 / (nu * nu * (1.0 + r0)))
+        header += (1.0, kappa0, r0, b, 1.0 / (mu * mu * (1.0 + r0)))
     return header + cu + cw
 
 
@@ -318,23 +319,12 @@ def _constants(p: int, mode: str, dtype: torch.dtype, device: torch.device) -> t
     return torch.tensor(_plan(p, mode, tolerance(dtype)), dtype=torch.float64, device=device)
 
 
-def _device_guard(t: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensor's.
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NULL_GUARD
+def log_normalizer(kappa: torch.Tensor, *, p: int, mode: str, derivative: bool) -> torch.Tensor:
+    """log C_p(kappa), or its derivative (= -A_p(kappa) in exact mode), elementwise: same shape,
+    dtype and layout as ``kappa``, one kernel launch.
 
-
-class _NullGuard:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NULL_GUARD = _NullGuard()
-
-
-def _elementwise(kappa: torch.Tensor, p: int, mode: str, derivative: bool) -> torch.Tensor:
+    Arguments are validated by ``vmf_head.normalizer``; kappa must be a CUDA tensor (a CPU tensor
+    under the interpreter), p an int >= 2, mode one of ``MODES``."""
     out = torch.empty_like(kappa)
     n = kappa.numel()
     if n == 0:
@@ -343,27 +333,14 @@ def _elementwise(kappa: torch.Tensor, p: int, mode: str, derivative: bool) -> to
     flat_ok = kappa.is_contiguous() and out.is_contiguous()
     src = kappa if flat_ok else kappa.contiguous()
     dst = out if flat_ok else torch.empty_like(src)
-    with _device_guard(kappa):
+    with on_device(kappa.device):
         _elementwise_kernel[(triton.cdiv(n, _BLOCK),)](
-            src, dst, _constants(p, mode, kappa.dtype, kappa.device), n,
+            kappa_ptr=src, out_ptr=dst, params=_constants(p, mode, kappa.dtype, kappa.device), n=n,
             DERIVATIVE=derivative, EXACT=mode == "exact", BLOCK=_BLOCK,
         )
     if not flat_ok:
         out.copy_(dst)
     return out
-
-
-def log_normalizer(kappa: torch.Tensor, p: int, mode: str) -> torch.Tensor:
-    """log C_p(kappa) elementwise, same shape, dtype and layout as ``kappa`` (one kernel launch).
-
-    Arguments are validated by ``vmf_head.normalizer``; kappa must be a CUDA tensor (a CPU tensor
-    under the interpreter), p an int >= 2, mode ``"exact"`` or ``"approx"``."""
-    return _elementwise(kappa, p, mode, derivative=False)
-
-
-def log_normalizer_derivative(kappa: torch.Tensor, p: int, mode: str) -> torch.Tensor:
-    """d/dkappa log C_p(kappa) (= -A_p(kappa) in exact mode), like ``log_normalizer``."""
-    return _elementwise(kappa, p, mode, derivative=True)
 
 
 def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -376,32 +353,30 @@ def _blocks(n_cols: int) -> tuple[int, int]:
     return max(1, min(_BLOCK, _TILE // block_d)), block_d
 
 
-def _tau_bits(tau: float) -> int:
-    # Triton passes a Python float as float32; the int64 bit pattern carries the exact float64.
-    return struct.unpack("<q", struct.pack("<d", float(tau)))[0]
-
-
-def prototype_log_normalizer(weight: torch.Tensor, tau: float, p: int, mode: str, out_dtype: torch.dtype) -> torch.Tensor:
+def prototype_log_normalizer(
+    weight: torch.Tensor, *, tau: torch.Tensor, p: int, mode: str, out_dtype: torch.dtype
+) -> torch.Tensor:
     """log C_p(||w_k|| / tau) for the K rows of ``weight`` (K x D), or log C_p(|g_k| / tau) for a
-    vector ``weight`` of K norms; a (K,) tensor of ``out_dtype``. One kernel launch: the row norms
-    are summed in float64 and never written to memory."""
+    vector ``weight`` of K norms; a (K,) tensor of ``out_dtype``. ``tau`` is a 0-d float64 tensor on
+    the weights' device. One kernel launch: the row norms are summed in float64 and never written
+    to memory."""
     w = _as_matrix(weight)
     n_rows, n_cols = w.shape
     out = torch.empty(n_rows, dtype=out_dtype, device=weight.device)
     if n_rows == 0:
         return out
     block_k, block_d = _blocks(n_cols)
-    with _device_guard(weight):
+    with on_device(weight.device):
         _prototype_forward_kernel[(triton.cdiv(n_rows, block_k),)](
-            w, out, _constants(p, mode, weight.dtype, weight.device), n_rows, n_cols,
-            w.stride(0), w.stride(1), _tau_bits(tau),
+            w_ptr=w, out_ptr=out, params=_constants(p, mode, weight.dtype, weight.device), n_rows=n_rows,
+            n_cols=n_cols, stride_r=w.stride(0), stride_c=w.stride(1), tau_ptr=tau,
             EXACT=mode == "exact", BLOCK_K=block_k, BLOCK_D=block_d,
         )
     return out
 
 
 def prototype_log_normalizer_backward(
-    grad: torch.Tensor, weight: torch.Tensor, tau: float, p: int, mode: str
+    grad: torch.Tensor, weight: torch.Tensor, *, tau: torch.Tensor, p: int, mode: str
 ) -> torch.Tensor:
     """Gradient of ``sum_k grad_k * log C_p(||w_k|| / tau)`` with respect to ``weight``:
     ``grad_k * (d log C_p/dkappa)(kappa_k) / tau * w_k / ||w_k||`` (0 for a zero row), shaped and
@@ -412,10 +387,11 @@ def prototype_log_normalizer_backward(
     if w.numel() == 0:
         return grad_weight
     block_k, block_d = _blocks(n_cols)
-    with _device_guard(weight):
+    with on_device(weight.device):
         _prototype_backward_kernel[(triton.cdiv(n_rows, block_k),)](
-            grad.contiguous(), w, gw, _constants(p, mode, weight.dtype, weight.device), n_rows, n_cols,
-            w.stride(0), w.stride(1), gw.stride(0), gw.stride(1), _tau_bits(tau),
+            grad_ptr=grad.contiguous(), w_ptr=w, gw_ptr=gw, params=_constants(p, mode, weight.dtype, weight.device),
+            n_rows=n_rows, n_cols=n_cols, stride_r=w.stride(0), stride_c=w.stride(1),
+            gstride_r=gw.stride(0), gstride_c=gw.stride(1), tau_ptr=tau,
             EXACT=mode == "exact", BLOCK_K=block_k, BLOCK_D=block_d,
         )
     return grad_weight

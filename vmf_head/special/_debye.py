@@ -134,7 +134,7 @@ def _economize(coeffs: list[Fraction], budget: float) -> list[Fraction]:
 
 @functools.lru_cache(maxsize=256)
 def series_coefficients(nu: float, terms: int, tol: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Float coefficients, highest power first (for Horner), of polynomials in t on [0, 1] within
+    """Float coefficients, highest power first (for Horner; at least two), of polynomials in t on [0, 1] within
     ``tol / 4`` of
 
         U(t) = 1 + sum_{k=1}^{K} u_k(t) / nu^k
@@ -156,7 +156,9 @@ def series_coefficients(nu: float, terms: int, tol: float) -> tuple[tuple[float,
         for j, c in enumerate(_w_poly(k)):
             w[j] += c * scale
     budget = Fraction(tol) / 4
-    return (
-        tuple(float(c) for c in reversed(_economize(s, budget))),
-        tuple(float(c) for c in reversed(_economize(w, budget))),
-    )
+    return _at_least_linear(_economize(s, budget)), _at_least_linear(_economize(w, budget))
+
+
+def _at_least_linear(coeffs: list[Fraction]) -> tuple[float, ...]:
+    # Horner's loops start from two coefficients; at huge orders (p > 6e9) a sum shrinks to a constant.
+    return tuple(float(c) for c in reversed(coeffs + [Fraction(0)] * (2 - len(coeffs))))

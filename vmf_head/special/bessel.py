@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from .._validation import check_real, check_tensor
 from . import _debye
 
 TOL_FLOAT64 = 1e-16
@@ -48,23 +49,9 @@ X_LARGE = 1e150
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def check_order(name: str, nu: float) -> float:
-    if isinstance(nu, bool) or not isinstance(nu, (int, float)):
-        raise TypeError(f"{name} must be a real Python number >= 0, got {type(nu).__name__}")
-    nu = float(nu)
-    if not (nu >= 0.0 and math.isfinite(nu)):
-        raise ValueError(f"{name} must be a finite number >= 0, got {nu}")
+def check_order(name: str, nu: object) -> float:
+    nu = check_real(name, nu, low=0.0)
     return nu
-
-
-def check_argument(name: str, x: object) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(
-            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
-        )
-    return x
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -132,7 +119,7 @@ class Debye:
         return q.add_(torch.add(self.r, 1.0).reciprocal_()).mul_(1.0 / self.mu)
 
 
-def _downward(nu: float, shift: int, q: torch.Tensor, x: torch.Tensor, want_log: bool):
+def downward(nu: float, shift: int, q: torch.Tensor, x: torch.Tensor, want_log: bool):
     """Recur Q from order nu + shift down to nu (DLMF 10.29.1): Q_n = 1/(x^2 Q_{n+1} + 2(n+1)).
 
     Returns Q_nu and, if ``want_log``, log prod_{n=nu}^{nu+shift-1} Q_n. Each factor is
@@ -159,7 +146,7 @@ def neg_log_bessel_iv_scaled(nu: float, x: torch.Tensor, tol: float, offset: flo
     d = Debye(mu, terms, tol, x)
     if not shift:
         return d.log_terms(offset + log_order_constant(mu))
-    _, log_prod = _downward(nu, shift, d.scaled_ratio(), x, want_log=True)
+    _, log_prod = downward(nu, shift, d.scaled_ratio(), x, want_log=True)
     return d.log_terms(offset + log_order_constant(mu)).add_(log_prod)
 
 
@@ -168,7 +155,7 @@ def bessel_iv_scaled_ratio(nu: float, x: torch.Tensor, tol: float) -> torch.Tens
     shift, terms = _debye.shifted_order(nu, tol)
     q = Debye(nu + shift, terms, tol, x).scaled_ratio()
     if shift:
-        q, _ = _downward(nu, shift, q, x, want_log=False)
+        q, _ = downward(nu, shift, q, x, want_log=False)
     return q
 
 
@@ -187,24 +174,7 @@ def finish_domain(out: torch.Tensor, raw: torch.Tensor, at_large: torch.Tensor |
     return out.masked_fill_(~(raw >= 0), math.nan)
 
 
-def log_bessel_iv(nu: float, x: torch.Tensor) -> torch.Tensor:
-    """log I_nu(x), elementwise.
-
-    Args:
-        nu: order, a Python number >= 0 (integer or not).
-        x: argument, a floating tensor of any shape and device; float16/bfloat16/float32 inputs are
-            computed in float64 and returned in their own dtype.
-
-    Returns:
-        ``log I_nu(x)``, same shape and dtype as ``x``. ``x = 0`` gives 0 for ``nu = 0`` and
-        ``-inf`` otherwise; ``x = +inf`` gives ``+inf``; negative or NaN ``x`` gives NaN (as
-        ``torch.log`` does for values outside its domain).
-
-    Accurate to about 1e-15 relative in float64 for every x >= 0 and every order, including
-    arguments where ``scipy.special.iv`` over- or underflows (e.g. nu = 5000, x = 10).
-    """
-    nu = check_order("nu", nu)
-    x = check_argument("x", x)
+def _log_bessel_iv(nu: float, x: torch.Tensor) -> torch.Tensor:
     raw, x64 = _domain(x)
     tol = tolerance(x.dtype)
     out = torch.xlogy(x64.new_tensor(nu), x64).sub_(neg_log_bessel_iv_scaled(nu, x64, tol))
@@ -215,20 +185,83 @@ def log_bessel_iv(nu: float, x: torch.Tensor) -> torch.Tensor:
     return finish_domain(out, raw, raw - 0.5 * torch.log(finite) - _HALF_LOG_2PI).to(x.dtype)
 
 
-def bessel_iv_ratio(nu: float, x: torch.Tensor) -> torch.Tensor:
-    """I_{nu+1}(x) / I_nu(x), elementwise, in [0, 1).
+def _bessel_iv_ratio(nu: float, x: torch.Tensor) -> torch.Tensor:
+    raw, x64 = _domain(x)
+    out = x64 * bessel_iv_scaled_ratio(nu, x64, tolerance(x.dtype))
+    # R < 1 for every finite x; the rounding of x Q can pass 1 at huge x, the clamp keeps R in [0, 1].
+    return finish_domain(out.clamp_max_(1.0), raw, 1.0).to(x.dtype)
+
+
+class _LogBesselIv(torch.autograd.Function):
+    """d/dx log I_nu(x) = nu/x + I_{nu+1}(x)/I_nu(x)  (DLMF 10.29.2); differentiable again."""
+
+    @staticmethod
+    def forward(ctx, x, nu):
+        ctx.save_for_backward(x)
+        ctx.nu = nu
+        return _log_bessel_iv(nu, x.detach())
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        ratio = bessel_iv_ratio(ctx.nu, x)
+        slope = ratio if ctx.nu == 0 else ratio + ctx.nu / x
+        return grad * slope, None
+
+
+class _BesselIvRatio(torch.autograd.Function):
+    """d/dx R = 1 - R^2 - (2 nu + 1) R / x with R = I_{nu+1}/I_nu (from DLMF 10.29.2 for both orders);
+    R / x = 1/(2 nu + 2) at x = 0. Differentiable again."""
+
+    @staticmethod
+    def forward(ctx, x, nu):
+        ctx.save_for_backward(x)
+        ctx.nu = nu
+        return _bessel_iv_ratio(nu, x.detach())
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        ratio = bessel_iv_ratio(ctx.nu, x)
+        over_x = torch.where(x == 0, 1.0 / (2.0 * ctx.nu + 2.0), ratio / x)
+        return grad * (1.0 - ratio * ratio - (2.0 * ctx.nu + 1.0) * over_x), None
+
+
+def log_bessel_iv(nu: float, x: torch.Tensor) -> torch.Tensor:
+    """log I_nu(x), elementwise.
 
     Args:
-        nu: order, a Python number >= 0.
+        nu: order, a real number >= 0 (integer or not).
+        x: argument, a floating tensor of any shape and device; float16/bfloat16/float32 inputs are
+            computed in float64 and returned in their own dtype.
+
+    Returns:
+        ``log I_nu(x)``, same shape and dtype as ``x``. ``x = 0`` gives 0 for ``nu = 0`` and
+        ``-inf`` otherwise; ``x = +inf`` gives ``+inf``; negative or NaN ``x`` gives NaN (as
+        ``torch.log`` does for values outside its domain). Differentiable in ``x`` (any order):
+        ``d/dx log I_nu(x) = nu/x + I_{nu+1}(x)/I_nu(x)``.
+
+    Accurate to about 1e-15 relative in float64 for every x >= 0 and every order, including
+    arguments where ``scipy.special.iv`` over- or underflows (e.g. nu = 5000, x = 10).
+    """
+    nu = check_order("nu", nu)
+    x = check_tensor("x", x)
+    return _LogBesselIv.apply(x, nu)
+
+
+def bessel_iv_ratio(nu: float, x: torch.Tensor) -> torch.Tensor:
+    """I_{nu+1}(x) / I_nu(x), elementwise, in [0, 1].
+
+    Args:
+        nu: order, a real number >= 0.
         x: argument tensor (floating, any shape and device).
 
     Returns:
-        The ratio, same shape and dtype as ``x``; 0 at x = 0, 1 at x = +inf, NaN for negative or NaN
-        ``x``. For a vMF distribution on S^{p-1} this is the mean resultant length A_p(kappa) with
-        ``nu = p/2 - 1`` (see ``vmf_mean_resultant_length``).
+        The ratio, same shape and dtype as ``x``; 0 at x = 0, 1 at x = +inf (and where it rounds to 1),
+        NaN for negative or NaN ``x``. Differentiable in ``x`` (any order):
+        ``dR/dx = 1 - R^2 - (2 nu + 1) R / x``. For a vMF distribution on S^{p-1} this is the mean
+        resultant length A_p(kappa) with ``nu = p/2 - 1`` (see ``vmf_mean_resultant_length``).
     """
     nu = check_order("nu", nu)
-    x = check_argument("x", x)
-    raw, x64 = _domain(x)
-    out = x64 * bessel_iv_scaled_ratio(nu, x64, tolerance(x.dtype))
-    return finish_domain(out, raw, 1.0).to(x.dtype)
+    x = check_tensor("x", x)
+    return _BesselIvRatio.apply(x, nu)

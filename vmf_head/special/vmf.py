@@ -25,7 +25,10 @@ from decimal import Decimal, localcontext
 import torch
 
 from . import _debye
-from .bessel import TOL_FLOAT64, Debye, bessel_iv_scaled_ratio, neg_log_bessel_iv_scaled
+from .bessel import TOL_FLOAT64, Debye, bessel_iv_scaled_ratio, downward, neg_log_bessel_iv_scaled
+
+MODES = ("exact", "approx")
+"""How log C_p is computed: ``exact`` (to float64 rounding) or ``approx`` (the seed's large-nu formula)."""
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _PI_40 = Decimal("3.141592653589793238462643383279502884197169399")
@@ -60,25 +63,27 @@ def zero(p: int, tol: float = TOL_FLOAT64) -> float | None:
     return hi
 
 
-@torch.compiler.disable  # a one-time host computation (cached): never traced into a graph
 @functools.lru_cache(maxsize=None)
 def anchor(p: int, tol: float) -> tuple[float, float, float] | None:
     """(kappa_0, r_0, b_p) for the anchored form of log C_p, or None where the plain form suffices.
 
-    kappa_0 = ``zero(p, tol)``, r_0 = sqrt(1 + (kappa_0/nu)^2) and b_p = log C_p(kappa_0) -
-    log(r_0 / U(1/r_0)^2)/2 = a_nu - (p/2) log(2 pi) + nu (log(1 + r_0) - r_0), computed in 40-digit
-    decimal arithmetic (r_0 returned rounded: it only enters denominators)."""
+    With the expansion's order mu = nu + M (``_debye.shifted_order``): kappa_0 = ``zero(p, tol)``,
+    r_0 = sqrt(1 + (kappa_0/mu)^2) and b_p = a_mu - (p/2) log(2 pi) + mu (log(1 + r_0) - r_0), the
+    large terms of log C_p(kappa_0), computed in 40-digit decimal arithmetic (r_0 returned rounded: it
+    only enters denominators). The rule compares the rounding of those terms near the zero, about
+    2^-53 sqrt(mu^2 + kappa_0^2), with the budget; it is the same for every shift M."""
     nu = 0.5 * p - 1.0
-    kappa0 = zero(p, tol) if _debye.shifted_order(nu, tol)[0] == 0 else None
+    mu = nu + _debye.shifted_order(nu, tol)[0]
+    kappa0 = zero(p, tol)
     # No zero, a zero at small kappa where the terms are small, or rounding within the budget:
-    if kappa0 is None or math.hypot(nu, kappa0) * 2.0**-53 <= _ANCHOR_FACTOR * tol:
+    if kappa0 is None or math.hypot(mu, kappa0) * 2.0**-53 <= _ANCHOR_FACTOR * tol:
         return None
     with localcontext() as ctx:
         ctx.prec = 40
-        n, k = Decimal(nu), Decimal(kappa0)
-        r0 = (1 + (k / n) ** 2).sqrt()
+        m, k = Decimal(mu), Decimal(kappa0)
+        r0 = (1 + (k / m) ** 2).sqrt()
         log_2pi = (2 * _PI_40).ln()
-        b = n * n.ln() + (2 * _PI_40 * n).ln() / 2 - Decimal(p) / 2 * log_2pi + n * ((1 + r0).ln() - r0)
+        b = m * m.ln() + (2 * _PI_40 * m).ln() / 2 - Decimal(p) / 2 * log_2pi + m * ((1 + r0).ln() - r0)
     return kappa0, float(r0), float(b)
 
 
@@ -86,10 +91,11 @@ def log_normalizer_exact(kappa: torch.Tensor, p: int, tol: float) -> torch.Tenso
     """log C_p(kappa) for float64 ``kappa``; at 0 it is log Gamma(p/2) - log 2 - (p/2) log pi.
 
     Plain form (every p): -(p/2) log(2 pi) - h_nu(kappa) with h_nu from ``bessel``. Anchored form,
-    where ``anchor(p, tol)`` gives (kappa_0, r_0, b_p): with r = sqrt(1 + (kappa/nu)^2),
+    where ``anchor(p, tol)`` gives (kappa_0, r_0, b_p): with the expansion's order mu = nu + M,
+    r = sqrt(1 + (kappa/mu)^2) and the M-step product of the downward recurrence P (``bessel``),
 
-        log C_p(kappa) = b_p + nu (log1p(D / (1 + r_0)) - D) + log(r / U(1/r)^2) / 2,
-        D = r - r_0 = (kappa - kappa_0)(kappa + kappa_0) / (nu^2 (r + r_0)),
+        log C_p(kappa) = b_p + mu (log1p(D / (1 + r_0)) - D) + log(r / U(1/r)^2) / 2 + log P,
+        D = r - r_0 = (kappa - kappa_0)(kappa + kappa_0) / (mu^2 (r + r_0)),
 
     the same quantity, but with kappa - kappa_0 exact and D small near the zero, so the terms
     that are rounded there are small too. Away from kappa_0 it is as accurate as the plain form
@@ -99,16 +105,21 @@ def log_normalizer_exact(kappa: torch.Tensor, p: int, tol: float) -> torch.Tenso
         return _plain(kappa, p, tol)
     kappa0, r0, b = anchored
     nu = 0.5 * p - 1.0
-    d = Debye(nu, _debye.shifted_order(nu, tol)[1], tol, kappa)
-    # nu^2 D, then nu log1p(D / (1 + r_0)) - nu D + b_p + log(r / U^2) / 2
+    shift, terms = _debye.shifted_order(nu, tol)
+    mu = nu + shift
+    d = Debye(mu, terms, tol, kappa)
+    log_prod = downward(nu, shift, d.scaled_ratio(), kappa, want_log=True)[1] if shift else None
+    # mu^2 D, then mu log1p(D / (1 + r_0)) - mu D + b_p + log(r / U^2) / 2
     diff = torch.sub(kappa, kappa0).mul_(torch.add(kappa, kappa0)).div_(torch.add(d.r, r0))
-    out = torch.mul(diff, 1.0 / (nu * nu * (1.0 + r0))).log1p_().mul_(nu).sub_(diff, alpha=1.0 / nu).add_(b)
-    return out.add_(d.log_r_over_u2(), alpha=0.5)
+    out = torch.mul(diff, 1.0 / (mu * mu * (1.0 + r0))).log1p_().mul_(mu).sub_(diff, alpha=1.0 / mu).add_(b)
+    out.add_(d.log_r_over_u2(), alpha=0.5)
+    return out if log_prod is None else out.add_(log_prod)
 
 
 def mean_resultant_length(kappa: torch.Tensor, p: int, tol: float) -> torch.Tensor:
-    """A_p(kappa) = I_{p/2}(kappa) / I_{p/2-1}(kappa) in [0, 1) for float64 ``kappa``."""
-    return bessel_iv_scaled_ratio(0.5 * p - 1.0, kappa, tol).mul_(kappa)
+    """A_p(kappa) = I_{p/2}(kappa) / I_{p/2-1}(kappa) in [0, 1] for float64 ``kappa`` (1 only where
+    the ratio rounds to it; the clamp removes the rounding of kappa Q above 1 at huge kappa)."""
+    return bessel_iv_scaled_ratio(0.5 * p - 1.0, kappa, tol).mul_(kappa).clamp_max_(1.0)
 
 
 def log_normalizer_approx(kappa: torch.Tensor, p: int) -> torch.Tensor:

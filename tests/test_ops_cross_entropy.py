@@ -1,4 +1,6 @@
-"""Fused Triton DINO-vMF / iBOT-vMF loss (``vmf_head.ops.dino_loss``, ``vmf_head.ops.ibot_patch_loss``).
+"""Fused Triton cross-entropy (``vmf_head.ops.cross_entropy``): the DINO-vMF multi-crop loss, iBOT-vMF's
+patch term and the cross-entropy with precomputed targets, reached through ``vmf_head.functional``
+with ``backend="triton"``.
 
 Truth is a straightforward float64 re-derivation written here in DINO's and iBOT's eager form (one
 log-softmax per pair, iBOT's masked mean), not the identity the kernels use; the plain-torch
@@ -19,10 +21,16 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
+import functools  # noqa: E402
+
+from vmf_head import _dispatch  # noqa: E402
 from vmf_head import functional as reference  # noqa: E402
 from vmf_head.nn import DINOvMFLoss, iBOTvMFLoss  # noqa: E402
-from vmf_head.ops import dino_loss as fused_dino  # noqa: E402
-from vmf_head.ops.ibot_patch_loss import ibot_patch_vmf_loss  # noqa: E402
+from vmf_head.ops import cross_entropy as fused  # noqa: E402
+from vmf_head.ops import cross_entropy_forward  # noqa: E402
+
+fused_dino_vmf_loss = functools.partial(reference.dino_vmf_loss, backend="triton")
+ibot_patch_vmf_loss = functools.partial(reference.ibot_patch_vmf_loss, backend="triton")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -116,7 +124,7 @@ def run_fused_dino(student, teacher, center, s_corr, t_corr, *, n_views, n_globa
     """Fused loss and gradients; inputs cast to ``dtype`` (corrections to ``corr_dtype``)."""
     s = _to(student, dtype).requires_grad_()
     sc = None if s_corr is None else _to(s_corr, corr_dtype).requires_grad_()
-    loss, stat = fused_dino.dino_vmf_loss(
+    loss, stat = fused_dino_vmf_loss(
         s, _to(teacher, dtype), _to(center, corr_dtype), n_views=n_views, n_global=n_global,
         student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP, student_correction=sc,
         teacher_correction=_to(t_corr, corr_dtype), centering=centering)
@@ -175,7 +183,7 @@ def test_dino_many_blocks_and_splits(monkeypatch):
     """A tile of 128 elements cuts K = 300 into 10 blocks shared by 2 splits per image (3 images, 4
     target programs) and the 2 teacher rows of B = 1 into 2 splits each: the online log-sum-exp and
     the host merges of the splits are exercised."""
-    monkeypatch.setattr(fused_dino, "_TILE_ELEMENTS", 128)
+    monkeypatch.setattr(cross_entropy_forward, "TILE_ELEMENTS", 128)
     for batch in (1, 3):
         inputs = dino_inputs(300, batch, 2, 1, "probability", True, seed=batch)
         kw = dict(n_views=3, n_global=2, centering="probability")
@@ -225,7 +233,7 @@ def test_dino_matches_the_reference_function(k, batch, n_global, n_local, center
     kw = dict(n_views=n_global + n_local, n_global=n_global, student_temp=STUDENT_TEMP,
               teacher_temp=TEACHER_TEMP, teacher_correction=inputs[4], centering=centering)
     results = []
-    for fn in (fused_dino.dino_vmf_loss, reference.dino_vmf_loss):
+    for fn in (fused_dino_vmf_loss, functools.partial(reference.dino_vmf_loss, backend="reference")):
         s = inputs[0].clone().requires_grad_()
         sc = None if inputs[3] is None else inputs[3].clone().requires_grad_()
         loss, stat = fn(s, inputs[1], inputs[2], student_correction=sc, **kw)
@@ -259,7 +267,7 @@ def test_teacher_gets_no_gradient_and_corrections_are_optional():
     s = _to(student, torch.float32).requires_grad_()
     t = _to(teacher, torch.float32).requires_grad_()
     tc = _to(t_corr, torch.float32).requires_grad_()
-    loss, stat = fused_dino.dino_vmf_loss(s, t, _to(center, torch.float32), n_views=3, student_temp=STUDENT_TEMP,
+    loss, stat = fused_dino_vmf_loss(s, t, _to(center, torch.float32), n_views=3, student_temp=STUDENT_TEMP,
                                           teacher_temp=TEACHER_TEMP, teacher_correction=tc, centering="logit")
     assert not stat.requires_grad
     loss.backward()
@@ -275,13 +283,106 @@ def test_row_strided_student_gives_the_same_result():
     wide = torch.cat([student, torch.full_like(student, 1e4)], dim=1)
     s = _to(wide, torch.float32)[:, :7].requires_grad_()
     assert s.stride(0) == 14
-    loss, stat = fused_dino.dino_vmf_loss(s, _to(teacher, torch.float32), _to(center, torch.float32), n_views=3,
+    loss, stat = fused_dino_vmf_loss(s, _to(teacher, torch.float32), _to(center, torch.float32), n_views=3,
                                           student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP,
                                           student_correction=_to(s_corr, torch.float32),
                                           teacher_correction=_to(t_corr, torch.float32), centering="logit")
     loss.backward()
     plain = run_fused_dino(student, teacher, center, s_corr, t_corr, **kw)
     assert torch.equal(loss, plain[0]) and torch.equal(stat, plain[1]) and torch.equal(s.grad, plain[2])
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_float64_corrections_keep_float32_arithmetic(backend):
+    """float32 logits with float64 K-vectors (corrections, centre): the B x K work stays float32 (the
+    loss comes back float32), and it equals the float32-correction result to float32 rounding."""
+    student, teacher, center, s_corr, t_corr = dino_inputs(300, 3, 2, 2, "probability", True, seed=8)
+    kw = dict(n_views=4, n_global=2, student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP,
+              centering="probability", backend=backend)
+    results = []
+    for corr_dtype in (torch.float64, torch.float32):
+        s = _to(student, torch.float32).requires_grad_()
+        sc = _to(s_corr, corr_dtype).requires_grad_()
+        loss, stat = reference.dino_vmf_loss(s, _to(teacher, torch.float32), _to(center, corr_dtype),
+                                             student_correction=sc, teacher_correction=_to(t_corr, corr_dtype), **kw)
+        loss.backward()
+        assert loss.dtype == stat.dtype == torch.float32 and sc.grad.dtype == corr_dtype
+        results.append((loss, stat, s.grad, sc.grad))
+    for a, b in zip(*results):
+        assert _rel(a, b) <= 2e-5
+
+
+@needs_kernels
+def test_more_teacher_than_student_views():
+    """lightly pairs every teacher view with every other student view, also for more teacher views
+    (3 teacher, 2 student views: 4 pairs)."""
+    inputs = dino_inputs(300, 3, 3, 0, "logit", True, seed=9)
+    student = inputs[0][: 2 * 3]
+    kw = dict(n_views=2, n_global=3, centering="logit")
+    got = run_fused_dino(student, *inputs[1:], dtype=torch.float32, corr_dtype=torch.float32, **kw)
+    truth = run_truth_dino(*[_round(x, torch.float32) for x in (student, *inputs[1:])], **kw)
+    for a, b in zip(got, truth):
+        assert _rel(a, b) <= 1e-5
+
+
+@needs_kernels
+def test_tensor_temperatures_equal_python_floats():
+    """0-d tensor temperatures (a schedule on the device) give exactly what Python floats give."""
+    student, teacher, center, s_corr, t_corr = (_to(x, torch.float32) for x in dino_inputs(300, 3, 2, 1, "logit", True))
+    results = []
+    for ts, tt in ((STUDENT_TEMP, TEACHER_TEMP), (torch.tensor(STUDENT_TEMP, dtype=torch.float64, device=DEVICE),
+                                                 torch.tensor(TEACHER_TEMP, dtype=torch.float64, device=DEVICE))):
+        s = student.clone().requires_grad_()
+        loss, stat = fused_dino_vmf_loss(s, teacher, center, n_views=3, student_temp=ts, teacher_temp=tt,
+                                         student_correction=s_corr, teacher_correction=t_corr, centering="logit")
+        loss.backward()
+        results.append((loss, stat, s.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def eager_targets_loss(student, targets, n_views, skip_same, row_weight, s_corr):
+    """DINOv2/DINOv3's eager form: a log-softmax per student view, a weighted mean per pair."""
+    logits = student.double() / STUDENT_TEMP + (0.0 if s_corr is None else s_corr.double())
+    batch = student.shape[0] // n_views
+    weight = torch.full((batch,), 1.0 / batch, dtype=torch.float64) if row_weight is None else row_weight.double()
+    total, pairs = 0.0, 0
+    for i, q_i in enumerate(targets.double().chunk(targets.shape[0] // batch)):
+        for j, l_j in enumerate(logits.chunk(n_views)):
+            if not (skip_same and i == j):
+                total = total + ((-q_i * F.log_softmax(l_j, dim=-1)).sum(-1) * weight).sum()
+                pairs += 1
+    return total / pairs
+
+
+@needs_kernels
+@pytest.mark.parametrize("n_views, n_targets, skip_same, weighted", [
+    (1, 1, False, True),  # DINOv2's global term and iBOT-style tokens: row to row
+    (3, 2, True, False),  # DINOv3's forward(..., ignore_diagonal=True)
+    (3, 2, False, False),  # DINOv3's forward(..., ignore_diagonal=False), DINOv2's local crops
+    (2, 3, True, True),
+])
+def test_given_targets_match_eager_truth(n_views, n_targets, skip_same, weighted):
+    gen = torch.Generator().manual_seed(10)
+    k, batch = 300, 5
+    student = 0.5 * torch.randn(n_views * batch, k, generator=gen, dtype=torch.float64)
+    targets = torch.softmax(torch.randn(n_targets * batch, k, generator=gen, dtype=torch.float64) / 0.1, -1)
+    s_corr = _corrections(k, gen)[0]
+    row_weight = torch.rand(batch, generator=gen, dtype=torch.float64) if weighted else None
+    s = _to(student, torch.float32).requires_grad_()
+    sc = _to(s_corr, torch.float32).requires_grad_()
+    loss = reference.multicrop_cross_entropy(
+        s, _to(targets, torch.float32), n_views=n_views, student_temp=STUDENT_TEMP, student_correction=sc,
+        skip_same_view=skip_same, row_weight=_to(row_weight, torch.float32), backend="triton")
+    loss.backward()
+    t_s = _round(student, torch.float32).requires_grad_()
+    t_sc = _round(s_corr, torch.float32).requires_grad_()
+    truth = eager_targets_loss(t_s, _round(targets, torch.float32), n_views, skip_same, _round(row_weight, torch.float32), t_sc)
+    truth.backward()
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - truth.item()) <= 1e-5 * abs(truth.item())
+    assert _rel(s.grad, t_s.grad) <= 1e-5 and _rel(sc.grad, t_sc.grad) <= 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +454,7 @@ def test_ibot_patch_float64_and_bfloat16():
 def test_ibot_patch_matches_the_reference_function():
     inputs = patch_inputs(1000, 3, 5, "probability", seed=4)
     kw = dict(centering="probability", dtype=torch.float32, corr_dtype=torch.float32)
-    for a, b in zip(run_patch(ibot_patch_vmf_loss, *inputs, **kw), run_patch(reference.ibot_patch_vmf_loss, *inputs, **kw)):
+    for a, b in zip(run_patch(ibot_patch_vmf_loss, *inputs, **kw), run_patch(functools.partial(reference.ibot_patch_vmf_loss, backend="reference"), *inputs, **kw)):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert _rel(a, b) <= 2e-5
 
@@ -372,7 +473,7 @@ def test_module_backend_triton_equals_reference():
     norms = 1.0 + 0.1 * torch.rand(k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     outputs = []
     for backend in ("triton", "reference"):
-        module = DINOvMFLoss(k, 3, 0.04, 0.07, 2, 4, backend=backend).to(DEVICE)
+        module = DINOvMFLoss(k, 3, 0.04, 0.07, 2, 4, p=16, backend=backend).to(DEVICE)
         s = _to(student, torch.float32).requires_grad_()
         n_s = _to(norms, torch.float32).requires_grad_()
         loss = module(s, _to(teacher, torch.float32), 1, student_norms=n_s, teacher_norms=_to(norms, torch.float32))
@@ -396,7 +497,7 @@ def test_ibot_module_backend_triton_equals_reference():
     norms = (1 + 0.1 * torch.rand(k, generator=gen), 1 + 0.1 * torch.rand(k2, generator=gen))
     outputs = []
     for backend in ("triton", "reference"):
-        module = iBOTvMFLoss(k, k2, 2, 1, 0.04, 0.07, 0.04, 0.07, 2, 4, backend=backend).to(DEVICE)
+        module = iBOTvMFLoss(k, k2, 2, 1, 0.04, 0.07, 0.04, 0.07, 2, 4, p=16, backend=backend).to(DEVICE)
         s_cls, s_patch = cls_s.to(DEVICE).requires_grad_(), patch_s.to(DEVICE).requires_grad_()
         s_local = s_cls[2 * batch:]
         n_s = tuple(n.to(DEVICE).requires_grad_() for n in norms)
@@ -411,15 +512,21 @@ def test_ibot_module_backend_triton_equals_reference():
 
 
 @needs_kernels
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("centering", ["probability", None])
+def test_custom_ops_pass_opcheck(centering):
     """The forward and backward are torch.library custom ops: schema, fake (meta) implementation and
-    autograd registration are consistent (torch.library.opcheck)."""
+    autograd registration are consistent (torch.library.opcheck), with computed and given targets."""
     student, teacher, center, s_corr, t_corr = (_to(x, torch.float32) for x in dino_inputs(7, 3, 2, 1, "probability", True))
     weights = torch.full((9,), 1.0 / 12, device=DEVICE)
-    layout = fused_dino._layout_ints(fused_dino.PairLayout(3, 3, 2, 3, 1, False))
-    args = (student.requires_grad_(), teacher, weights, center.reshape(-1), center.reshape(-1).log(),
-            s_corr.requires_grad_(), t_corr, layout, [STUDENT_TEMP, TEACHER_TEMP], True)
-    torch.library.opcheck(fused_dino._forward_op, args)
+    layout = fused.PairLayout.multicrop(3, 3, 2, skip_same=True).ints()
+    inv_temps = torch.tensor([1 / STUDENT_TEMP, 1 / TEACHER_TEMP], device=DEVICE)
+    if centering is None:
+        args = (student.requires_grad_(), torch.softmax(teacher, -1), weights, None, s_corr.requires_grad_(), None,
+                inv_temps, layout, False)
+    else:
+        args = (student.requires_grad_(), teacher, weights, center.reshape(-1).log(), s_corr.requires_grad_(), t_corr,
+                inv_temps, layout, True)
+    torch.library.opcheck(fused._forward_op, args)
 
 
 @needs_kernels
@@ -429,7 +536,7 @@ def test_torch_compile_traces_the_fused_loss_in_one_graph():
     student, teacher, center, s_corr, t_corr = (_to(x, torch.float32) for x in dino_inputs(300, 3, 2, 1, "logit", True))
 
     def step(s, sc):
-        loss, stat = fused_dino.dino_vmf_loss(s, teacher, center, n_views=3, student_temp=STUDENT_TEMP,
+        loss, stat = fused_dino_vmf_loss(s, teacher, center, n_views=3, student_temp=STUDENT_TEMP,
                                               teacher_temp=TEACHER_TEMP, student_correction=sc,
                                               teacher_correction=t_corr, centering="logit")
         return 2 * loss, stat
@@ -448,19 +555,21 @@ def test_rejects_sinkhorn_bad_center_and_devices_without_triton(monkeypatch):
     student, teacher, center, _, _ = (x.float() if x is not None else None
                                       for x in dino_inputs(7, 2, 2, 1, "logit", False))
     kw = dict(n_views=3, student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP)
-    with pytest.raises(ValueError, match="sinkhorn"):
-        fused_dino.dino_vmf_loss(student, teacher, center, centering="sinkhorn", **kw)
+    with pytest.raises(ValueError, match="Sinkhorn"):
+        fused_dino_vmf_loss(student, teacher, center, centering="sinkhorn", **kw)
     with pytest.raises(ValueError, match="center"):
-        fused_dino.dino_vmf_loss(student, teacher, center[:, :5], centering="logit", **kw)
+        fused_dino_vmf_loss(student, teacher, center[:, :5], centering="logit", **kw)
     with pytest.raises(ValueError, match="student_correction"):
-        fused_dino.dino_vmf_loss(student, teacher, center, centering="logit", student_correction=torch.zeros(6), **kw)
+        fused_dino_vmf_loss(student, teacher, center, centering="logit", student_correction=torch.zeros(6), **kw)
     with pytest.raises(ValueError, match="teacher_temp"):
-        fused_dino.dino_vmf_loss(student, teacher, center, centering="logit", **{**kw, "teacher_temp": 0.0})
-    with pytest.raises(ValueError, match="n_global"):
-        fused_dino.dino_vmf_loss(student, teacher, center, centering="logit", n_global=4, **kw)
-    monkeypatch.setattr(fused_dino, "_interpreting", lambda: False)
-    with pytest.raises(ValueError, match="CUDA"):
-        fused_dino.dino_vmf_loss(student.cpu(), teacher.cpu(), center.cpu(), centering="logit", **kw)
+        fused_dino_vmf_loss(student, teacher, center, centering="logit", **{**kw, "teacher_temp": 0.0})
+    with pytest.raises(ValueError, match="teacher_output must hold the 4 global views"):
+        fused_dino_vmf_loss(student, teacher, center, centering="logit", n_global=4, **kw)
+    monkeypatch.setattr(fused, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        fused_dino_vmf_loss(student.cpu(), teacher.cpu(), center.cpu(), centering="logit", **kw)
+    # auto takes the reference for the same CPU tensors
+    reference.dino_vmf_loss(student.cpu(), teacher.cpu(), center.cpu(), centering="logit", **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,7 +593,7 @@ def test_full_size_matches_reference_on_gpu(dtype, centering):
     kw = dict(n_views=n_views, n_global=2, student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP,
               teacher_correction=t_corr, centering=centering)
     results = []
-    for fn in (fused_dino.dino_vmf_loss, reference.dino_vmf_loss):
+    for fn in (fused_dino_vmf_loss, functools.partial(reference.dino_vmf_loss, backend="reference")):
         s = student.clone().requires_grad_()
         sc = s_corr.clone().requires_grad_()
         loss, stat = fn(s, teacher, center, student_correction=sc, **kw)
@@ -509,7 +618,7 @@ def test_full_size_ibot_patch_matches_reference_on_gpu():
     s_corr = 340 + torch.randn(k, device="cuda", generator=gen)
     center = torch.full((1, 1, k), 1.0 / k, device="cuda")
     results = []
-    for fn in (ibot_patch_vmf_loss, reference.ibot_patch_vmf_loss):
+    for fn in (ibot_patch_vmf_loss, functools.partial(reference.ibot_patch_vmf_loss, backend="reference")):
         s = student.clone().requires_grad_()
         sc = s_corr.clone().requires_grad_()
         loss, stat = fn(s, teacher, mask, center, student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP,
