@@ -63,7 +63,8 @@ def scheduled(schedule: torch.Tensor, epoch: object, name: str = "teacher_temp")
     if isinstance(epoch, torch.Tensor):
         if epoch.dim() != 0 or epoch.is_floating_point() or epoch.is_complex() or epoch.dtype == torch.bool:
             raise TypeError(f"epoch must be an int or a 0-d integer tensor, got a {epoch.dtype} tensor of shape {tuple(epoch.shape)}")
-        return schedule[epoch.to(schedule.device)]
+        # index_select, not schedule[epoch]: indexing with a 0-d tensor reads it on the host
+        return schedule.index_select(0, epoch.reshape(1).to(schedule.device)).reshape(())
     epoch = check_int("epoch", epoch, minimum=0, what=f"an index into the {name} schedule")
     if epoch >= len(schedule):
         raise ValueError(f"epoch must be in [0, nepochs) = [0, {len(schedule)}) to look up the {name} schedule, got {epoch}")
