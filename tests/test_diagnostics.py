@@ -152,3 +152,26 @@ def test_head_diagnostics_bundle():
 def test_bad_input_raises(call):
     with pytest.raises((ValueError, TypeError)):
         call()
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        # each of these returned a healthy-looking number before (1 used prototype, 2 distinct, zeros)
+        (lambda: prototype_utilization(torch.full((4, 3), NAN)), "scores has non-finite values"),
+        (lambda: effective_num_clusters(torch.full((2, 3), NAN)), "probs has non-finite values"),
+        (lambda: effective_num_clusters(torch.zeros(2, 3)), "rows that sum to 1"),
+        (lambda: count_distinct_prototypes(torch.tensor([[1.0, 0.0], [NAN, 1.0]])), "weights has non-finite"),
+        (lambda: kappa_stats(torch.ones(3), tau=float("inf")), "tau must be a finite number"),
+        (lambda: kappa_stats(torch.tensor([1.0, NAN]), tau=0.1), "norms has non-finite"),
+        (lambda: kappa_stats(torch.tensor([1.0, -1.0]), tau=0.1), "norms has negative values"),
+        (lambda: kappa_stats(torch.ones(3), tau="0.1"), "tau must be a real number"),
+        (lambda: head_diagnostics(torch.full((2, 3), NAN), torch.ones(3, 2), tau=0.1), "teacher_logits has non-finite"),
+    ],
+)
+def test_degenerate_inputs_are_errors_not_numbers(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()

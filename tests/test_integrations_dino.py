@@ -180,3 +180,5 @@ def test_bad_inputs_raise():
         vmf_dino.patch(student, teacher, D.DINOLoss(16, NCROPS, 0.04, 0.07, 3, 5))
     with pytest.raises(ValueError, match="centering"):
         vmf_dino.patch(student, teacher, _dino_loss(), centering="mean")
+    with pytest.raises(TypeError, match="dino_loss must be facebookresearch/dino's DINOLoss .* without ncrops"):
+        vmf_dino.patch(student, teacher, torch.nn.CrossEntropyLoss())

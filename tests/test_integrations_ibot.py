@@ -154,3 +154,9 @@ def test_a_norm_after_the_prototypes_is_refused():
     student.head.last_norm = torch.nn.BatchNorm1d(K, affine=False)
     with pytest.raises(ValueError, match="last_norm"):
         vmf_ibot.patch(student, teacher, _ibot_loss())
+
+
+def test_a_non_loss_is_refused():
+    student, teacher = I.build_networks(32, 32)
+    with pytest.raises(TypeError, match="ibot_loss must be bytedance/ibot's iBOTLoss .* without ngcrops"):
+        vmf_ibot.patch(student, teacher, D.DINOLoss(32, 4, 0.04, 0.07, 2, 4))

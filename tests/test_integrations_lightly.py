@@ -157,3 +157,76 @@ def test_checkpoint_of_patched_run_loads_into_unpatched_heads():
     plain = DINO()
     plain.load_state_dict(torch.load(buffer))
     torch.testing.assert_close(plain.forward(views[0]), model.forward(views[0]), rtol=0, atol=0)
+
+
+def _equal_norm_pair():
+    """lightly's own loss and the patched one with logit centering on a model with equal norms: the
+    patched loss must be lightly's exactly (DINO-vMF with equal norms is DINO)."""
+    model = DINO(norm_last_layer=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FrozenNormsWarning)
+        patched = vmf_lightly.patch(model.student_head, model.teacher_head, _criterion(), centering="logit")
+    return model, _criterion(), patched
+
+
+@pytest.mark.parametrize("n_teacher, n_student", [(3, 2), (4, 1), (2, 4)])
+def test_any_number_of_teacher_and_student_views_as_lightly(n_teacher, n_student):
+    model, lightly_loss, patched = _equal_norm_pair()
+    with torch.no_grad():
+        views = _views(5, n=max(n_teacher, n_student))
+        teacher_out = [model.forward_teacher(v) for v in views[:n_teacher]]
+        student_out = [model.forward(v) for v in views[:n_student]]
+        expected = lightly_loss(teacher_out, student_out, epoch=1)
+        torch.testing.assert_close(patched(teacher_out, student_out, epoch=1), expected, atol=2e-6, rtol=1e-6)
+        torch.testing.assert_close(patched.center, lightly_loss.center, atol=1e-6, rtol=1e-6)
+
+
+def test_teacher_temp_as_a_tensor_as_lightlys_schedule():
+    model, lightly_loss, patched = _equal_norm_pair()
+    with torch.no_grad():
+        views = _views(6)
+        teacher_out = [model.forward_teacher(v) for v in views[:2]]
+        student_out = [model.forward(v) for v in views]
+        temp = torch.tensor(0.055)
+        expected = lightly_loss(teacher_out, student_out, teacher_temp=0.055)
+        torch.testing.assert_close(patched(teacher_out, student_out, teacher_temp=temp), expected, atol=2e-6, rtol=1e-6)
+        torch.testing.assert_close(patched(teacher_out, student_out, teacher_temp=0.055),
+                                   lightly_loss(teacher_out, student_out, teacher_temp=0.055), atol=2e-6, rtol=1e-6)
+
+
+def test_update_center_is_lightlys():
+    model, lightly_loss, patched = _equal_norm_pair()
+    teacher_out = torch.stack([model.forward_teacher(v).detach() for v in _views(7)[:2]])
+    lightly_loss.update_center(teacher_out)
+    patched.update_center(teacher_out)
+    torch.testing.assert_close(patched.center, lightly_loss.center, atol=1e-7, rtol=1e-6)
+    # probability centering averages the teacher's vMF posterior at lightly's temperature
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FrozenNormsWarning)
+        probability = vmf_lightly.patch(model.student_head, model.teacher_head, _criterion())
+    before = probability.center.clone()
+    probability.update_center(teacher_out, epoch=0)
+    stat = torch.softmax(teacher_out.reshape(-1, K) / 0.04, dim=-1).mean(0)  # equal norms here: no correction
+    torch.testing.assert_close(probability.center.flatten(), 0.8 * before.flatten() + 0.2 * stat, atol=1e-6, rtol=1e-5)
+
+
+def test_errors_and_non_finite_inputs_in_lightlys_terms():
+    model = DINO()
+    criterion = vmf_lightly.patch(model.student_head, model.teacher_head, _criterion())
+    views = _views(8)
+    teacher_out = [model.forward_teacher(v).detach() for v in views[:2]]
+    student_out = [model.forward(v).detach() for v in views]
+    with pytest.raises(ValueError, match=r"student_out\[1\] has shape \(4, 32\); every view must be \(B, K = 32\)"):
+        criterion(teacher_out, [student_out[0], student_out[1][:4]])
+    with pytest.raises(TypeError, match="teacher_out must be a non-empty list"):
+        criterion(torch.stack(teacher_out), student_out)
+    with pytest.raises(ValueError, match="at least two views"):
+        criterion(teacher_out[:1], student_out[:1])
+    with pytest.raises(ValueError, match="same batch size"):
+        criterion(teacher_out, [s[:4] for s in student_out])
+    bad = [t.clone() for t in teacher_out]
+    bad[1][0, 3] = float("nan")
+    with pytest.raises(ValueError, match="teacher_out has non-finite values"):
+        criterion(bad, student_out)
+    with pytest.raises(TypeError, match="dino_loss must be lightly's DINOLoss"):
+        vmf_lightly.patch(model.student_head, model.teacher_head, nn.CrossEntropyLoss())

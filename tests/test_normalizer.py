@@ -10,10 +10,13 @@ import math
 import mpmath
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import scipy.special
 import torch
 
 import mpmath_truth as truth
+from vmf_head import accuracy
 from vmf_head import log_vmf_normalizer, vmf_mean_resultant_length
 from vmf_head.special import vmf as _vmf
 from vmf_head.special.bessel import TOL_FLOAT64
@@ -233,22 +236,58 @@ def test_half_dtypes_are_computed_in_float_and_rounded_once(dtype, p):
     assert worst[0] <= torch.finfo(dtype).eps / 2 * 1.01, worst
 
 
-@pytest.mark.parametrize("p", [16384, 20000, 65536])
-def test_float16_overflows_exactly_where_log_c_exceeds_its_range(p):
-    # float16 holds |x| <= 65504; log C_p(kappa) exceeds that at small kappa from p = 18719 on
-    # (p = 65536: 2.7e5 at kappa = 0; docs/log_normalizer.md). kappa itself stays in float16's range.
-    kappas = [0.0, 1e3, 1e4, 3e4, 6e4]
+@pytest.mark.parametrize("p", [16384, 18722, 18723, 20000, 65536])
+def test_float16_is_refused_exactly_where_it_cannot_hold_log_c(p):
+    # float16 rounds |x| >= 65520 to inf; log C_p(0) = log Gamma(p/2) - log 2 - (p/2) log pi does
+    # from p = 18723 on. There a float16 kappa is a ValueError, never an inf result; below it every
+    # float16 kappa gives a finite, correctly rounded value (kappa itself stays in float16's range).
+    kappas = [0.0, 1e3, 1e4, 3e4, 6e4, 65504.0]
+    if math.lgamma(p / 2) - math.log(2) - p / 2 * math.log(math.pi) >= 65520:
+        with pytest.raises(ValueError, match=f"float16 cannot hold log C_p.*p = {p}"):
+            log_vmf_normalizer(torch.tensor(kappas, dtype=torch.float16), p)
+        assert torch.isfinite(log_vmf_normalizer(torch.tensor(kappas, dtype=torch.float32), p)).all()
+        return
     held = _held(kappas, torch.float16)
     out = log_vmf_normalizer(torch.tensor(kappas, dtype=torch.float16), p).tolist()
-    outcomes = []
     for o, k in zip(out, held):
-        exact = truth.log_normalizer(p, k)
-        if abs(exact) < 65504:
-            assert truth.error(o, exact) <= 2**-11 * 1.01
-        else:
-            assert o == math.inf  # log C_p > 0 there
-        outcomes.append(math.isfinite(o))
-    assert outcomes == {16384: [True] * 5, 20000: [False] * 3 + [True] * 2, 65536: [False] * 5}[p]
+        assert math.isfinite(o) and truth.error(o, truth.log_normalizer(p, k)) <= 2**-11 * 1.01, (k, o)
+    assert p in (16384, 18722)
+
+
+# --- every order: the recurrence in p -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [332, 350, 351, 352, 2804, 2805, 2806, 2807, 17168, 17169, 17170, 17171, 99998])
+def test_recurrence_in_p_near_the_zero_at_orders_around_a_change_of_form(p):
+    # log C_(p+2) = log C_p + log(kappa / (2 pi A_p)) at the zero of log C_(p+2): orders where the
+    # expansion's shift or the anchored form changes (vmf_head/special/vmf.py). 2805/2806 and
+    # 17169/17170 missed 1e-12 by 15x when the anchored form was skipped for shifted orders.
+    kappa, residual = accuracy.identity_residual(p)
+    assert abs(residual) <= F64_BOUND, (p, kappa, residual)
+
+
+@settings(max_examples=25, deadline=None)
+@given(p=st.integers(20, 100000))
+def test_recurrence_in_p_near_the_zero_at_any_order(p):
+    """Any order (``python -m vmf_head accuracy --identity-scan 100000`` checks every one)."""
+    kappa, residual = accuracy.identity_residual(p)
+    assert abs(residual) <= F64_BOUND, (p, kappa, residual)
+
+
+def test_reported_order_against_mpmath():
+    # The order and kappa of the report (p = 17169): absolute error now at the rounding of the value.
+    for kappa in (81773.5270309369, _vmf.zero(17169, TOL_FLOAT64)):
+        ours = float(log_vmf_normalizer(torch.tensor([kappa], dtype=torch.float64), 17169))
+        assert abs(ours - float(truth.log_normalizer(17169, kappa))) <= 40 * EPS64, kappa
+
+
+@pytest.mark.parametrize("p", [6_500_000_000, 10**11])
+def test_huge_orders(p):
+    # p >= 6.5e9 once crashed (one polynomial coefficient left); at kappa = 0 the value is the closed form.
+    out = log_vmf_normalizer(torch.tensor([0.0, 1e3, 1e12], dtype=torch.float64), p)
+    assert torch.isfinite(out).all() and (out[:-1] >= out[1:]).all() and out[0] > out[-1]
+    exact0 = math.lgamma(p / 2) - math.log(2) - p / 2 * math.log(math.pi)
+    assert abs(float(out[0]) - exact0) <= 1e-12 * abs(exact0)
 
 
 @pytest.mark.parametrize("shape", [(), (0,), (3, 0), (2, 3, 4)])
@@ -311,9 +350,9 @@ def test_bad_arguments_are_named(kwargs, exc, words):
             vmf_mean_resultant_length(kwargs["kappa"], kwargs["p"])
 
 
-def test_cpu_inputs_sliced_for_speed_give_the_same_values_in_the_same_places():
-    # K-sized CPU inputs are evaluated in slices (normalizer._SERIAL_SLICE); element i must still be
-    # log C_p(kappa_i), whatever the shape. Small pieces (< one slice) are the unsliced path.
+def test_values_do_not_depend_on_the_other_elements():
+    # Element i is log C_p(kappa_i) whatever else the tensor holds (the domain masks are computed for
+    # the whole tensor, never decided from its contents).
     kappa = torch.logspace(-6, 6, 3 * 20011, dtype=torch.float64)[torch.randperm(3 * 20011)].view(3, 20011)
     kappa.requires_grad_()
     got = log_vmf_normalizer(kappa, 256)
@@ -323,3 +362,11 @@ def test_cpu_inputs_sliced_for_speed_give_the_same_values_in_the_same_places():
     (grad,) = torch.autograd.grad(got.sum(), kappa)
     slopes = torch.cat([vmf_mean_resultant_length(part, 256) for part in kappa.detach().reshape(-1).split(1000)])
     assert torch.equal(-grad.reshape(-1), slopes)
+    mixed = kappa.detach().reshape(-1)[:1000].clone()
+    mixed[::7] = float("nan")
+    mixed[1::7] = -1.0
+    mixed[2::7] = 1e200
+    clean = log_vmf_normalizer(kappa.detach().reshape(-1)[:1000], 256)
+    keep = torch.ones(1000, dtype=torch.bool)
+    keep[::7] = keep[1::7] = keep[2::7] = False
+    assert torch.equal(log_vmf_normalizer(mixed, 256)[keep], clean[keep])

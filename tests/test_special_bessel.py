@@ -9,6 +9,8 @@ import math
 import mpmath
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import scipy.special
 import torch
 
@@ -137,3 +139,44 @@ def test_bad_arguments_are_named(nu, x, exc, words):
     for fn in (log_bessel_iv, bessel_iv_ratio):
         with pytest.raises(exc, match=words):
             fn(nu, x)
+
+
+@settings(max_examples=60, deadline=None)
+@given(nu=st.floats(0.0, 1e5), log_x=st.floats(-8.0, 18.0))
+def test_ratio_is_a_mean_resultant_length(nu, log_x):
+    # I_{nu+1}/I_nu is in [0, 1]; at huge x the rounding of x Q passed 1 (0.5, 1e17 gave 1 + 9e-16).
+    x = torch.tensor([10.0**log_x, 1e17], dtype=torch.float64)
+    r = bessel_iv_ratio(nu, x)
+    assert ((r >= 0) & (r <= 1)).all(), (nu, r)
+
+
+def test_reported_ratio_at_huge_argument():
+    assert float(bessel_iv_ratio(0.5, torch.tensor(1e17, dtype=torch.float64))) <= 1.0
+
+
+@pytest.mark.parametrize("nu", [0.0, 0.5, 3.0, 127.0, 1000.5])
+def test_both_functions_are_differentiable_in_x(nu):
+    """d/dx log I_nu = nu/x + R and dR/dx = 1 - R^2 - (2 nu + 1) R / x, checked against mpmath's
+    derivatives, by torch.autograd.gradcheck (float64 finite differences) and at second order."""
+    x = torch.tensor([1e-3, 0.7, 12.0, 900.0, 3e4], dtype=torch.float64, requires_grad=True)
+    (g_log,) = torch.autograd.grad(log_bessel_iv(nu, x).sum(), x)
+    (g_ratio,) = torch.autograd.grad(bessel_iv_ratio(nu, x).sum(), x)
+    with mpmath.workdps(30):
+        for i, xv in enumerate(x.tolist()):
+            want_log = mpmath.diff(lambda t: mpmath.log(mpmath.besseli(nu, t)), xv)
+            want_ratio = mpmath.diff(lambda t: mpmath.besseli(nu + 1, t) / mpmath.besseli(nu, t), xv)
+            assert abs(float(g_log[i]) - float(want_log)) <= 1e-11 * max(1.0, abs(float(want_log))), (xv, "log")
+            assert abs(float(g_ratio[i]) - float(want_ratio)) <= 1e-11 * max(1.0, abs(float(want_ratio))), (xv, "ratio")
+    small = x.detach()[1:4].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: (log_bessel_iv(nu, t), bessel_iv_ratio(nu, t)), (small,))
+    assert torch.autograd.gradgradcheck(lambda t: bessel_iv_ratio(nu, t), (small,))
+
+
+def test_requires_grad_inputs_of_any_dtype():
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.rand(5, dtype=dtype).requires_grad_()
+        (log_bessel_iv(2.0, x).sum() + bessel_iv_ratio(2.0, x).sum()).backward()
+        assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+    zero = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    bessel_iv_ratio(1.0, zero).backward()
+    assert float(zero.grad) == pytest.approx(1 / 4)  # R ~ x / (2 nu + 2) at 0

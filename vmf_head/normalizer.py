@@ -33,7 +33,8 @@ from .special.vmf import MODES
 
 __all__ = ["log_vmf_normalizer", "vmf_mean_resultant_length", "prototype_log_normalizer"]
 
-_FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+# float16 rounds to inf from 65520 on (its largest number 65504 plus half a unit in the last place).
+_FLOAT16_OVERFLOW = float(torch.finfo(torch.float16).max) + 16.0
 
 
 def _check_p_mode(p: object, mode: object) -> int:
@@ -47,17 +48,19 @@ def _check_p_mode(p: object, mode: object) -> int:
 def _check_float16_range(p: int) -> None:
     """ValueError when float16 cannot hold log C_p(kappa) for every float16 kappa.
 
-    log C_p decreases from log C_p(0) = log Gamma(p/2) - log 2 - (p/2) log pi, so over float16's
-    kappa in [0, 65504] its least value is at 65504, where the leading term of the uniform expansion
-    (``mode="approx"``'s formula, off by less than 1/(12 nu) there) gives it in closed form."""
+    log C_p decreases from log C_p(0) = log Gamma(p/2) - log 2 - (p/2) log pi, which rounds to inf
+    from p = 18723 on, to its value at float16's largest kappa, 65504, where the leading term of the
+    uniform expansion (``mode="approx"``'s formula, off by less than 1/(12 nu) there) gives it in
+    closed form. No Python float64 arithmetic here is near the rounding that could flip the verdict."""
     nu = 0.5 * p - 1.0
-    s = math.hypot(nu, _FLOAT16_MAX)
+    s = math.hypot(nu, 65504.0)
     at_max = nu * math.log(nu + s) - s + 0.5 * math.log(s) - (nu + 0.5) * math.log(2.0 * math.pi)
     at_zero = math.lgamma(0.5 * p) - math.log(2.0) - 0.5 * p * math.log(math.pi)
-    if min(at_max, at_zero) < -_FLOAT16_MAX:
+    if at_zero >= _FLOAT16_OVERFLOW or at_max <= -_FLOAT16_OVERFLOW:
+        where = f"log C_p(0) = {at_zero:.6g}" if at_zero >= _FLOAT16_OVERFLOW else f"log C_p(65504) = {at_max:.6g}"
         raise ValueError(
-            f"float16 cannot hold log C_p(kappa) at p = {p}: it falls below -65504 (float16's range) for "
-            f"kappa {'>= 0' if at_zero < -_FLOAT16_MAX else 'near 65504'}; pass kappa as float32 (or bfloat16)"
+            f"float16 cannot hold log C_p(kappa) at p = {p}: {where} is beyond float16's range (65504); "
+            "pass kappa as float32 (or bfloat16)"
         )
 
 
@@ -226,7 +229,7 @@ def log_vmf_normalizer(kappa: torch.Tensor, p: int, *, mode: str = "exact", back
     Args:
         kappa: concentrations, a tensor of any shape on any device; float16, bfloat16, float32 or
             float64. Everything is computed in float64 and returned in kappa's dtype. float16 is
-            refused where it cannot hold the result (p >= 18700: log C_p < -65504), never rounded to -inf.
+            refused where it cannot hold the result (p >= 18723: log C_p(0) rounds to inf), never returned as inf.
         p: the ambient dimension (an int >= 2); DINO's bottleneck gives p = 256.
         mode: ``"exact"`` (default) or ``"approx"``.
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._validation import check_int, check_tensor, check_temperature
-from ..functional.centering import center_teacher
+from ..functional.centering import teacher_vmf_logits
 from ..functional.dino_loss import dino_vmf_loss
 from ..functional.vmf import vmf_correction
 from ..nn import _loss_common as common
@@ -154,21 +154,22 @@ class PatchedLightlyDINOLoss(common.ProbabilityCenterCheck, nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor, teacher_temp: Optional[float | torch.Tensor] = None,
                       epoch: Optional[int] = None) -> None:
-        """lightly's moving-average update of the center from ``teacher_out`` ``(views, B, K)`` (or
-        ``(B, K)``). Logit centering averages the raw outputs (lightly's own update); probability
-        centering averages the teacher's vMF posterior at the temperature of lightly's rule; Sinkhorn
-        keeps no center. ``forward`` already updates the center: call this only for outputs it did not see."""
-        teacher_out = check_tensor("teacher_out", teacher_out, dims=(2, 3), shape="(views, B, K) or (B, K)")
+        """lightly's moving-average update of the center from ``teacher_out`` ``(views, B, K)``, averaged
+        over its dims 0 and 1 as lightly does (a 2-D tensor is averaged over every entry, as lightly's
+        own ``update_center`` does). Logit centering averages the raw outputs (lightly's update);
+        probability centering averages the teacher's vMF posterior at the temperature of lightly's rule;
+        Sinkhorn keeps no center. ``forward`` already updates the center: call this only for outputs
+        it did not see."""
+        teacher_out = check_tensor("teacher_out", teacher_out, dims=(2, 3), shape="(views, B, K)")
         if self.centering == "sinkhorn":
             return
         temp = self.temperature(teacher_temp, epoch)
-        teacher_correction = None
         if self.centering == "probability":
-            teacher_correction = vmf_correction(self._norms()[1], temp, self.p, mode=self.mode)
-        rows = teacher_out.reshape(-1, teacher_out.shape[-1])
-        _, stat = center_teacher(rows, self.center.view(1, -1), teacher_temp=temp,
-                                 teacher_correction=teacher_correction, centering=self.centering)
-        common.update_centers_((self.center, stat, rows.shape[0], self.center_momentum))
+            correction = vmf_correction(self._norms()[1], temp, self.p, mode=self.mode)
+            teacher_out = torch.softmax(teacher_vmf_logits(teacher_out, temp, correction), dim=-1)
+        stat = teacher_out.float().mean(dim=(0, 1))
+        n = teacher_out.shape[0] * teacher_out.shape[1]
+        common.update_centers_((self.center, stat.expand(self.output_dim), n, self.center_momentum))
 
 
 def _stack_views(name: str, views: object, k: int) -> torch.Tensor:

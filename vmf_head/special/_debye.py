@@ -19,6 +19,7 @@ polynomial evaluations in t whose coefficients already contain the powers of 1/n
 from __future__ import annotations
 
 import functools
+import math
 from fractions import Fraction
 
 # Upper bounds of max_{0<=t<=1} |u_k(t)| and of max |t (u_{k-1}/2 + t u_{k-1}')|, k = 1..MAX_TERMS,
@@ -74,9 +75,9 @@ def _w_poly(k: int) -> list[Fraction]:
 def terms_needed(nu: float, tol: float) -> int | None:
     """Smallest K whose first omitted terms (u and w families) are below ``tol`` at order ``nu``;
     ``None`` when MAX_TERMS terms do not suffice."""
+    # in logs: nu^(k + 1) underflows for tiny orders (nu = 1e-154)
     for k in range(1, MAX_TERMS + 1):
-        bound = max(_U_MAX[k], _W_MAX[k]) / nu ** (k + 1)
-        if bound < tol:
+        if math.log(max(_U_MAX[k], _W_MAX[k])) - (k + 1) * math.log(nu) < math.log(tol):
             return k
     return None
 
