@@ -13,7 +13,12 @@ warm-up step, measured in a fresh subprocess per candidate with glibc's mmap thr
 Candidates are a list (``CANDIDATES``); a fused or compiled peer is one more ``Candidate``.
 
     python benchmarks/loss.py                          # CPU, B=64, 2+8 crops, K=65536, float32
+    python benchmarks/loss.py --scale 1                # peaked teachers: t / 0.04 spans +-125
     python benchmarks/loss.py --device cuda --repeats 20
+
+``--scale`` is the standard deviation of the raw outputs w^T y (0.3 by default). At 1, the teacher's
+logits t / 0.04 span about +-125 and most of its probabilities are below float32's normal range
+(subnormal numbers, which slow a CPU's arithmetic on them tenfold or more).
 """
 
 from __future__ import annotations
@@ -94,7 +99,8 @@ def _lightly(x: Inputs) -> Step:
 
 def _vmf(centering: str, norms: bool, backend: str = "reference") -> Callable[[Inputs], Step]:
     def make(x: Inputs) -> Step:
-        loss = DINOvMFLoss(x.student.shape[1], x.ncrops, 0.04, 0.07, 30, 100, centering=centering, backend=backend)
+        loss = DINOvMFLoss(x.student.shape[1], x.ncrops, 0.04, 0.07, 30, 100, p=256, centering=centering,
+                           backend=backend)
         loss = loss.to(x.student.device)
         if norms:
             return lambda s: loss(s, x.teacher, x.epoch, x.student_norms, x.teacher_norms)
@@ -117,8 +123,8 @@ def make_inputs(args: argparse.Namespace) -> Inputs:
     ncrops = 2 + args.local_crops
     k = args.out_dim
     # Raw outputs w^T y of unit y and prototypes of norm about 1: values in about [-1, 1].
-    student = (torch.randn(ncrops * args.batch, k, generator=g) * 0.3).to(args.device, args.dtype)
-    teacher = (torch.randn(2 * args.batch, k, generator=g) * 0.3).to(args.device, args.dtype)
+    student = (torch.randn(ncrops * args.batch, k, generator=g) * args.scale).to(args.device, args.dtype)
+    teacher = (torch.randn(2 * args.batch, k, generator=g) * args.scale).to(args.device, args.dtype)
     norms = torch.rand(k, generator=g) + 0.5
     return Inputs(student, teacher, norms.to(args.device).requires_grad_(), norms.to(args.device) * 1.01, ncrops)
 
@@ -195,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-crops", type=int, default=8)
     parser.add_argument("--out-dim", type=int, default=65536)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--scale", type=float, default=0.3, help="standard deviation of the raw outputs w^T y")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -228,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"loss fwd+bwd, B={args.batch}, 2+{args.local_crops} crops, K={args.out_dim}, {str(args.dtype)[6:]}, "
+        f"outputs with std {args.scale:g}, "
         f"{device}, torch {torch.__version__}, {args.repeats} repeats after {args.warmup} warm-up"
     )
     mem_what = "CUDA max_memory_allocated" if args.device == "cuda" else "peak RSS growth, VmHWM"

@@ -4,6 +4,6 @@ from .functional import vmf_logits
 from .nn import DINOvMFLoss, VMFPrototypeHead, iBOTvMFHead, iBOTvMFLoss
 from .normalizer import log_vmf_normalizer, prototype_log_normalizer, vmf_mean_resultant_length
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["log_vmf_normalizer", "vmf_mean_resultant_length", "prototype_log_normalizer", "VMFPrototypeHead", "iBOTvMFHead", "vmf_logits", "DINOvMFLoss", "iBOTvMFLoss"]

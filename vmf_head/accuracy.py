@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vmf-head accuracy",
         description="Worst errors of log_vmf_normalizer (exact and approx) against mpmath, and where "
-        "scipy.special.ive's formula is inf/NaN. Needs mpmath and scipy (pip install 'vmf-head[test]').",
+        "scipy.special.ive's formula is inf/NaN. Needs mpmath and scipy (pip install 'vmf-head[accuracy]').",
     )
     parser.add_argument("--p", type=int, nargs="+", default=list(P_VALUES), help="dimensions (default: %(default)s)")
     parser.add_argument("--per-decade", type=int, default=4, help="kappa points per decade (default: %(default)s)")
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         import scipy.special  # noqa: F401
     except ImportError as exc:
         print(
-            f"the accuracy table needs mpmath and scipy ({exc}); install them with: pip install 'vmf-head[test]'",
+            f"the accuracy table needs mpmath and scipy ({exc}); install them with: pip install 'vmf-head[accuracy]'",
             file=sys.stderr,
         )
         return 1

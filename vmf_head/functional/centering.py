@@ -18,6 +18,8 @@ returned with those dims kept as size 1 so they have the center's shape. All com
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._validation import check_choice, check_int, check_temperature, check_tensor
@@ -30,6 +32,22 @@ CENTERINGS = ("logit", "probability", "sinkhorn")
 def check_centering(centering: object) -> str:
     """``centering`` if it is one of :data:`CENTERINGS`, else a ValueError listing them."""
     return check_choice("centering", centering, CENTERINGS)
+
+
+def softmax_flushed(logits: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(logits)`` over the last dim with every probability below the smallest normal float
+    set to 0 (one more pass, in place). ``out`` may be ``logits`` itself.
+
+    Such a probability contributes nothing a float32 sum of the loss can hold, but a teacher at
+    temperature 0.04 is mostly such values, and the CPU's matrix products slow down on subnormal
+    operands (torch.set_flush_denormal reaches only the calling thread, not OpenMP's workers)."""
+    q = torch.softmax(logits, dim=-1) if out is None else torch.softmax(logits, dim=-1, out=out)
+    return torch.threshold_(q, torch.finfo(q.dtype).tiny, 0.0)
+
+
+def flush_exp_(log_q: torch.Tensor) -> torch.Tensor:
+    """``exp`` in place of log-probabilities, 0 where the result would be subnormal (see ``softmax_flushed``)."""
+    return torch.threshold_(log_q, math.log(torch.finfo(log_q.dtype).tiny), float("-inf")).exp_()
 
 
 def _batch_mean(x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +124,7 @@ def logit_centering(
         logits = (t - center.to(dtype)) / teacher_temp
         if teacher_correction is not None:
             logits += softmax_shifted(teacher_correction, dtype)
-        return torch.softmax(logits, dim=-1, out=logits), _batch_mean(t)
+        return softmax_flushed(logits, out=logits), _batch_mean(t)
 
 
 def probability_centering(
@@ -133,10 +151,10 @@ def probability_centering(
     center = _check_center(center, teacher_output)
     with no_autocast(teacher_output.device), torch.no_grad():
         logits = teacher_vmf_logits(teacher_output, teacher_temp, teacher_correction)
-        stat = _batch_mean(torch.softmax(logits, dim=-1))
+        stat = _batch_mean(softmax_flushed(logits))
         log_center = center.to(logits.dtype).clamp_min(torch.finfo(logits.dtype).tiny).log()
         logits -= log_center
-        return torch.softmax(logits, dim=-1, out=logits), stat
+        return softmax_flushed(logits, out=logits), stat
 
 
 def sinkhorn_log_targets(log_q: torch.Tensor, n_iterations: int, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,7 +204,7 @@ def sinkhorn_centering(
     with no_autocast(teacher_output.device), torch.no_grad():
         log_q = teacher_vmf_logits(teacher_output, teacher_temp, teacher_correction)
         shape = log_q.shape
-        return sinkhorn_log_targets(log_q.reshape(-1, shape[-1]), n_iterations).exp_().view(shape)
+        return flush_exp_(sinkhorn_log_targets(log_q.reshape(-1, shape[-1]), n_iterations)).view(shape)
 
 
 def center_teacher(

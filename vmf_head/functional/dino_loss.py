@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _dispatch
 from .._validation import check_int, check_temperature, check_tensor
-from .centering import center_teacher, check_centering, sinkhorn_log_targets, teacher_vmf_logits
+from .centering import center_teacher, check_centering, flush_exp_, sinkhorn_log_targets, teacher_vmf_logits
 from .vmf import compute_dtype, no_autocast, softmax_shifted
 
 
@@ -61,11 +61,8 @@ class _MultiCropCrossEntropy(torch.autograd.Function):
         weight = row_weight.to(dtype) if row_weight is not None else torch.full(
             (batch,), 1.0 / max(batch, 1), dtype=dtype, device=student.device
         )
+        # (targets from vmf_head's centerings hold no subnormal numbers: see centering.softmax_flushed)
         weighted = targets.to(dtype).view(n_targets, batch, k) * weight[None, :, None]
-        # A target weight below the smallest normal float contributes nothing a float32 sum can hold,
-        # but as a subnormal operand it slows the CPU's matrix products tenfold (a teacher at
-        # temperature 0.04 is mostly such values): flush them to 0.
-        weighted.masked_fill_(weighted < torch.finfo(dtype).tiny, 0.0)
         total = weighted.sum(0)  # sum_i w q_i, paired with every student view
         # Row-wise dot products (batched matmul over the K axis): one dot over all n_views B K
         # entries would lose about 5e-5 of the loss in float32 at DINO's sizes.
@@ -365,7 +362,7 @@ def ibot_patch_vmf_loss(
         iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, minimum=0)
         with no_autocast(teacher_patch.device), torch.no_grad():
             log_q = teacher_vmf_logits(teacher_patch, teacher_temp, teacher_correction).reshape(rows, k)
-            q, stat = sinkhorn_log_targets(log_q, iterations, rows=selected).exp_(), None
+            q, stat = flush_exp_(sinkhorn_log_targets(log_q, iterations, rows=selected)), None
     else:
         q, stat = center_teacher(teacher_patch, center, teacher_temp=teacher_temp,
                                  teacher_correction=teacher_correction, centering=centering)
