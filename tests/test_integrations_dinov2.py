@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import _integration_reference as ref
-from _dispatch_attribution import AttributedSyncCounter, OpsByOwner
+from _dispatch_attribution import AttributedSyncCounter, OpsByOwner, check_no_sync, record_loss_calls
 from standins import dinov2 as D2
 from vmf_head.integrations import dinov2 as vmf_dinov2
 
@@ -144,61 +144,30 @@ def test_checkpoint_of_patched_run_loads_into_unpatched_dinov2():
     torch.testing.assert_close(backbone(x)["x_norm_clstoken"], patched.teacher.backbone(x)["x_norm_clstoken"], rtol=0, atol=0)
 
 
-def _wrap_loss_methods(model, wrapper):
-    """Replace every loss method DINOv2's forward_backward calls by ``wrapper(name, method)``."""
-    for attr in ("dino_loss", "ibot_patch_loss"):
-        loss = getattr(model, attr)
-        for method in ("softmax_center_teacher", "update_center", "sinkhorn_knopp_teacher", "forward", "forward_masked"):
-            if hasattr(loss, method):
-                setattr(loss, method, wrapper(method, getattr(loss, method)))
-
-
 @pytest.mark.parametrize("separate_head,centering", [(False, "centering"), (True, "centering"), (False, "sinkhorn_knopp")])
 def test_loss_methods_ask_for_no_host_sync(separate_head, centering):
     """Every call DINOv2 makes to the losses, counted: none of the integration's own code syncs, and once
     the core functions they call are sync-free (issue 11) none at all."""
     model = vmf_dinov2.patch(_model(separate_head, centering))
     model.forward_backward(D2.collated_batch(), 0.04)  # the next step applies this one's center update
-    counters = []
-
-    def counted(name, method):
-        def run(*args, **kwargs):
-            with AttributedSyncCounter() as counter:
-                out = method(*args, **kwargs)
-            counters.append(counter)
-            return out
-        return run
-
-    _wrap_loss_methods(model, counted)
+    calls = record_loss_calls(model, AttributedSyncCounter)
     model.forward_backward(D2.collated_batch(), 0.04)
-    assert len(counters) == (7 if centering == "centering" else 5)
-    assert not any(c.by_owner["integration"] for c in counters), [dict(c.by_owner["integration"]) for c in counters]
-    elsewhere = sum((c.syncs for c in counters), start=Counter())
-    if elsewhere:
-        pytest.xfail(f"the core functions the losses call still sync: {dict(elsewhere)} (issue 11)")
+    assert len(calls) == (7 if centering == "centering" else 5)
+    check_no_sync(calls)
 
 
 def test_center_statistics_come_from_the_centering_pass():
     """``update_center`` runs no operator: the statistic is a by-product of ``softmax_center_teacher`` on
     the same tensor; the student terms' log-softmaxes are all inside the core cross-entropy."""
     model = vmf_dinov2.patch(_model(False, "centering"))
-    ops = {}
-
-    def recorded(name, method):
-        def run(*args, **kwargs):
-            with OpsByOwner() as counter:
-                out = method(*args, **kwargs)
-            ops.setdefault(name, []).append(counter.counts)
-            return out
-        return run
-
-    _wrap_loss_methods(model, recorded)
+    calls = record_loss_calls(model, OpsByOwner)
     model.forward_backward(D2.collated_batch(), 0.04)
-    assert len(ops["update_center"]) == 2 and not any(sum(c.values(), Counter()) for c in ops["update_center"])
-    for name in ("forward", "forward_masked"):
-        for counts in ops[name]:
-            assert any("log_softmax" in op for op in counts["core"])
-            assert not {op for owner in ("integration", "caller") for op in counts[owner] if "softmax" in op}
+    updates = [c.counts for name, c in calls if name == "update_center"]
+    assert len(updates) == 2 and not any(sum(counts.values(), Counter()) for counts in updates)
+    for name, c in calls:
+        if name in ("forward", "forward_masked"):
+            assert any("log_softmax" in op for op in c.counts["core"])
+            assert not {op for owner in ("integration", "caller") for op in c.counts[owner] if "softmax" in op}
 
 
 def test_update_center_on_another_tensor_raises():
