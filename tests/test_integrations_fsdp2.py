@@ -1,6 +1,7 @@
 """The DINOv3 and DINOv2 patches with every module of the student and teacher under FSDP2 ``fully_shard``
-(``reshard_after_forward=True``, as DINOv3's ``prepare_for_distributed_training``): two gloo processes, each
-with half of the batch, train as one process on the whole batch. DINOv2's own wrapper is FSDP1 pinned to
+(``reshard_after_forward=True``, as DINOv3's ``prepare_for_distributed_training``, once also with the heads
+compiled first, as it does): two gloo processes, each with half of the batch, train as one eager process
+on the whole batch. DINOv2's own wrapper is FSDP1 pinned to
 a CUDA device (``device_id=local_rank``), which cannot run here, so its patch is checked under FSDP2 too.
 
 What the processes must agree on with the single process (1e-6): the mean of their loss terms (each a
@@ -23,7 +24,9 @@ from vmf_head.integrations import dinov3 as vmf_dinov3
 
 WORLD, BATCH, STEPS = 2, 4, 2
 K, K2, P = 32, 24, 8
-CASES = [("dinov3", "sinkhorn"), ("dinov3", "probability"), ("dinov2", "probability"), ("dinov2", "sinkhorn")]
+# (codebase, centering, heads compiled before sharding as DINOv3's cfg.train.compile does)
+CASES = [("dinov3", "sinkhorn", False), ("dinov3", "probability", True), ("dinov2", "probability", False),
+         ("dinov2", "sinkhorn", False)]
 TERMS = ("dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss")  # the loss dicts' keys in both
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:FutureWarning")
@@ -40,11 +43,12 @@ def _spread_norms(heads, seed):
                 layer.weight.mul_((0.5 + 1.5 * torch.rand(layer.weight.shape[0], 1, generator=g)) / layer.weight.norm(dim=1, keepdim=True))
 
 
-def _build(codebase, centering):
+def _build(codebase, centering, compile):
     """The patched model, sharded when a process group exists; the same weights on every rank."""
     torch.manual_seed(0)
     if codebase == "dinov3":
-        model = D3.SSLMetaArch(D3.default_cfg(K, K2, P, koleo_loss_weight=0.0))  # KoLeo is per rank by design
+        # KoLeo is a per-rank term by design: left out of a comparison with the whole batch
+        model = D3.SSLMetaArch(D3.default_cfg(K, K2, P, koleo_loss_weight=0.0, compile=compile))
         model.init_weights()
         _spread_norms([model.student.dino_head, model.student.ibot_head], seed=1)
         model.model_ema.load_state_dict(model.student.state_dict())
@@ -71,10 +75,10 @@ def _whole(tensor):
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def _run(codebase, centering, rank, world):
+def _run(codebase, centering, compile, rank, world):
     """STEPS training steps on this rank's part of the batch: per step the loss terms, the gradients of
     the student's prototype parameters and the centers after the step."""
-    model = _build(codebase, centering)
+    model = _build(codebase, centering, compile)
     optimizer = torch.optim.AdamW(model.student.parameters(), lr=0.05)
     history = []
     for step in range(STEPS):
@@ -112,7 +116,8 @@ def test_two_sharded_processes_train_as_one_process_on_the_whole_batch(tmp_path)
     mp.spawn(_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"{rank}.pt") for rank in range(WORLD)]
     for case in CASES:
-        single = _run(*case, rank=0, world=1)
+        codebase, centering, _ = case
+        single = _run(codebase, centering, False, rank=0, world=1)  # eager, unsharded
         for step, expected in enumerate(single):
             where = f"{case} step {step}"
             for name, value in expected["losses"].items():
