@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -423,3 +424,10 @@ def collate(samples):
         "n_masked_patches": torch.full((1,), fill_value=mask_indices_list.shape[0], dtype=torch.long),
         "global_batch_size": len(samples),
     }
+
+
+def teacher_temp_schedule(iterations):
+    """A per-iteration numpy schedule, as DINOv3's ``CosineScheduler`` gives: linear warm-up 0.04 -> 0.07
+    over half the iterations, then constant (its elements are numpy float64)."""
+    warmup = max(iterations // 2, 1)
+    return np.concatenate([np.linspace(0.04, 0.07, warmup), np.full(iterations - warmup, 0.07)])
