@@ -20,6 +20,7 @@ import _integration_reference as ref
 from _dispatch_attribution import AttributedSyncCounter, check_no_sync, record_loss_calls
 from standins import dinov3 as D3
 from vmf_head.integrations import dinov3 as vmf_dinov3
+from vmf_head.integrations._common import CapturedNorms
 from vmf_head.nn import VMFLinearPrototypeHead
 
 K, K2, P = 32, 24, 8
@@ -308,3 +309,22 @@ def test_linear_prototype_head_is_dinov3s_layout():
     torch.testing.assert_close(ours(y, only_last_layer=True), theirs(y, only_last_layer=True))
     torch.testing.assert_close(ours.prototype_norms(), theirs.last_layer.weight.norm(dim=1))
     assert ours.p == P and ours.prototype_norms().requires_grad
+
+
+def test_norms_of_a_bfloat16_prototype_layer():
+    """DINOv3's FSDP2 policy runs the heads in bf16 (``param_dtype: bf16``): the norms are computed in
+    float32 from the bf16 rows, their gradient reaches the bf16 weight as float32 autograd would give it."""
+    layer = torch.nn.Linear(P, K, bias=False).to(torch.bfloat16)
+    reader = CapturedNorms(layer, role="student", detach=False)
+    x = torch.randn(3, P, dtype=torch.bfloat16, requires_grad=True)
+    layer(x)
+    norms = reader()
+    weight = layer.weight.detach().float().requires_grad_()
+    expected = weight.norm(dim=1)
+    assert norms.dtype == torch.float32
+    torch.testing.assert_close(norms, expected)
+    upstream = torch.randn(K)
+    (norms * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    assert layer.weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(layer.weight.grad, weight.grad.to(torch.bfloat16))
