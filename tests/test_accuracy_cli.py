@@ -56,7 +56,7 @@ def test_strict_exit_status_reports_a_missed_bound(monkeypatch):
 def test_command_explains_missing_mpmath(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "mpmath", None)  # makes `import mpmath` raise ImportError
     assert accuracy.main([]) == 1
-    assert "pip install 'vmf-head[test]'" in capsys.readouterr().err
+    assert "pip install 'vmf-head[accuracy]'" in capsys.readouterr().err
 
 
 def test_registered_as_a_subcommand():

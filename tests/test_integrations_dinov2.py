@@ -10,11 +10,13 @@ functions, norms read from the heads' weights); a model patched by vmf_head must
 from __future__ import annotations
 
 import io
+from collections import Counter
 
 import pytest
 import torch
 
 import _integration_reference as ref
+from _dispatch_attribution import AttributedSyncCounter, OpsByOwner, check_no_sync, record_loss_calls
 from standins import dinov2 as D2
 from vmf_head.integrations import dinov2 as vmf_dinov2
 
@@ -140,6 +142,43 @@ def test_checkpoint_of_patched_run_loads_into_unpatched_dinov2():
     backbone.load_state_dict({k[len("backbone."):]: v for k, v in checkpoint["teacher"].items() if k.startswith("backbone.")})
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(backbone(x)["x_norm_clstoken"], patched.teacher.backbone(x)["x_norm_clstoken"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("separate_head,centering", [(False, "centering"), (True, "centering"), (False, "sinkhorn_knopp")])
+def test_loss_methods_ask_for_no_host_sync(separate_head, centering):
+    """Every call DINOv2 makes to the losses, counted: none of the integration's own code syncs, and once
+    the core functions they call are sync-free (issue 11) none at all."""
+    model = vmf_dinov2.patch(_model(separate_head, centering))
+    model.forward_backward(D2.collated_batch(), 0.04)  # the next step applies this one's center update
+    calls = record_loss_calls(model, AttributedSyncCounter)
+    model.forward_backward(D2.collated_batch(), 0.04)
+    assert len(calls) == (7 if centering == "centering" else 5)
+    check_no_sync(calls)
+
+
+def test_center_statistics_come_from_the_centering_pass():
+    """``update_center`` runs no operator: the statistic is a by-product of ``softmax_center_teacher`` on
+    the same tensor; the student terms' log-softmaxes are all inside the core cross-entropy."""
+    model = vmf_dinov2.patch(_model(False, "centering"))
+    calls = record_loss_calls(model, OpsByOwner)
+    model.forward_backward(D2.collated_batch(), 0.04)
+    updates = [c.counts for name, c in calls if name == "update_center"]
+    assert len(updates) == 2 and not any(sum(counts.values(), Counter()) for counts in updates)
+    for name, c in calls:
+        if name in ("forward", "forward_masked"):
+            assert any("log_softmax" in op for op in c.counts["core"])
+            assert not {op for owner in ("integration", "caller") for op in c.counts[owner] if "softmax" in op}
+
+
+def test_update_center_on_another_tensor_raises():
+    model = vmf_dinov2.patch(_model(False, "centering"))
+    model.student.dino_head(torch.randn(2, 16))
+    model.teacher.dino_head(torch.randn(2, 16))
+    teacher_output = torch.randn(4, K)
+    model.dino_loss.softmax_center_teacher(teacher_output, 0.04)
+    with pytest.raises(ValueError, match="tensor just passed to softmax_center_teacher"):
+        model.dino_loss.update_center(teacher_output.clone())
+    model.dino_loss.update_center(teacher_output)
 
 
 def test_the_loss_before_any_head_forward_raises():

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from standins import dino as D
+from standins import dinov3 as D3
 from vmf_head import run
 from vmf_head.integrations import FrozenNormsWarning
 from vmf_head.integrations import dino as vmf_dino
+from vmf_head.integrations import dinov3 as vmf_dinov3
 
 SCRIPT = Path(__file__).parent / "standins" / "main_dino.py"
 ARGS = ["--epochs", "2", "--steps_per_epoch", "2", "--norm_last_layer", "false"]
@@ -173,3 +175,46 @@ def test_launcher_rank_argument_goes_to_the_script():
     assert run._split_launcher_arguments(["--local-rank=3", "dino", "main_dino.py", "--epochs", "1"]) == (
         ["dino", "main_dino.py", "--epochs", "1"], ["--local-rank=3"])
     assert run._split_launcher_arguments(["dino", "s.py", "--local_rank=1"]) == (["dino", "s.py", "--local_rank=1"], [])
+
+
+DINOV3_SCRIPT = Path(__file__).parent / "standins" / "dinov3_train.py"
+
+
+def _dinov3_one_line_patch_losses(centering, iterations=3):
+    """``standins/dinov3_train.py``'s training with the one line added after the model is built."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = D3.SSLMetaArch(D3.default_cfg())
+        vmf_dinov3.patch(model, centering=centering)
+    model.prepare_for_distributed_training()
+    model._apply(lambda t: torch.full_like(t, float("nan"), device="cpu"), recurse=True)
+    optimizer = torch.optim.AdamW(model.student.parameters(), lr=0.05)
+    model.init_weights()
+    losses = []
+    for it, temp in enumerate(D3.teacher_temp_schedule(iterations)):
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = model.forward_backward(D3.collate(D3.make_samples(3, seed=it)), teacher_temp=temp, iteration=it)
+        optimizer.step()
+        model.update_ema(0.7)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("centering", [None, "probability"])
+def test_runner_trains_dinov3s_train_script_as_the_one_line_patch(tmp_path, centering):
+    """dinov3/train/train.py's layout: SSLMetaArch imported at the top level, built in main() on the meta
+    device, then prepared, NaN-filled and initialised; the runner's default centering is the patch's."""
+    flags = ["--centering", centering] if centering else []
+    assert run.main(["dinov3", *flags, str(DINOV3_SCRIPT), "--output-dir", str(tmp_path), "--iterations", "3"]) == 0
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    assert losses == pytest.approx(_dinov3_one_line_patch_losses(centering or "sinkhorn"), abs=1e-6)
+    state = torch.load(tmp_path / "checkpoint.pth")["model"]
+    D3.SSLMetaArch(D3.default_cfg()).load_state_dict(state)  # strict: DINOv3's keys
+    if centering == "probability":
+        torch.testing.assert_close(state["dino_loss.center"].sum(), torch.tensor(1.0))
+
+
+def test_runner_refuses_dinov3_multidistillation_before_training(tmp_path, capsys):
+    assert run.main(["dinov3", str(DINOV3_SCRIPT), "--output-dir", str(tmp_path), "--multi-distillation"]) == 1
+    assert "MultiDistillationMetaArch" in capsys.readouterr().err
+    assert not (tmp_path / "losses.json").exists()

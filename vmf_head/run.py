@@ -1,8 +1,9 @@
-"""Run DINO's, iBOT's or DINOv2's own, unchanged training script as its vMF version.
+"""Run DINO's, iBOT's, DINOv2's or DINOv3's own, unchanged training script as its vMF version.
 
     python -m vmf_head.run dino   [--centering C] [--mode M] main_dino.py <DINO's arguments>
     python -m vmf_head.run ibot   [--centering C] [--mode M] main_ibot.py <iBOT's arguments>
     python -m vmf_head.run dinov2 [--centering C] [--mode M] dinov2/train/train.py <DINOv2's arguments>
+    python -m vmf_head.run dinov3 [--centering C] [--mode M] dinov3/train/train.py <DINOv3's arguments>
 
 (also ``python -m vmf_head run ...``; under ``torchrun``: ``torchrun ... -m vmf_head.run dino main_dino.py ...``).
 
@@ -10,7 +11,7 @@ How the runner finds the moment to patch. The script is compiled from its source
 ``__main__`` (``sys.argv``, ``sys.path[0]`` and ``__file__`` as ``python SCRIPT`` would set them), with one
 statement added to its syntax tree: right after every top-level statement that binds the loss name
 (``class DINOLoss`` in main_dino.py, ``class iBOTLoss`` in main_ibot.py, ``from ... import SSLMetaArch``
-in dinov2/train/train.py), the name is rebound to a builder. When the script builds the object, the
+in dinov2/train/train.py and dinov3/train/train.py), the name is rebound to a builder. When the script builds the object, the
 builder constructs the original and patches it:
 
 - dino / ibot: the loss is built in ``train_dino`` / ``train_ibot`` after the networks; the builder takes
@@ -19,10 +20,16 @@ builder constructs the original and patches it:
   loss afterwards (``.cuda()``, checkpoint restore and save, calls) goes to the vMF loss.
 - dinov2: the builder constructs ``SSLMetaArch(cfg)`` and applies ``vmf_head.integrations.dinov2.patch``
   to it before the script wraps it in FSDP.
+- dinov3: the same with ``vmf_head.integrations.dinov3.patch``, on the meta device where ``main`` builds
+  the model, before ``prepare_for_distributed_training`` shards and compiles it.
+
+``--centering`` defaults to each patch's own default (``probability``; ``sinkhorn`` for dinov3).
 
 When the script's structure differs, the run fails loudly, never silently trains plain DINO:
 
 - no top-level binding of the name: :class:`RunnerError` before any of the script runs;
+- the script builds a class the patch does not support (DINOv3's ``MultiDistillationMetaArch``, bound at
+  the top level of its train.py): :class:`RunnerError` when it is built, before training;
 - the builder runs where no ``student``/``teacher`` variables exist: the patch raises there;
 - the script ends (normally or with ``sys.exit(0)``) without ever building the object: :class:`RunnerError`;
 - the object was built but never called: a warning at the end (a run resumed at its last epoch does that).
@@ -58,6 +65,7 @@ class Target:
     name: str  # the top-level name bound to the loss class (or the model class) in that script
     build: Callable[..., Any]  # build(original_class, args, kwargs, caller_frame, options) -> patched object
     watched: Callable[[Any], list] = lambda built: [built]  # modules whose calls show that training ran
+    refused: tuple[tuple[str, str], ...] = ()  # (top-level name, why) of classes the patch cannot handle
 
 
 def _loss_builder(codebase: str) -> Callable[..., Any]:
@@ -80,22 +88,32 @@ def _loss_builder(codebase: str) -> Callable[..., Any]:
     return build
 
 
-def _build_dinov2(cls, args, kwargs, frame, options):
-    from .integrations import dinov2
+def _model_builder(codebase: str) -> Callable[..., Any]:
+    def build(cls, args, kwargs, frame, options):
+        import importlib
 
-    return dinov2.patch(cls(*args, **kwargs), **options)
+        return importlib.import_module(f"vmf_head.integrations.{codebase}").patch(cls(*args, **kwargs), **options)
+
+    return build
+
+
+def _losses_of(model: Any) -> list:
+    return [getattr(model, name) for name in ("dino_loss", "ibot_patch_loss") if hasattr(model, name)]
 
 
 TARGETS: dict[str, Target] = {
     "dino": Target("main_dino.py", "DINOLoss", _loss_builder("dino")),
     "ibot": Target("main_ibot.py", "iBOTLoss", _loss_builder("ibot")),
-    "dinov2": Target(
-        "dinov2/train/train.py", "SSLMetaArch", _build_dinov2,
-        watched=lambda model: [getattr(model, name) for name in ("dino_loss", "ibot_patch_loss") if hasattr(model, name)],
+    "dinov2": Target("dinov2/train/train.py", "SSLMetaArch", _model_builder("dinov2"), watched=_losses_of),
+    "dinov3": Target(
+        "dinov3/train/train.py", "SSLMetaArch", _model_builder("dinov3"), watched=_losses_of,
+        refused=(("MultiDistillationMetaArch", "DINOv3 multi-distillation (--multi-distillation) trains students in "
+                  "process subgroups, which the vMF losses do not support; train a plain SSLMetaArch run"),),
     ),
 }
 
 _HOOK = "__vmf_head_wrap__"
+_REFUSE = "__vmf_head_refuse__"
 
 
 def _binds(statement: ast.stmt, name: str) -> bool:
@@ -109,20 +127,25 @@ def _binds(statement: ast.stmt, name: str) -> bool:
     return False
 
 
-def instrument(source: str, filename: str, name: str) -> types.CodeType:
-    """Compile ``source`` with ``name = __vmf_head_wrap__(name)`` after each top-level binding of ``name``.
+def instrument(source: str, filename: str, name: str, refused: tuple[str, ...] = ()) -> types.CodeType:
+    """Compile ``source`` with ``name = __vmf_head_wrap__(name)`` after each top-level binding of ``name``
+    (and ``r = __vmf_head_refuse__(r, "r")`` after each of a name ``r`` in ``refused``).
 
     Raises:
         RunnerError: no top-level statement binds ``name``.
     """
     tree = ast.parse(source, filename=filename)
     body: list[ast.stmt] = []
+    wrapped = False
     for statement in tree.body:
         body.append(statement)
         if _binds(statement, name):
-            rebind = ast.parse(f"{name} = {_HOOK}({name})").body[0]
-            body.append(ast.copy_location(rebind, statement))
-    if len(body) == len(tree.body):
+            body.append(ast.copy_location(ast.parse(f"{name} = {_HOOK}({name})").body[0], statement))
+            wrapped = True
+        for other in refused:
+            if _binds(statement, other):
+                body.append(ast.copy_location(ast.parse(f"{other} = {_REFUSE}({other}, {other!r})").body[0], statement))
+    if not wrapped:
         raise RunnerError(
             f"{filename} binds no top-level name {name!r}, so the runner cannot tell when it builds it. Apply the "
             "patch with one line in the script instead (see docs/integrations/)."
@@ -154,8 +177,23 @@ class _Wrapper:
         return getattr(self.original, attribute)
 
 
-def run_script(codebase: str, script: str, argv: list[str], *, centering: str = "probability", mode: str = "exact") -> None:
+class _Refused:
+    """What a refused name is rebound to: building it raises :class:`RunnerError`."""
+
+    def __init__(self, original: Any, reason: str) -> None:
+        self.original, self.reason = original, reason
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RunnerError(f"the script builds {getattr(self.original, '__name__', self.original)}: {self.reason}")
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self.original, attribute)
+
+
+def run_script(codebase: str, script: str, argv: list[str], *, centering: str | None = None, mode: str = "exact") -> None:
     """Execute ``script`` with arguments ``argv`` as ``__main__``, with the vMF patch of ``codebase`` applied.
+
+    ``centering=None`` leaves the patch's default (see the module docstring).
 
     Raises:
         ValueError: unknown ``codebase``, ``centering`` or ``mode``.
@@ -163,24 +201,27 @@ def run_script(codebase: str, script: str, argv: list[str], *, centering: str = 
     """
     if codebase not in TARGETS:
         raise ValueError(f"codebase must be one of {sorted(TARGETS)}, got {codebase!r}")
-    if centering not in CENTERINGS:
+    if centering is not None and centering not in CENTERINGS:
         raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     target = TARGETS[codebase]
+    reasons = dict(target.refused)
+    options = {"mode": mode} | ({"centering": centering} if centering is not None else {})
     path = os.path.abspath(script)
     with open(path, encoding="utf-8") as handle:
-        code = instrument(handle.read(), path, target.name)
+        code = instrument(handle.read(), path, target.name, tuple(reasons))
 
     wrap_calls: list[_Wrapper] = []
 
     def hook(original: Any) -> _Wrapper:
-        wrapper = _Wrapper(original, target, {"centering": centering, "mode": mode})
+        wrapper = _Wrapper(original, target, options)
         wrap_calls.append(wrapper)
         return wrapper
 
     module = types.ModuleType("__main__")
-    module.__dict__.update({"__file__": path, "__builtins__": __builtins__, _HOOK: hook})
+    module.__dict__.update({"__file__": path, "__builtins__": __builtins__, _HOOK: hook,
+                            _REFUSE: lambda original, name: _Refused(original, reasons[name])})
     saved = sys.modules.get("__main__"), sys.argv, list(sys.path)
     sys.modules["__main__"], sys.argv = module, [path, *argv]
     sys.path.insert(0, os.path.dirname(path))
@@ -216,11 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     argv, launcher = _split_launcher_arguments(argv)
     parser = argparse.ArgumentParser(
         prog="python -m vmf_head.run",
-        description="Run a DINO/iBOT/DINOv2 training script, unchanged, as DINO-vMF/iBOT-vMF.",
+        description="Run a DINO/iBOT/DINOv2/DINOv3 training script, unchanged, as DINO-vMF/iBOT-vMF.",
     )
     parser.add_argument("codebase", choices=sorted(TARGETS))
-    parser.add_argument("--centering", choices=CENTERINGS, default="probability",
-                        help="teacher centering (default: probability, the DINO-vMF setting)")
+    parser.add_argument("--centering", choices=CENTERINGS, default=None,
+                        help="teacher centering (default: the patch's, probability, the DINO-vMF setting; "
+                             "sinkhorn, DINOv3's own, for dinov3)")
     parser.add_argument("--mode", choices=MODES, default="exact", help="log C_p computation (default: exact)")
     parser.add_argument("script", help="the training script, e.g. main_dino.py")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own arguments")

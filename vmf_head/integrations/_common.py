@@ -3,12 +3,15 @@
 The codebases we patch (facebookresearch/dino, bytedance/ibot, facebookresearch/dinov2, lightly) hold
 their prototypes in the last linear layer of the projection head, ``last_layer`` (iBOT: also
 ``last_layer2`` for patch tokens), as ``torch.nn.utils.weight_norm(nn.Linear(p, K, bias=False))``, so
-that ``w_k = g_k v_k / ||v_k||`` and ``||w_k|| = |g_k|`` (SPEC section 1). What the training scripts hand
-around is that head inside wrappers: DINO's/iBOT's ``MultiCropWrapper(backbone, head)``, often inside
-``DistributedDataParallel``; DINOv2's heads sit in a ``ModuleDict``, inside FSDP.
+that ``w_k = g_k v_k / ||v_k||`` and ``||w_k|| = |g_k|`` (SPEC section 1); facebookresearch/dinov3's is a
+plain ``nn.Linear(p, K, bias=False)``, whose row norms are free. What the training scripts hand around
+is that head inside wrappers: DINO's/iBOT's ``MultiCropWrapper(backbone, head)``, often inside
+``DistributedDataParallel``; DINOv2's heads sit in a ``ModuleDict`` inside FSDP, DINOv3's under FSDP2's
+``fully_shard`` (and ``torch.compile``).
 
 The integrations never replace these layers. They read ``||w_k||`` from them at every step, so parameter
 names, optimizer groups, DDP's parameter registry and checkpoints are exactly those of the unpatched run.
+Sharded heads are read while they run (:class:`CapturedNorms`), when their parameters are whole.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ __all__ = [
     "unwrap",
     "find_head",
     "prototype_norms",
+    "CapturedNorms",
     "prototype_shape",
     "warn_if_frozen",
     "copy_schedule",
@@ -93,34 +97,110 @@ def prototype_shape(layer: nn.Module) -> tuple[int, int]:
         raise TypeError(f"prototype layer {type(layer).__name__} has no in_features/out_features; expected a linear layer") from None
 
 
+def _norm_source(layer: nn.Module) -> tuple[torch.Tensor, bool]:
+    """The parameter the prototype norms of ``layer`` are a function of, and how: ``(g, False)`` for
+    ``||w_k|| = |g_k|`` (weight-normalised layers, ``g`` of shape (K, 1)), ``(W, True)`` for the row norms
+    of a plain weight ``W`` (K, p)."""
+    if isinstance(getattr(layer, "weight_g", None), torch.Tensor):
+        return layer.weight_g, False
+    if torch.nn.utils.parametrize.is_parametrized(layer, "weight"):
+        original = layer.parametrizations.weight
+        if not hasattr(original, "original0"):
+            raise TypeError(f"{type(layer).__name__}.weight is parametrized, but not by weight_norm")
+        return original.original0, False
+    if isinstance(getattr(layer, "weight", None), torch.Tensor) and layer.weight.dim() == 2:
+        return layer.weight, True
+    raise TypeError(f"cannot read prototype norms from {type(layer).__name__}: expected a (weight-normalised) linear layer")
+
+
+def _norms_of(source: torch.Tensor, rows: bool) -> torch.Tensor:
+    """(K,) norms from :func:`_norm_source`'s parameter: float32 (float32 arithmetic for half
+    weights), float64 for float64 weights."""
+    dtype = torch.promote_types(source.dtype, torch.float32)
+    if rows:
+        return torch.linalg.vector_norm(source, dim=1, dtype=dtype)
+    return source.abs().reshape(-1).to(dtype)
+
+
 def prototype_norms(layer: nn.Module) -> torch.Tensor:
-    """``||w_k||`` for every row of a prototype layer, shape (K,), float32, differentiable.
+    """``||w_k||`` for every row of a prototype layer, shape (K,), float32 (float64 for float64
+    weights), differentiable.
 
     Accepted layers (weight ``W`` of shape (K, p)):
 
-    - :class:`vmf_head.nn.WeightNormLinear` (``norms()``) and ``torch.nn.utils.weight_norm``'d linears
-      (DINO, iBOT, DINOv2, lightly): ``|g_k|`` read from ``weight_g`` (K, 1);
+    - :class:`vmf_head.nn.WeightNormLinear` and ``torch.nn.utils.weight_norm``'d linears (DINO, iBOT,
+      DINOv2, lightly): ``|g_k|`` read from ``weight_g`` (K, 1);
     - ``torch.nn.utils.parametrizations.weight_norm``'d linears: ``|g_k|`` from ``original0``;
-    - plain ``nn.Linear``: the row norms of ``weight``.
+    - plain ``nn.Linear`` (DINOv3): the row norms of ``weight``.
 
     The value is computed from the parameters as they are now, so call this every step. Half-precision
     parameters (FSDP mixed precision) are promoted: the concentrations ``||w_k|| / tau`` enter log C_p.
     """
-    norms_fn = getattr(layer, "norms", None)
-    if callable(norms_fn):
-        norms = norms_fn()
-    elif isinstance(getattr(layer, "weight_g", None), torch.Tensor):
-        norms = layer.weight_g.abs().reshape(-1)
-    elif torch.nn.utils.parametrize.is_parametrized(layer, "weight"):
-        original = layer.parametrizations.weight
-        if not hasattr(original, "original0"):
-            raise TypeError(f"{type(layer).__name__}.weight is parametrized, but not by weight_norm")
-        norms = original.original0.abs().reshape(-1)
-    elif isinstance(getattr(layer, "weight", None), torch.Tensor) and layer.weight.dim() == 2:
-        norms = torch.linalg.vector_norm(layer.weight, dim=1)
-    else:
-        raise TypeError(f"cannot read prototype norms from {type(layer).__name__}: expected a (weight-normalised) linear layer")
-    return norms.float()
+    return _norms_of(*_norm_source(layer))
+
+
+class _NormsBesideInput(torch.autograd.Function):
+    """``(x, source) -> (x, norms)``: the prototype norms, computed where the layer's input enters it.
+
+    The norms' backward must run while FSDP2 holds the layer's parameters unsharded. Computed on their
+    own (``vector_norm(weight)`` in a hook), autograd may run their backward before the head's
+    pre-backward hook has all-gathered the weight again, reading freed storage. Tied to the layer's
+    input, this node runs only after the layer's own backward (which needs the gradient of that input),
+    so after the all-gather and before the reshard that follows the head's backward. It saves
+    ``source`` itself, no copy: FSDP2 frees and refills that same storage.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, source: torch.Tensor, rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        norms = _norms_of(source, rows)
+        ctx.save_for_backward(source, norms)
+        ctx.rows = rows
+        return x.view_as(x), norms
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_x: torch.Tensor, grad_norms: torch.Tensor):
+        source, norms = ctx.saved_tensors
+        if ctx.rows:  # d||w_k|| / dw_k = w_k / ||w_k|| (0 for a zero row, as vector_norm's subgradient)
+            scale = torch.where(norms > 0, grad_norms / norms, torch.zeros_like(norms))
+            grad_source = source.float() * scale[:, None]
+        else:  # d|g_k| / dg_k = sign(g_k)
+            grad_source = (grad_norms * source.reshape(-1).float().sign()).view(source.shape)
+        return grad_x, grad_source.to(source.dtype), None
+
+
+# The layer attribute holding the norms of its latest forward. One module-level hook writing to the layer
+# it runs on: under torch.compile (which does not guard on hooks) a graph traced for one head and reused
+# for another head of the same class still records each head's own norms.
+_NORMS_ATTRIBUTE = "_vmf_head_prototype_norms"
+
+
+def _record_norms(layer: nn.Module, args: tuple) -> tuple:
+    x, norms = _NormsBesideInput.apply(args[0], *_norm_source(layer))
+    setattr(layer, _NORMS_ATTRIBUTE, norms)
+    return (x, *args[1:])
+
+
+class CapturedNorms:
+    """The norms ``||w_k||`` (K,) of a prototype layer as of its latest forward, for a patched loss.
+
+    A forward pre-hook on the layer (one per layer, shared by all readers) computes them from the
+    parameters the layer runs with: under FSDP the unsharded ones, differentiable through
+    :class:`_NormsBesideInput`. ``detach=True`` for the teacher (an EMA copy: no gradient). Calling the
+    object returns the latest norms; before the layer's first forward it raises RuntimeError.
+    """
+
+    def __init__(self, layer: nn.Module, *, role: str, detach: bool) -> None:
+        _norm_source(layer)  # a TypeError now rather than at the first forward
+        if not any(hook is _record_norms for hook in layer._forward_pre_hooks.values()):
+            layer.register_forward_pre_hook(_record_norms)
+        self.layer, self.role, self.detach = layer, role, detach
+
+    def __call__(self) -> torch.Tensor:
+        norms = getattr(self.layer, _NORMS_ATTRIBUTE, None)
+        if norms is None:
+            raise RuntimeError(f"the {self.role} prototype layer has not run yet: call the head before the loss")
+        return norms.detach() if self.detach else norms
 
 
 def warn_if_frozen(layer: nn.Module, *, flag: str, stacklevel: int = 3) -> bool:

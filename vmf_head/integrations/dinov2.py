@@ -15,21 +15,27 @@ both sides: the teacher's with the scheduled ``teacher_temp`` passed to the cent
 student's with ``student_temp``.
 
 - ``softmax_center_teacher`` applies the ``centering`` given to :func:`patch`: ``"probability"``
-  (DINO-vMF's, default), ``"logit"`` (DINOv2's own subtraction) or ``"sinkhorn"``.
+  (DINO-vMF's, default), ``"logit"`` (DINOv2's own subtraction) or ``"sinkhorn"``. It computes the
+  targets and this batch's center statistic in one pass; ``update_center``, which DINOv2 calls next on
+  the same tensor, records that statistic (the update is applied at the next centering, DINOv2's order).
 - ``sinkhorn_knopp_teacher`` runs Sinkhorn-Knopp on ``exp(l_t)`` with the corrected teacher logits.
 - Center statistics are means over the global batch, each rank weighted by its number of rows (DINOv2
   weights every rank's mean equally; the two agree when ranks hold equally many masked patches).
+- Every cross-entropy goes through :func:`vmf_head.functional.multicrop_cross_entropy` (the fused kernel
+  on CUDA); no step reads a value on the host.
 
 The prototype norms are taken from the heads' ``last_layer`` (``student``/``teacher`` ``dino_head``, and
-``ibot_head`` when ``cfg.ibot.separate_head``) by a forward hook, i.e. while the layer runs. DINOv2 wraps
-the heads in FSDP; outside the head's forward a sharded parameter is only this rank's shard, inside it is
-whole, and the norms taken there carry the gradient back through the same unsharded views as the head's
-output. Checkpoints keep DINOv2's keys: the new losses hold ``center`` with the shapes of DINOv2's.
+``ibot_head`` when ``cfg.ibot.separate_head``) while the layer runs (:class:`~._common.CapturedNorms`):
+under FSDP the parameters are whole there, and the norms' gradient reaches them before they are
+resharded. Checkpoints keep DINOv2's keys: the new losses hold ``center`` with the shapes of DINOv2's.
+
+The loss classes here are also the base of :mod:`vmf_head.integrations.dinov3`, whose losses are
+DINOv2's with a few changes of protocol.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -37,36 +43,33 @@ from torch import nn
 from ..functional import center_teacher, global_batch_means, multicrop_cross_entropy, sinkhorn_centering, vmf_correction
 from ..functional.centering import check_centering
 from ..nn._loss_common import ProbabilityCenterCheck
-from ._common import device_of, find_head, prototype_norms, prototype_shape, warn_if_frozen
+from ._common import CapturedNorms, device_of, find_head, prototype_shape, warn_if_frozen
 
-__all__ = ["CapturedNorms", "DINOv2vMFLoss", "DINOv2iBOTPatchvMFLoss", "patch"]
+__all__ = ["DINOv2vMFLoss", "DINOv2iBOTPatchvMFLoss", "patch"]
 
 
-class CapturedNorms:
-    """The norms ``||w_k||`` (K,) of a prototype layer, taken by a forward hook each time it runs.
+def _layout(x: torch.Tensor) -> tuple:
+    """What identifies a tensor's data without reading it: storage address, shape, strides, version."""
+    return x.data_ptr(), tuple(x.shape), x.stride(), x._version
 
-    ``detach=True`` for the teacher (an EMA copy: no gradient). Calling the object returns the norms of
-    the layer's latest forward; before the first one it raises RuntimeError.
-    """
 
-    def __init__(self, layer: nn.Module, *, role: str, detach: bool) -> None:
-        self.role = role
-        self.detach = detach
-        self.value: Optional[torch.Tensor] = None
-        self.handle = layer.register_forward_hook(self._capture)
-
-    def _capture(self, module: nn.Module, inputs, output) -> None:
-        norms = prototype_norms(module)
-        self.value = norms.detach() if self.detach else norms
-
-    def __call__(self) -> torch.Tensor:
-        if self.value is None:
-            raise RuntimeError(f"the {self.role} prototype layer has not run yet: call the head before the loss")
-        return self.value
+def _rows(x: torch.Tensor) -> int:
+    """Number of samples of a (..., K) teacher output: every leading index is one."""
+    return x.numel() // x.shape[-1]
 
 
 class _VMFCenteredLoss(ProbabilityCenterCheck, nn.Module):
-    """What DINOv2's two losses share: the teacher targets with the vMF correction and the center."""
+    """What the DINOv2 and DINOv3 losses share: vMF corrections, teacher targets, the center.
+
+    Args:
+        center_shape: shape of the ``center`` buffer, ``(1, K)`` or ``(1, 1, K)``.
+        student_norms, teacher_norms: the prototype norms of the two heads' latest forwards.
+        p_student, p_teacher: the heads' bottleneck dimensions (equal unless the teacher is another
+            network, as in DINOv3's distillation).
+        student_temp, center_momentum: as the codebase's loss.
+        centering: ``"probability"``, ``"logit"`` or ``"sinkhorn"`` (SPEC 3).
+        mode: ``"exact"`` or ``"approx"`` log-normaliser.
+    """
 
     def __init__(
         self,
@@ -74,7 +77,8 @@ class _VMFCenteredLoss(ProbabilityCenterCheck, nn.Module):
         student_norms: CapturedNorms,
         teacher_norms: CapturedNorms,
         *,
-        p: int,
+        p_student: int,
+        p_teacher: int,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
         centering: str = "probability",
@@ -84,59 +88,117 @@ class _VMFCenteredLoss(ProbabilityCenterCheck, nn.Module):
         self.centering = check_centering(centering)
         self.student_temp = student_temp
         self.center_momentum = center_momentum
-        self.p = p
+        self.p_student, self.p_teacher = p_student, p_teacher
         self.mode = mode
-        n_prototypes = center_shape[-1]
-        # The probability center starts at the uniform distribution (SPEC 3), the logit center at 0.
-        start = 1.0 / n_prototypes if centering == "probability" else 0.0
-        self.register_buffer("center", torch.full(center_shape, start))
+        self.register_buffer("center", torch.empty(center_shape))
+        self.center.fill_(self._center_start())
         self._student_norms, self._teacher_norms = student_norms, teacher_norms
-        self._teacher_temp: Optional[float] = None
-        self._pending: Optional[tuple[torch.Tensor, int]] = None
+        self._centred: Optional[tuple[tuple, Optional[torch.Tensor]]] = None  # (layout, stat) of the last targets
+        self._pending: Optional[tuple[torch.Tensor, int]] = None  # (stat, rows) awaiting apply_center_update
+
+    def _center_start(self) -> float:
+        # The probability center starts at the uniform distribution (SPEC 3), the logit center at 0.
+        return 1.0 / self.center.shape[-1] if self.centering == "probability" else 0.0
 
     def _teacher_correction(self, teacher_temp: float) -> torch.Tensor:
-        return vmf_correction(self._teacher_norms(), teacher_temp, self.p, mode=self.mode)
+        return vmf_correction(self._teacher_norms(), teacher_temp, self.p_teacher, mode=self.mode)
 
-    def _student_correction(self) -> torch.Tensor:
-        return vmf_correction(self._student_norms(), self.student_temp, self.p, mode=self.mode)
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """Teacher targets (like ``teacher_output``, float32) under this loss's ``centering``, after applying
-        the center update recorded by the previous ``update_center`` (DINOv2's order)."""
-        self.apply_center_update()
-        self._teacher_temp = float(teacher_temp)
-        q, _ = center_teacher(
-            teacher_output, self.center, teacher_temp=teacher_temp,
+    def _targets(self, teacher_output: torch.Tensor, teacher_temp: float,
+                 n_iterations: int = 3) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(q, stat)`` under ``centering`` with the current center; ``stat`` None for Sinkhorn."""
+        return center_teacher(
+            teacher_output, self.center.view(-1), teacher_temp=teacher_temp,
             teacher_correction=self._teacher_correction(teacher_temp), centering=self.centering,
+            sinkhorn_iterations=n_iterations,
         )
-        return q
 
     def _sinkhorn(self, teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int) -> torch.Tensor:
+        """Sinkhorn-Knopp targets on ``exp(t / teacher_temp + log C_p(||w_t|| / teacher_temp))``, in log space."""
         return sinkhorn_centering(teacher_output, teacher_temp, self._teacher_correction(teacher_temp), n_iterations)
 
     @torch.no_grad()
+    def softmax_center_teacher(self, teacher_output: torch.Tensor, teacher_temp: float,
+                               update_centers: bool = True) -> torch.Tensor:
+        """Teacher targets (like ``teacher_output``, float32) under this loss's ``centering``, after applying
+        the update recorded by the previous ``update_center`` (unless ``update_centers=False``). The
+        center statistic of ``teacher_output`` comes out of the same pass, for ``update_center``."""
+        if update_centers:
+            self.apply_center_update()
+        q, stat = self._targets(teacher_output, teacher_temp)
+        self._centred = (_layout(teacher_output), stat)
+        return q
+
+    @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
-        """Record this batch's statistic (mean of ``teacher_output``, or of the uncentred teacher posterior
-        for probability centering, at the temperature of the last ``softmax_center_teacher``)."""
+        """Record the center statistic of ``teacher_output``, the tensor the preceding
+        ``softmax_center_teacher`` centred (mean of it for logit centering, of the uncentred teacher
+        posterior for probability centering); ``apply_center_update`` applies it."""
         if self.centering == "sinkhorn":
             return
-        if self.centering == "probability" and self._teacher_temp is None:
-            raise RuntimeError("update_center needs the teacher temperature: call softmax_center_teacher first")
-        _, stat = center_teacher(
-            teacher_output, self.center, teacher_temp=self._teacher_temp or 1.0,
-            teacher_correction=self._teacher_correction(self._teacher_temp or 1.0), centering=self.centering,
-        )
-        self._pending = (stat, teacher_output.reshape(-1, teacher_output.shape[-1]).shape[0])
+        if self._centred is None or self._centred[0] != _layout(teacher_output):
+            raise ValueError(
+                "update_center(teacher_output) takes the tensor just passed to softmax_center_teacher (DINOv2's "
+                "order), whose center statistic that call computed; call softmax_center_teacher on it first"
+            )
+        self._pending = (self._centred[1], _rows(teacher_output))
+        self._centred = None
 
     @torch.no_grad()
     def apply_center_update(self) -> None:
-        """``center <- m center + (1 - m) mean_global_batch(stat)`` for the recorded statistic, if any."""
-        if self._pending is None:
-            return
-        (mean,) = global_batch_means(self._pending)
-        self.center.mul_(self.center_momentum).add_(mean.view_as(self.center).to(self.center.dtype), alpha=1 - self.center_momentum)
-        self._pending = None
+        """Apply the statistic recorded by ``update_center``, if any (see :meth:`_move_center`)."""
+        if self._pending is not None:
+            self._move_center(*self._pending)
+            self._pending = None
+
+    def _move_center(self, stat: torch.Tensor, n_rows: int) -> None:
+        """``center <- m center + (1 - m) mean_global_batch(stat)`` for a local mean ``stat`` over ``n_rows``."""
+        (mean,) = global_batch_means((stat, n_rows))
+        self.center.mul_(self.center_momentum).add_(mean.view_as(self.center).to(self.center.dtype),
+                                                    alpha=1 - self.center_momentum)
+
+    def _cross_entropy(self, student: torch.Tensor, targets: torch.Tensor, *, n_views: int, skip_same_view: bool,
+                       row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:func:`~vmf_head.functional.multicrop_cross_entropy` with ``l_s = s / student_temp + log C_p(||w_s|| / student_temp)``."""
+        correction = vmf_correction(self._student_norms(), self.student_temp, self.p_student, mode=self.mode)
+        return multicrop_cross_entropy(
+            student, targets, n_views=n_views, student_temp=self.student_temp, student_correction=correction,
+            skip_same_view=skip_same_view, row_weight=row_weight,
+        )
+
+
+def _masked_token_weights(masks: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """``1 / (masked tokens of its image)`` for the first ``n_tokens`` masked tokens of ``masks`` (B, N), in
+    row-major order: DINOv2's ``masks_weight``, found by a fixed-size ``nonzero`` (no host sync)."""
+    per_token = (1.0 / masks.sum(-1, keepdim=True).clamp(min=1.0)).expand(masks.shape).reshape(-1)
+    return per_token[torch.nonzero_static(masks.reshape(-1), size=n_tokens).squeeze(1)]
+
+
+class _MaskedPatchTerms:
+    """The iBOT patch terms of DINOv2's and DINOv3's ``iBOTPatchLoss`` (same signatures in both)."""
+
+    _cross_entropy: Callable[..., torch.Tensor]
+
+    def forward(self, student_patch_tokens: torch.Tensor, teacher_patch_tokens: torch.Tensor,
+                student_masks_flat: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, K), masks (B, N): per image the mean cross-entropy over its masked tokens, then
+        the mean over images (0 for an image without masked tokens)."""
+        masks = student_masks_flat.to(torch.float32)
+        weight = (masks / masks.sum(-1, keepdim=True).clamp(min=1.0) / masks.shape[0]).flatten()
+        return self._cross_entropy(student_patch_tokens.flatten(0, 1), teacher_patch_tokens.flatten(0, 1),
+                                   n_views=1, skip_same_view=False, row_weight=weight)
+
+    def forward_masked(self, student_patch_tokens_masked: torch.Tensor, teacher_patch_tokens_masked: torch.Tensor,
+                       student_masks_flat: torch.Tensor, n_masked_patches: Optional[int] = None,
+                       masks_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Masked tokens only (M, K): ``sum_m w_m CE_m / n_images`` with ``w_m`` = 1 / (masked tokens of
+        the token's image), the codebase's ``masks_weight``; the first ``n_masked_patches`` rows count."""
+        student, teacher = student_patch_tokens_masked, teacher_patch_tokens_masked
+        if n_masked_patches is not None:
+            student, teacher = student[:n_masked_patches], teacher[:n_masked_patches]
+        if masks_weight is None:
+            masks_weight = _masked_token_weights(student_masks_flat, student.shape[0])
+        total = self._cross_entropy(student, teacher, n_views=1, skip_same_view=False, row_weight=masks_weight)
+        return total / student_masks_flat.shape[0]
 
 
 class DINOv2vMFLoss(_VMFCenteredLoss):
@@ -147,72 +209,85 @@ class DINOv2vMFLoss(_VMFCenteredLoss):
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
-        """Sinkhorn-Knopp targets on ``exp(t / teacher_temp + log C_p(||w_t|| / teacher_temp))``."""
+        """Sinkhorn-Knopp targets (B, K) on ``exp(t / teacher_temp + log C_p(||w_t|| / teacher_temp))``."""
         return self._sinkhorn(teacher_output, teacher_temp, n_iterations)
 
     def forward(self, student_output_list: Sequence[torch.Tensor], teacher_out_softmaxed_centered_list) -> torch.Tensor:
         """``-sum_s sum_t mean_b [t . log_softmax(s / student_temp + log C_p(||w_s|| / student_temp))]``,
         as DINOv2's sum over every (student, teacher) pair; each student tensor (B, K), each target (B, K)."""
-        correction = self._student_correction()
-        targets = torch.cat([t for t in teacher_out_softmaxed_centered_list])
+        targets = torch.cat(list(teacher_out_softmaxed_centered_list))
         total = 0
         for student in student_output_list:
+            # multicrop_cross_entropy averages over the target views; DINOv2 sums them
             n_targets = targets.shape[0] // student.shape[0]
-            total = total + n_targets * multicrop_cross_entropy(
-                student, targets, n_views=1, student_temp=self.student_temp,
-                student_correction=correction, skip_same_view=False,
-            )
+            total = total + n_targets * self._cross_entropy(student, targets, n_views=1, skip_same_view=False)
         return total
 
 
-class DINOv2iBOTPatchvMFLoss(_VMFCenteredLoss):
+class DINOv2iBOTPatchvMFLoss(_MaskedPatchTerms, _VMFCenteredLoss):
     """iBOT-vMF replacement of ``dinov2.loss.iBOTPatchLoss`` (same methods, ``center`` (1, 1, K))."""
 
     def __init__(self, patch_out_dim: int, student_norms: CapturedNorms, teacher_norms: CapturedNorms, **kwargs) -> None:
         super().__init__((1, 1, patch_out_dim), student_norms, teacher_norms, **kwargs)
 
     @torch.no_grad()
-    def sinkhorn_knopp_teacher(self, teacher_output: torch.Tensor, teacher_temp: float, n_masked_patches_tensor=None,
-                               n_iterations: int = 3) -> torch.Tensor:
-        """Sinkhorn-Knopp targets for the masked patches (rows of ``teacher_output``). DINOv2 passes the
-        global number of masked patches, a constant factor that cancels in the normalisation."""
+    def sinkhorn_knopp_teacher(self, teacher_output: torch.Tensor, teacher_temp: float,
+                               n_masked_patches_tensor: Optional[torch.Tensor] = None, n_iterations: int = 3) -> torch.Tensor:
+        """Sinkhorn-Knopp targets for the masked patches (rows of ``teacher_output``). The codebase passes
+        the number of masked patches, a constant factor that cancels in the normalisation: unused."""
         return self._sinkhorn(teacher_output, teacher_temp, n_iterations)
 
-    def forward(self, student_patch_tokens: torch.Tensor, teacher_patch_tokens: torch.Tensor,
-                student_masks_flat: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N, K), masks (B, N): per image the mean cross-entropy over its masked tokens, then
-        the mean over images (0 for an image without masked tokens)."""
-        masks = student_masks_flat.to(torch.float32)
-        weight = (masks / masks.sum(-1, keepdim=True).clamp(min=1.0) / masks.shape[0]).flatten()
-        return multicrop_cross_entropy(
-            student_patch_tokens.flatten(0, 1), teacher_patch_tokens.flatten(0, 1), n_views=1,
-            student_temp=self.student_temp, student_correction=self._student_correction(), skip_same_view=False,
-            row_weight=weight,
-        )
 
-    def forward_masked(self, student_patch_tokens_masked: torch.Tensor, teacher_patch_tokens_masked: torch.Tensor,
-                       student_masks_flat: torch.Tensor, n_masked_patches: Optional[int] = None,
-                       masks_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Masked tokens only (M, K): ``sum_m w_m CE_m / n_images`` with ``w_m`` = 1 / (masked tokens of
-        the token's image), DINOv2's ``masks_weight``; the first ``n_masked_patches`` rows count."""
-        if masks_weight is None:
-            counts = student_masks_flat.sum(-1, keepdim=True).clamp(min=1.0)
-            masks_weight = (1 / counts).expand_as(student_masks_flat)[student_masks_flat]
-        student, teacher = student_patch_tokens_masked, teacher_patch_tokens_masked
-        if n_masked_patches is not None:
-            student, teacher = student[:n_masked_patches], teacher[:n_masked_patches]
-        total = multicrop_cross_entropy(
-            student, teacher, n_views=1, student_temp=self.student_temp,
-            student_correction=self._student_correction(), skip_same_view=False, row_weight=masks_weight,
-        )
-        return total / student_masks_flat.shape[0]
+def replace_losses(model: nn.Module, losses: dict[str, tuple[type, str]], *, centering: str, mode: str,
+                   frozen_flag: str) -> nn.Module:
+    """Replace the losses of a DINOv2/DINOv3 ``SSLMetaArch`` by vMF losses reading its heads' norms.
 
+    Args:
+        model: the meta-architecture, with ``student``/``teacher`` ModuleDicts of heads.
+        losses: attribute name -> (vMF loss class, key of the head it reads in ``student``/``teacher``).
+        centering, mode: given to every new loss.
+        frozen_flag: what makes the student's norms trainable, for :func:`warn_if_frozen`.
 
-def _capture(layers: dict[int, CapturedNorms], layer: nn.Module, role: str, detach: bool) -> CapturedNorms:
-    # One hook per layer: a head shared by the DINO and iBOT terms is read once per forward.
-    if id(layer) not in layers:
-        layers[id(layer)] = CapturedNorms(layer, role=role, detach=detach)
-    return layers[id(layer)]
+    Returns:
+        ``model``, patched in place. Student temperature and center momentum are copied from the old
+        losses; with ``centering="logit"`` the centers too.
+    """
+    check_centering(centering)
+    for attr in ("student", "teacher"):
+        if not isinstance(getattr(model, attr, None), nn.ModuleDict):
+            raise TypeError(f"model must be an SSLMetaArch (with ModuleDict .{attr}), got {type(model).__name__}")
+    readers: dict[tuple[int, bool], CapturedNorms] = {}
+
+    def reader(layer: nn.Module, role: str, detach: bool) -> CapturedNorms:
+        # One reader per layer and gradient mode: a head shared by the DINO and iBOT terms is read once.
+        return readers.setdefault((id(layer), detach), CapturedNorms(layer, role=role, detach=detach))
+
+    built = {}
+    for name, (cls, head_key) in losses.items():
+        old = getattr(model, name)
+        heads = {role: find_head(getattr(model, role)[head_key], role=f"{role} {head_key}") for role in ("student", "teacher")}
+        for role, head in heads.items():
+            if getattr(head, "_compiled_call_impl", None) is not None:
+                raise RuntimeError(
+                    f"the {role} {head_key} is already compiled: torch.compile does not see hooks added afterwards, "
+                    "so its prototype norms would never be read. Patch the model before "
+                    "prepare_for_distributed_training (which compiles the heads)."
+                )
+        student_layer, teacher_layer = heads["student"].last_layer, heads["teacher"].last_layer
+        (k_student, p_student), (k_teacher, p_teacher) = prototype_shape(student_layer), prototype_shape(teacher_layer)
+        if k_student != k_teacher or old.center.shape[-1] != k_student:
+            raise ValueError(f"model.{name}: {old.center.shape[-1]} prototypes in its center, {k_student} in the student "
+                             f"{head_key}, {k_teacher} in the teacher's")
+        warn_if_frozen(student_layer, flag=frozen_flag, stacklevel=4)
+        new = cls(k_student, reader(student_layer, f"student {head_key}", False),
+                  reader(teacher_layer, f"teacher {head_key}", True), p_student=p_student, p_teacher=p_teacher,
+                  student_temp=old.student_temp, center_momentum=old.center_momentum, centering=centering, mode=mode)
+        if centering == "logit":
+            new.center.copy_(old.center)
+        built[name] = new.to(device_of(old))
+    for name, new in built.items():
+        setattr(model, name, new)
+    return model
 
 
 def patch(model: nn.Module, *, centering: str = "probability", mode: str = "exact") -> nn.Module:
@@ -227,42 +302,14 @@ def patch(model: nn.Module, *, centering: str = "probability", mode: str = "exac
         mode: ``"exact"`` or ``"approx"`` log-normaliser.
 
     Returns:
-        ``model``, patched in place. Student temperature and center momenta are copied from its losses;
-        with ``centering="logit"`` the centers too.
+        ``model``, patched in place (see :func:`replace_losses`).
     """
-    check_centering(centering)
-    for attr in ("student", "teacher"):
-        if not isinstance(getattr(model, attr, None), nn.ModuleDict):
-            raise TypeError(f"model must be DINOv2's SSLMetaArch (with ModuleDict .{attr}), got {type(model).__name__}")
-    captured: dict[int, CapturedNorms] = {}
-    settings = {"centering": centering, "mode": mode}
-
-    def norms_for(head_key: str) -> tuple[CapturedNorms, CapturedNorms, int, int]:
-        student_layer = find_head(model.student[head_key], role=f"student {head_key}").last_layer
-        teacher_layer = find_head(model.teacher[head_key], role=f"teacher {head_key}").last_layer
-        shape = prototype_shape(student_layer)
-        if prototype_shape(teacher_layer) != shape:
-            raise ValueError(f"{head_key}: student prototypes (K, p) = {shape}, teacher {prototype_shape(teacher_layer)}")
-        warn_if_frozen(student_layer, flag="a trainable last_layer.weight_g", stacklevel=4)
-        student = _capture(captured, student_layer, f"student {head_key}", detach=False)
-        teacher = _capture(captured, teacher_layer, f"teacher {head_key}", detach=True)
-        return student, teacher, shape[0], shape[1]
-
-    def replace(name: str, cls: type, head_key: str) -> None:
-        old = getattr(model, name)
-        student, teacher, n_prototypes, p = norms_for(head_key)
-        if old.center.shape[-1] != n_prototypes:
-            raise ValueError(f"model.{name} has {old.center.shape[-1]} prototypes, the {head_key} has {n_prototypes}")
-        new = cls(n_prototypes, student, teacher, p=p, student_temp=old.student_temp,
-                  center_momentum=old.center_momentum, **settings)
-        if centering == "logit":
-            new.center.copy_(old.center)
-        setattr(model, name, new.to(device_of(old)))
-
+    losses = {}
     if hasattr(model, "dino_loss"):
-        replace("dino_loss", DINOv2vMFLoss, "dino_head")
+        losses["dino_loss"] = (DINOv2vMFLoss, "dino_head")
     if hasattr(model, "ibot_patch_loss"):
-        replace("ibot_patch_loss", DINOv2iBOTPatchvMFLoss, "ibot_head" if getattr(model, "ibot_separate_head", False) else "dino_head")
-    if not captured:
-        raise TypeError("model has neither dino_loss nor ibot_patch_loss: nothing to patch")
-    return model
+        patch_head = "ibot_head" if getattr(model, "ibot_separate_head", False) else "dino_head"
+        losses["ibot_patch_loss"] = (DINOv2iBOTPatchvMFLoss, patch_head)
+    if not losses:
+        raise TypeError(f"model must be DINOv2's SSLMetaArch; {type(model).__name__} has neither dino_loss nor ibot_patch_loss")
+    return replace_losses(model, losses, centering=centering, mode=mode, frozen_flag="a trainable last_layer.weight_g")

@@ -1,6 +1,6 @@
 """Modules holding state: prototype heads and losses."""
 
-from .dino_head import VMFPrototypeHead
+from .dino_head import VMFLinearPrototypeHead, VMFPrototypeHead
 from .dino_loss import DINOvMFLoss
 from .ibot_head import iBOTvMFHead
 from .ibot_loss import iBOTvMFLoss

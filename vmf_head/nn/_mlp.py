@@ -16,7 +16,7 @@ from torch import nn
 
 from .._validation import check_int
 
-__all__ = ["TokenSequential", "build_mlp"]
+__all__ = ["TokenSequential", "build_mlp", "init_linear"]
 
 
 class TokenSequential(nn.Sequential):
@@ -36,7 +36,8 @@ class TokenSequential(nn.Sequential):
         return x
 
 
-def _init_linear(module: nn.Module) -> None:
+def init_linear(module: nn.Module) -> None:
+    """DINO's initialisation of a Linear: weight ~ N(0, 0.02) truncated to [-2, 2], bias 0 (others untouched)."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0)
         if module.bias is not None:
@@ -51,6 +52,7 @@ def build_mlp(
     hidden_dim: int,
     norm: Optional[Callable[[], nn.Module]],
     act: Callable[[], nn.Module],
+    bias: bool = True,
 ) -> nn.Module:
     """Projection MLP (..., in_dim) -> (..., bottleneck_dim), initialised as DINO initialises it.
 
@@ -59,22 +61,23 @@ def build_mlp(
         norm: called once per hidden layer for the module that follows its Linear, or None for no norm.
             Returning the same instance each time shares it between layers (iBOT does that).
         act: called once per hidden layer for the activation.
+        bias: whether the Linear layers have biases (DINOv3's ``mlp_bias``).
     """
     for name, value in (("in_dim", in_dim), ("bottleneck_dim", bottleneck_dim), ("nlayers", nlayers),
                         ("hidden_dim", hidden_dim)):
         check_int(name, value, minimum=1)
     if nlayers == 1:
-        mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
+        mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim, bias=bias)
     else:
         layers: list[nn.Module] = []
         width = in_dim
         for _ in range(nlayers - 1):
-            layers.append(nn.Linear(width, hidden_dim))
+            layers.append(nn.Linear(width, hidden_dim, bias=bias))
             if norm is not None:
                 layers.append(norm())
             layers.append(act())
             width = hidden_dim
-        layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+        layers.append(nn.Linear(hidden_dim, bottleneck_dim, bias=bias))
         mlp = TokenSequential(*layers)
-    mlp.apply(_init_linear)
+    mlp.apply(init_linear)
     return mlp
