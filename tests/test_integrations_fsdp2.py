@@ -1,13 +1,13 @@
 """The DINOv3 and DINOv2 patches with every module of the student and teacher under FSDP2 ``fully_shard``
 (``reshard_after_forward=True``, as DINOv3's ``prepare_for_distributed_training``, once also with the heads
 compiled first, as it does): two gloo processes, each with half of the batch, train as one eager process
-on the whole batch. DINOv2's own wrapper is FSDP1 pinned to
-a CUDA device (``device_id=local_rank``), which cannot run here, so its patch is checked under FSDP2 too.
+on the whole batch. DINOv2's own wrapper is FSDP1 pinned to a CUDA device (``device_id=local_rank``),
+which cannot run here, so its patch is checked under FSDP2 too.
 
 What the processes must agree on with the single process (1e-10; everything runs in float64): the mean
-of their loss terms (each a mean over its own half, the halves equal in size), the prototype weights' gradients (FSDP2 averages the
-ranks' gradients), the centers (global-batch statistics) and, through the second step, the teacher
-targets that follow from both.
+of their loss terms (each a mean over its own half, the halves equal in size), the prototype weights'
+gradients (FSDP2 averages the ranks' gradients), the centers (global-batch statistics) and, through the
+second step, the teacher targets that follow from both.
 """
 
 from __future__ import annotations
