@@ -51,11 +51,18 @@ class _MultiCropCrossEntropy(torch.autograd.Function):
         n_per_view[:n_same] -= 1
         n_pairs = max(n_views * n_targets - n_same, 1)
 
-        # One fresh (rows, K) buffer, written in one pass (then in place), then overwritten by the
-        # log-softmax and, in the backward, by the gradient.
-        logits = torch.mul(student, inv_temp) if student.dtype == dtype else student.to(dtype).mul_(inv_temp)
+        # One fresh (rows, K) buffer, written in one pass (type promotion does the cast), then
+        # overwritten by the log-softmax and, in the backward, by the gradient.
         if correction is not None:
-            logits += softmax_shifted(correction, dtype)
+            shifted = softmax_shifted(correction, dtype)
+            if isinstance(inv_temp, torch.Tensor):
+                logits = torch.addcmul(shifted, student, inv_temp.to(dtype))
+            else:
+                logits = torch.add(shifted, student, alpha=inv_temp)
+        elif student.dtype == dtype:
+            logits = torch.mul(student, inv_temp)
+        else:
+            logits = student.to(dtype).mul_(inv_temp)
         log_p = torch.log_softmax(logits, dim=-1, out=logits).view(n_views, batch, k)
 
         weight = row_weight.to(dtype) if row_weight is not None else torch.full(
