@@ -19,7 +19,7 @@ reference), then in one process:
 * checks once per configuration that the fused forward + backward never synchronises with the host
   and counts the kernels it launches.
 
-    PYTHONPATH=. python benchmarks/loss_gpu.py [--batch 64 128] [--dtype float32 bfloat16]
+    PYTHONPATH=. python benchmarks/loss_gpu.py [--batch 64 128] [--dtype float32 bfloat16] [--scale 0.3 1]
         [--repeats 10] [--no-compile] [--json PATH]
 
 Without a GPU it says so and exits 0. ``benchmarks/gpu_check.sh`` runs it and keeps the JSON.
@@ -93,8 +93,9 @@ def _at_least(values: dict[str, float], peer: str, name: str, ratio: float) -> b
     return None if peer not in values else values[peer] >= ratio * values[name]
 
 
-def run_config(args: argparse.Namespace, batch: int, dtype: torch.dtype, candidates, copy_bw: float) -> dict:
-    ns = argparse.Namespace(batch=batch, local_crops=args.local_crops, out_dim=args.out_dim, device="cuda", dtype=dtype)
+def run_config(args: argparse.Namespace, batch: int, dtype: torch.dtype, scale: float, candidates, copy_bw: float) -> dict:
+    ns = argparse.Namespace(batch=batch, local_crops=args.local_crops, out_dim=args.out_dim, device="cuda", dtype=dtype,
+                            scale=scale)
     x = cpu_bench.make_inputs(ns)
     steps, skipped = {}, {}
     for c in candidates:
@@ -117,7 +118,7 @@ def run_config(args: argparse.Namespace, batch: int, dtype: torch.dtype, candida
     memory = {name: peak_mib(step, x) for name, step in steps.items()}
 
     median = {name: statistics.median(ts) for name, ts in times.items()}
-    label = f"B={batch}, 2+{args.local_crops} crops, K={args.out_dim}, {str(dtype)[6:]}"
+    label = f"B={batch}, 2+{args.local_crops} crops, K={args.out_dim}, {str(dtype)[6:]}, outputs with std {scale:g}"
     print(f"\n### {label}")
     print(f"| candidate | median ms | min-max ms | vs {BASELINE} | vs compiled | peak MiB | vs {BASELINE} | loss |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -136,7 +137,7 @@ def run_config(args: argparse.Namespace, batch: int, dtype: torch.dtype, candida
     for name, why in skipped.items():
         print(f"| {name} | skipped: {why} |")
 
-    result = {"config": label, "batch": batch, "dtype": str(dtype), "rows": rows, "skipped": skipped}
+    result = {"config": label, "batch": batch, "dtype": str(dtype), "scale": scale, "rows": rows, "skipped": skipped}
     if FUSED in steps:
 
         def fused_step():
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--local-crops", type=int, default=8)
+    parser.add_argument("--scale", type=float, nargs="+", default=[0.3], help="std of the raw outputs (see loss.py)")
     parser.add_argument("--out-dim", type=int, default=65536)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per candidate (torch.compile compiles here)")
@@ -192,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     copy_bw = copy_bandwidth()
     print(f"loss fwd+bwd on {device}, torch {torch.__version__}, {args.repeats} repeats after {args.warmup} warm-up; "
           f"device copy {copy_bw / 1e9:.0f} GB/s, nominal {peak_bandwidth(device) or 'unknown'} B/s")
-    results = [run_config(args, b, getattr(torch, d), candidates, copy_bw) for b in args.batch for d in args.dtype]
+    results = [run_config(args, b, getattr(torch, d), s, candidates, copy_bw)
+               for b in args.batch for d in args.dtype for s in args.scale]
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": device, "torch": torch.__version__, "copy_bytes_per_s": copy_bw, "configs": results},

@@ -23,7 +23,6 @@ pytest.importorskip("triton")
 
 import functools  # noqa: E402
 
-from vmf_head import _dispatch  # noqa: E402
 from vmf_head import functional as reference  # noqa: E402
 from vmf_head.nn import DINOvMFLoss, iBOTvMFLoss  # noqa: E402
 from vmf_head.ops import cross_entropy as fused  # noqa: E402

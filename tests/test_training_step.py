@@ -108,7 +108,7 @@ def test_integration_losses_have_no_host_sync():
 
 
 def test_lightly_loss_has_no_host_sync():
-    lightly = pytest.importorskip("lightly")
+    pytest.importorskip("lightly")
     from lightly.loss import DINOLoss
     from lightly.models.modules import DINOProjectionHead
 

@@ -1,9 +1,19 @@
 """vmf-head: von Mises-Fisher prototype heads and losses for DINO and iBOT (DINO-vMF, iBOT-vMF)."""
 
 from .functional import vmf_logits
-from .nn import DINOvMFLoss, VMFPrototypeHead, iBOTvMFHead, iBOTvMFLoss
+from .nn import DINOvMFLoss, VMFLinearPrototypeHead, VMFPrototypeHead, iBOTvMFHead, iBOTvMFLoss
 from .normalizer import log_vmf_normalizer, prototype_log_normalizer, vmf_mean_resultant_length
 
 __version__ = "0.2.0"
 
-__all__ = ["log_vmf_normalizer", "vmf_mean_resultant_length", "prototype_log_normalizer", "VMFPrototypeHead", "iBOTvMFHead", "vmf_logits", "DINOvMFLoss", "iBOTvMFLoss"]
+__all__ = [
+    "log_vmf_normalizer",
+    "vmf_mean_resultant_length",
+    "prototype_log_normalizer",
+    "VMFPrototypeHead",
+    "VMFLinearPrototypeHead",
+    "iBOTvMFHead",
+    "vmf_logits",
+    "DINOvMFLoss",
+    "iBOTvMFLoss",
+]

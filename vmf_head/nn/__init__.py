@@ -5,3 +5,5 @@ from .dino_loss import DINOvMFLoss
 from .ibot_head import iBOTvMFHead
 from .ibot_loss import iBOTvMFLoss
 from .weight_norm import WeightNormLinear
+
+__all__ = ["DINOvMFLoss", "VMFLinearPrototypeHead", "VMFPrototypeHead", "WeightNormLinear", "iBOTvMFHead", "iBOTvMFLoss"]
