@@ -26,15 +26,16 @@ unset TRITON_INTERPRET
 
 # name | timeout in seconds | command (run by bash; $PY is the interpreter, $STEP_JSON a file the
 # step may write its results to). The GPU machine lacks the demo/integration extras (lightly,
-# torchvision, scikit-learn), hence --continue-on-collection-errors. The benchmarks come right
-# after the full-size GPU tests so that a slow first compile cuts the small-shape CUDA reruns, not them.
+# torchvision, scikit-learn), hence --continue-on-collection-errors. The GPU tests run the training
+# steps under torch.cuda.set_sync_debug_mode("error"). The benchmarks come right after them so that a
+# slow first compile cuts the small-shape CUDA reruns, not them.
 STEPS=(
   'environment|30|nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; $PY -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())"'
   'gpu_tests|150|$PY -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests'
   'loss_gpu|240|$PY benchmarks/loss_gpu.py --json "$STEP_JSON"'
   'log_normalizer_gpu|120|$PY benchmarks/log_normalizer_gpu.py --json "$STEP_JSON"'
   'ops_tests_cuda|90|$PY -m pytest -q -p no:cacheprovider tests/test_ops_log_normalizer.py'
-  'ops_dino_loss_cuda|90|$PY -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_ops_dino_loss.py'
+  'ops_cross_entropy_cuda|90|$PY -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_ops_cross_entropy.py tests/test_training_step.py'
 )
 
 start_all=$SECONDS
@@ -88,5 +89,12 @@ summary = {
 }
 with open(target, "w") as fh:
     json.dump(summary, fh, indent=1)
+# The rows benchmarks/RESULTS.md takes: every table line and heading the benchmarks printed.
+for step in steps:
+    if step["name"].endswith("_gpu"):
+        out = open(os.path.join(work, f"{steps.index(step) + 1:02d}_{step['name']}.out"), errors="replace").read()
+        rows = [line for line in out.splitlines()
+                if line.startswith(("|", "###", "loss fwd+bwd on", "fused:", "targets:")) or " median " in line]
+        print(f"\n## {step['name']} (rc={step.get('rc')})\n" + "\n".join(rows))
 print(f"gpu_check: {sum(s.get('rc') == 0 for s in steps)}/{len(steps)} steps passed in {total}s -> {target}")
 EOF
