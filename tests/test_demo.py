@@ -24,6 +24,15 @@ TINY = ["--quick", "--epochs", "1", "--batch-size", "96", "--local-crops", "1", 
         "--hidden-dim", "32", "--bottleneck-dim", "16", "--width", "4", "--train-images", "192", "--no-progress"]
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    # The commands set torch's thread count for the whole process (default 1); the rest of the
+    # suite should keep its own.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _all_finite(x) -> bool:
     if isinstance(x, float):
         return math.isfinite(x)

@@ -12,6 +12,8 @@ import math
 import statistics
 from pathlib import Path
 
+from .report import MARKERS, mean_std
+
 # Final-loss threshold of the "stuck" flag: the mean loss of the last 5% of steps within 1% of
 # log K means the teacher targets stayed (near) uniform and the student only matched them.
 STUCK_FRACTION = 0.99
@@ -55,16 +57,6 @@ def t_quantile(level: float, df: int) -> float:
         if hi - lo <= 1e-13 * hi:
             break
     return 0.5 * (lo + hi)
-
-
-def mean_std(values: list[float]) -> dict:
-    """Mean, sample standard deviation (None for fewer than two values), min, max and count of
-    the finite ``values``; mean None when none is finite."""
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return {"mean": None, "std": None, "n": 0}
-    std = statistics.stdev(finite) if len(finite) > 1 else None
-    return {"mean": statistics.fmean(finite), "std": std, "min": min(finite), "max": max(finite), "n": len(finite)}
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float], level: float = 0.95) -> dict:
@@ -262,7 +254,6 @@ GRID_GROUPS = (
     ("free norms,\nvMF (approx)", lambda row: row["vmf"] == "approx"),
 )
 LINESTYLES = ("-", "--", "-.", ":")
-MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 def _grid_panel(ax, summary: dict, runs: list[dict], key: str, title: str) -> None:

@@ -226,9 +226,9 @@ def _verdict(summary: dict) -> str:
     if a["n"] == 0 or b["n"] == 0:
         return "DINO or DINO-vMF diverged in every seed: no comparison."
     diff = 100 * (b["mean"] - a["mean"])
-    spread = 100 * max(a["std"], b["std"])
     if b["n"] < 2 or a["n"] < 2:
         return f"DINO-vMF - DINO k-NN: {diff:+.1f} points (one seed: run --seeds 3 or more to judge the spread)."
+    spread = 100 * max(a["std"], b["std"])
     if abs(diff) <= spread:
         return f"DINO-vMF - DINO k-NN: {diff:+.1f} points, within the seed spread ({spread:.1f}): no clear winner."
     return f"DINO-vMF - DINO k-NN: {diff:+.1f} points, beyond the seed spread ({spread:.1f})."
