@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from pathlib import Path
 
 from .report import MARKERS, mean_std
@@ -257,6 +258,9 @@ LINESTYLES = ("-", "--", "-.", ":")
 
 
 def _grid_panel(ax, summary: dict, runs: list[dict], key: str, title: str) -> None:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     for g, (_, member) in enumerate(GRID_GROUPS):
         for name, row in summary.items():
             if not member(row):
@@ -273,8 +277,9 @@ def _grid_panel(ax, summary: dict, runs: list[dict], key: str, title: str) -> No
     lows = [100 * r[key] for r in runs]
     ax.set_ylim(max(0.0, min(lows) - 3), min(100.0, max(lows) + 2))
     ax.set_xticks(range(len(GRID_GROUPS)), [g[0] for g in GRID_GROUPS], fontsize=8)
-    ax.bar([], [], color="C0", edgecolor="black", label="logit centering")
-    ax.bar([], [], color="C1", hatch="//", edgecolor="black", label="probability centering")
+    ax.legend(handles=[Patch(facecolor="C0", edgecolor="black", label="logit centering"),
+                       Patch(facecolor="C1", hatch="//", edgecolor="black", label="probability centering"),
+                       Line2D([], [], color="black", marker=".", ls="", label="one seed")], fontsize=8)
     ax.set(title=title, ylabel="accuracy %")
 
 
@@ -289,7 +294,7 @@ def plot(path: Path, summary: dict, runs: list[dict], probe_summary: dict, probe
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(18, 10))
+    fig, axes = plt.subplots(2, 3, figsize=(18, 10.5))
     ax_knn, ax_lin, ax_diff, ax_norm, ax_loss, ax_eff = axes.ravel()
     _grid_panel(ax_knn, summary, runs, "knn", "k-NN top-1 (k=20, T=0.07), held-out")
     _grid_panel(ax_lin, summary, runs, "linear", "linear probe, held-out")
@@ -306,7 +311,7 @@ def plot(path: Path, summary: dict, runs: list[dict], probe_summary: dict, probe
             ax_diff.errorbar(100 * d["mean"], y, xerr=[[lo], [hi]], fmt=marker, color=f"C{j}", capsize=3,
                              label=("k-NN" if key == "knn" else "linear probe") if i == 0 else None)
     ax_diff.axvline(0, color="black", lw=1)
-    ax_diff.set_yticks(range(len(others)), [summary[n]["label"] for n in others], fontsize=8)
+    ax_diff.set_yticks(range(len(others)), [textwrap.fill(summary[n]["label"], 18) for n in others], fontsize=8)
     ax_diff.invert_yaxis()
     ax_diff.set(title=f"paired difference vs {summary[baseline]['label']} (95% t interval)", xlabel="points")
 
@@ -330,12 +335,13 @@ def plot(path: Path, summary: dict, runs: list[dict], probe_summary: dict, probe
     ax_loss.axhline(math.log(probe_out_dim), color="grey", ls=":", label="log K")
     ax_loss.set(title=f"stability probe: loss per step, one line per seed\n({probe_text})", xlabel="step", ylabel="loss")
     ax_eff.set_yscale("log")
-    ax_eff.set(title="stability probe: effective clusters exp H(mean teacher prob.)", xlabel="step", ylabel="clusters")
+    ax_eff.set(title="stability probe: effective clusters\nexp H(mean teacher probability), one line per seed",
+               xlabel="step", ylabel="clusters")
     for ax in axes.ravel():
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
+        if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"vmf-head ablation: the seed's grid at demo scale, K = {out_dim}")
-    fig.tight_layout()
+    fig.suptitle(f"vmf-head ablation: the DINO-vMF paper's grid at demo scale, K = {out_dim}")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=80)
     plt.close(fig)
