@@ -74,7 +74,14 @@ def test_quick_writes_finite_numbers_for_all_seven_cells(quick):
         if row["norm_last_layer"]:
             assert "norm_groups" not in row and row["kappa_ratio"]["mean"] == pytest.approx(1.0, abs=1e-5)
         else:
-            assert _finite(row["norm_groups"]) and len(row["norm_groups"]["accuracy"]) == rep.NORM_GROUPS
+            groups = row["norm_groups"]
+            assert _finite(groups["accuracy"]) and len(groups["accuracy"]) == rep.NORM_GROUPS
+            assert groups["top_minus_bottom"]["n"] == 2 and _finite(groups["top_minus_bottom"]["ci_low"])
+    assert [c["cell"] for c in result["contrasts"]] == [c[1] for c in ablation.CONTRASTS]
+    free = next(c for c in result["contrasts"] if c["cell"] == "dino-free")
+    assert free["knn"] == result["summary"]["dino-free"]["knn_vs_dino"]  # the same pairs, the same interval
+    assert all(c[key]["n"] == 2 and _finite(c[key]["ci_low"]) for c in result["contrasts"] for key in ("knn", "linear"))
+    assert len(result["random_init"]) == 2 and all(0 <= r["knn"] <= 1 for r in result["random_init"])
     assert set(result["probe"]) == {c.name for c in ablation.PROBE_CELLS}
     assert result["probe_config"]["lr"] == ablation.PROBE["lr"]
     for run in result["runs"] + result["probe_runs"]:

@@ -38,6 +38,15 @@ CELLS: tuple[Method, ...] = (
            mode="approx"),
 )
 BASELINE = "dino"
+# Each factor of the grid with the others held fixed, paired by seed: (what, cell, reference).
+CONTRASTS = (
+    ("probability centering, unit norms", "dino-prob", "dino"),
+    ("free norms, logit centering", "dino-free", "dino"),
+    ("free norms, probability centering", "dino-free-prob", "dino-prob"),
+    ("vMF correction, logit centering", "dino-vmf-logit", "dino-free"),
+    ("vMF correction, probability centering", "dino-vmf", "dino-free-prob"),
+    ("approximate log C_p", "dino-vmf-approx", "dino-vmf"),
+)
 # DINO (unit norms) is the control: it says whether what happens at the probe's setting is due to
 # the free norms or to the setting itself.
 PROBE_CELLS: tuple[Method, ...] = (METHODS["dino"], METHODS["dino-free"], METHODS["dino-vmf"])
@@ -154,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from . import ablation_report as rep
-    from .report import write_json
-    from .train import evaluate_pixels
+    from .report import mean_std, write_json
+    from .train import evaluate_pixels, evaluate_random_init
 
     dataset = {"name": data.name, "train": len(data.train_labels), "test": len(data.test_labels),
                "classes": data.class_names}
@@ -184,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = rep.summarize(results["runs"], list(CELLS), BASELINE, cfg.out_dim)
     probe_summary = rep.summarize(results["probe"], list(PROBE_CELLS), "", probe_cfg.out_dim) if n_probe else {}
     pixels = evaluate_pixels(data)
+    random_init = [{"seed": s, **evaluate_random_init(data, cfg, s)} for s in seeds]
+    random_stats = {k: mean_std([r[k] for r in random_init]) for k in ("knn", "linear")}
+    factor_rows = rep.contrasts(results["runs"], CONTRASTS)
     probe_text = ", ".join(f"{k} {getattr(probe_cfg, k)}" for k in PROBE)
     args.out.mkdir(parents=True, exist_ok=True)
     from vmf_head import __version__
@@ -205,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - start_cpu,
         "pixels": pixels,
+        "random_init": random_init,
         "summary": summary,
+        "contrasts": factor_rows,
         "probe": probe_summary,
         "runs": [_compact(r, rep.divergence_flags(r, cfg.out_dim)) for r in results["runs"]],
         "probe_runs": [_compact(r, rep.divergence_flags(r, probe_cfg.out_dim)) for r in results["probe"]],
@@ -214,8 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     rep.plot(args.out / "ablation.png", summary, results["runs"], probe_summary, results["probe"], BASELINE,
              cfg.out_dim, probe_cfg.out_dim, probe_text)
     spread = f"mean ± sd over {n_seeds} seeds; Δ: paired difference, points, 95% t interval over seeds"
-    print(f"\nThe grid ({spread}); raw pixels: k-NN {100 * pixels['knn']:.1f}%, linear {100 * pixels['linear']:.1f}%\n")
+    print(f"\nThe grid ({spread}); raw pixels: k-NN {100 * pixels['knn']:.1f}%, linear {100 * pixels['linear']:.1f}%; "
+          f"untrained backbone: k-NN {rep.pm(random_stats['knn'])}%, linear {rep.pm(random_stats['linear'])}%\n")
     print(rep.format_table(summary, BASELINE, cfg.out_dim))
+    print("\nOne factor at a time (paired by seed, points, 95% t interval)\n")
+    print(rep.format_contrasts(factor_rows, {c.name: c.label for c in CELLS}))
     print("\nk-NN accuracy % by percentile range of the assigned prototype's norm (the seed's Figure 2)\n")
     print(rep.format_norm_groups(summary))
     if probe_summary:

@@ -139,6 +139,8 @@ def summarize(runs: list[dict], cells: list, baseline: str, out_dim: int) -> dic
             "seeds": [r["seed"] for r in mine],
             "flags": {k: sum(f[k] for f in flags) for k in ("nonfinite", "collapsed", "stuck")},
             "final_loss": mean_std([_final_loss(r) for r in mine]),
+            "peak_loss": mean_std([max((v for v in r["history"]["loss"] if v is not None and math.isfinite(v)),
+                                       default=math.nan) for r in mine]),
             "cpu_seconds": mean_std([r["cpu_seconds"] for r in mine]),
             "seconds": mean_std([r["seconds"] for r in mine]),
         }
@@ -158,8 +160,33 @@ def summarize(runs: list[dict], cells: list, baseline: str, out_dim: int) -> dic
                 key: [mean_std([g[key][i] for g in groups]) for i in range(NORM_GROUPS)]
                 for key in ("accuracy", "mean_norm")
             }
+            # Does accuracy rise with the norm? Highest range minus lowest, paired by seed.
+            row["norm_groups"]["top_minus_bottom"] = paired_difference(
+                {r["seed"]: g["accuracy"][-1] for r, g in zip(mine, groups)},
+                {r["seed"]: g["accuracy"][0] for r, g in zip(mine, groups)},
+            )
         out[cell.name] = row
     return out
+
+
+def contrasts(runs: list[dict], pairs: tuple[tuple[str, str, str], ...]) -> list[dict]:
+    """One factor of the grid at a time: for each ``(text, cell, reference)`` the paired
+    difference ``cell - reference`` of k-NN and linear accuracy (see :func:`paired_difference`)."""
+    def by_seed(name: str, key: str) -> dict[int, float]:
+        return {r["seed"]: r[key] for r in runs if r["method"] == name}
+
+    return [{"text": text, "cell": cell, "reference": ref,
+             **{key: paired_difference(by_seed(cell, key), by_seed(ref, key)) for key in ("knn", "linear")}}
+            for text, cell, ref in pairs]
+
+
+def format_contrasts(rows: list[dict], labels: dict[str, str]) -> str:
+    """Markdown table of :func:`contrasts`, points with 95% t intervals."""
+    lines = ["| factor | cell − reference | Δ k-NN [95% CI] | Δ linear [95% CI] |", "|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['text']} | {labels[row['cell']]} − {labels[row['reference']]} | "
+                     f"{_ci(row['knn'])} | {_ci(row['linear'])} |")
+    return "\n".join(lines)
 
 
 def _final_loss(run: dict) -> float:
@@ -168,7 +195,8 @@ def _final_loss(run: dict) -> float:
     return statistics.fmean(tail) if tail else math.nan
 
 
-def _pm(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+def pm(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± sd`` of a :func:`~vmf_head.demo.report.mean_std` dict, times ``scale``."""
     if not stat or stat["n"] == 0:
         return "-"
     if stat["std"] is None:
@@ -203,18 +231,18 @@ def format_table(summary: dict, baseline: str, out_dim: int) -> str:
             "L2-normalised" if row["norm_last_layer"] else "free",
             row["vmf"] or ("constant" if row["norm_last_layer"] else "no"),
             row["centering"],
-            _pm(row["knn"]),
+            pm(row["knn"]),
             _ci(row.get(f"knn_vs_{baseline}")) if name != baseline else "(baseline)",
-            _pm(row["linear"]),
+            pm(row["linear"]),
             _ci(row.get(f"linear_vs_{baseline}")) if name != baseline else "(baseline)",
-            _pm(row["utilization"], 1, 0),
-            _pm(row["effective_clusters"], 1, 0),
-            _pm(row["distinct_prototypes"], 1, 0),
-            _pm(row["kappa_median"], 1, 1),
-            _pm(row["kappa_ratio"], 1, 3),
-            _pm(row["final_loss"], 1, 2),
+            pm(row["utilization"], 1, 0),
+            pm(row["effective_clusters"], 1, 0),
+            pm(row["distinct_prototypes"], 1, 0),
+            pm(row["kappa_median"], 1, 1),
+            pm(row["kappa_ratio"], 1, 3),
+            pm(row["final_loss"], 1, 2),
             _flags(row),
-            _pm(row["cpu_seconds"], 1, 0),
+            pm(row["cpu_seconds"], 1, 0),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -224,26 +252,27 @@ def format_norm_groups(summary: dict) -> str:
     """Markdown table of the Figure 2 analysis: k-NN accuracy % per percentile range of the
     assigned prototype's norm (mean ± sd over seeds), free-norm cells."""
     ranges = [f"{100 * g // NORM_GROUPS}-{100 * (g + 1) // NORM_GROUPS}%" for g in range(NORM_GROUPS)]
-    lines = ["| cell | " + " | ".join(ranges) + " | mean norm, lowest → highest range |",
-             "|" + "---|" * (NORM_GROUPS + 2)]
+    lines = ["| cell | " + " | ".join(ranges) + " | highest − lowest range [95% CI] | mean norm, lowest → highest range |",
+             "|" + "---|" * (NORM_GROUPS + 3)]
     for row in summary.values():
         if "norm_groups" not in row:
             continue
-        acc = [_pm(s) for s in row["norm_groups"]["accuracy"]]
+        acc = [pm(s) for s in row["norm_groups"]["accuracy"]]
         norm = row["norm_groups"]["mean_norm"]
-        lines.append(f"| {row['label']} | " + " | ".join(acc) + f" | {norm[0]['mean']:.3f} → {norm[-1]['mean']:.3f} |")
+        lines.append(f"| {row['label']} | " + " | ".join(acc) + f" | {_ci(row['norm_groups']['top_minus_bottom'])} | "
+                     f"{norm[0]['mean']:.3f} → {norm[-1]['mean']:.3f} |")
     return "\n".join(lines)
 
 
 def format_probe(summary: dict) -> str:
     """Markdown table of the stability probe: per cell, flags over seeds, final loss, accuracies."""
-    lines = ["| cell | runs | non-finite loss | collapsed | stuck at log K | final loss | k-NN % | linear % | κ p95/p5 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| cell | runs | non-finite loss | collapsed | stuck at log K | peak loss | final loss | k-NN % | linear % | κ p95/p5 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary.values():
         f = row["flags"]
         lines.append(f"| {row['label']} | {len(row['seeds'])} | {f['nonfinite']} | {f['collapsed']} | {f['stuck']} | "
-                     f"{_pm(row['final_loss'], 1, 2)} | {_pm(row['knn'])} | {_pm(row['linear'])} | "
-                     f"{_pm(row['kappa_ratio'], 1, 3)} |")
+                     f"{pm(row['peak_loss'], 1, 2)} | {pm(row['final_loss'], 1, 2)} | {pm(row['knn'])} | {pm(row['linear'])} | "
+                     f"{pm(row['kappa_ratio'], 1, 3)} |")
     return "\n".join(lines)
 
 
