@@ -15,6 +15,7 @@ pytest.importorskip("sklearn", reason="the demo needs scikit-learn (demo extra)"
 pytest.importorskip("matplotlib", reason="the demo needs matplotlib (demo extra)")
 pytest.importorskip("tqdm", reason="the demo needs tqdm (demo extra)")
 
+import vmf_head  # noqa: E402
 from vmf_head.demo import main  # noqa: E402
 from vmf_head.demo.data import MultiCrop, load_digits, load_image_folder  # noqa: E402
 from vmf_head.demo.evaluate import knn_accuracy  # noqa: E402
@@ -22,6 +23,15 @@ from vmf_head.demo.evaluate import knn_accuracy  # noqa: E402
 # Smaller than --quick: the point is that every stage runs and writes finite numbers.
 TINY = ["--quick", "--epochs", "1", "--batch-size", "96", "--local-crops", "1", "--prototypes", "32",
         "--hidden-dim", "32", "--bottleneck-dim", "16", "--width", "4", "--train-images", "192", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    # The commands set torch's thread count for the whole process (default 1); the rest of the
+    # suite should keep its own.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def _all_finite(x) -> bool:
@@ -75,7 +85,11 @@ def test_demo_on_an_image_folder(tmp_path):
     assert data.train_images.shape[1:] == (3, 8, 8) and len(data.train_labels) + len(data.test_labels) == 12
     assert main([*TINY, "--methods", "dino-vmf", "--data", str(tmp_path / "data"), "--image-size", "8",
                  "--batch-size", "8", "--out", str(tmp_path / "out")]) == 0
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["dataset"]["classes"] == ["bright", "dark"]
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["dataset"]["classes"] == ["bright", "dark"]
+    # One seed has no spread: null, not 0.0; the JSON names the package version.
+    assert result["summary"]["dino-vmf"]["knn"]["n"] == 1 and result["summary"]["dino-vmf"]["knn"]["std"] is None
+    assert result["environment"]["vmf_head"] == vmf_head.__version__ and result["environment"]["threads"] == 1
 
 
 def test_bad_options_exit_with_a_message(tmp_path, capsys):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .. import __version__
 from .train import METHODS, TrainConfig
 
 DESCRIPTION = """\
@@ -88,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-fraction", type=float, default=0.25, help="held-out fraction per class (default 0.25)")
     parser.add_argument("--device", default="cpu",
                         help="torch device: cpu (default), cuda, cuda:1, ...; 'cuda' needs a CUDA build and GPU")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: these networks are too small to gain from a second "
+                             "thread, which stalls the whole run when another job shares the cores)")
     parser.add_argument("--out", type=Path, default=Path("vmf_demo_out"),
                         help="output directory for results.json and demo.png (default ./vmf_demo_out)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
@@ -130,16 +133,23 @@ def _parse_methods(text: str) -> list:
     return [METHODS[n] for n in dict.fromkeys(names)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def missing_extra(command: str) -> bool:
+    """True (after saying so on stderr) when the demo extra's packages are not installed."""
     try:
         import matplotlib  # noqa: F401
         import sklearn  # noqa: F401
         import tqdm  # noqa: F401
     except ImportError as err:
-        print(f"vmf-head demo needs the demo extra ({err.name} is missing): pip install 'vmf-head[demo]'",
+        print(f"vmf-head {command} needs the demo extra ({err.name} is missing): pip install 'vmf-head[demo]'",
               file=sys.stderr)
+        return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if missing_extra("demo"):
         return 2
     try:
         methods = _parse_methods(args.methods)
@@ -149,16 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {cfg.device}: this torch build sees no CUDA GPU; use --device cpu")
         torch.device(cfg.device)
-        from .data import load_digits, load_image_folder
+        from .data import load_dataset
 
-        if args.data is None:
-            data = load_digits(args.test_fraction, seed=args.split_seed)
-        else:
-            data = load_image_folder(args.data, args.image_size, args.test_fraction, seed=args.split_seed)
+        data = load_dataset(args.data, args.image_size, args.test_fraction, seed=args.split_seed)
     except (ValueError, RuntimeError) as err:
         parser.error(str(err))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
 
     from .report import format_table, plot, summarize, write_json
     from .train import evaluate_pixels, evaluate_random_init, train_one
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                     "classes": data.class_names, "flip": data.flip, "split_seed": args.split_seed},
         "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
         "seeds": list(range(args.seed, args.seed + args.seeds)),
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+        "environment": {"vmf_head": __version__, "torch": torch.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads()},
         "total_seconds": time.perf_counter() - start,
         "total_cpu_seconds": time.process_time() - start_cpu,
@@ -218,9 +226,9 @@ def _verdict(summary: dict) -> str:
     if a["n"] == 0 or b["n"] == 0:
         return "DINO or DINO-vMF diverged in every seed: no comparison."
     diff = 100 * (b["mean"] - a["mean"])
-    spread = 100 * max(a["std"], b["std"])
     if b["n"] < 2 or a["n"] < 2:
         return f"DINO-vMF - DINO k-NN: {diff:+.1f} points (one seed: run --seeds 3 or more to judge the spread)."
+    spread = 100 * max(a["std"], b["std"])
     if abs(diff) <= spread:
         return f"DINO-vMF - DINO k-NN: {diff:+.1f} points, within the seed spread ({spread:.1f}): no clear winner."
     return f"DINO-vMF - DINO k-NN: {diff:+.1f} points, beyond the seed spread ({spread:.1f})."

@@ -118,6 +118,13 @@ def load_image_folder(path: str | Path, size: int = 32, test_fraction: float = 0
     return Dataset(root.name, tr_x, tr_y, te_x, te_y, classes, size, size // 2, flip=True)
 
 
+def load_dataset(path: str | Path | None, size: int = 32, test_fraction: float = 0.25, seed: int = 0) -> Dataset:
+    """The digits when ``path`` is None, else the ImageFolder at ``path`` (the CLIs' ``--data``)."""
+    if path is None:
+        return load_digits(test_fraction, seed=seed)
+    return load_image_folder(path, size, test_fraction, seed=seed)
+
+
 class MultiCrop:
     """DINO's multi-crop views of a batch: 2 global crops and ``n_local`` local crops.
 

@@ -27,6 +27,35 @@ def extract_features(backbone: nn.Module, images: torch.Tensor, batch_size: int 
 
 
 @torch.no_grad()
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    n_classes: int | None = None,
+) -> torch.Tensor:
+    """Labels (M,) int64 predicted by the temperature-weighted cosine k-NN vote.
+
+    Args:
+        train_features: (N, D) memory bank; train_labels: (N,) int64 in [0, C).
+        test_features: (M, D) queries.
+        k: neighbours per query (clipped to N). temperature: T of the vote weights exp(cos / T).
+        n_classes: C (default: the largest training label + 1).
+    """
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError("train_features and test_features must have the same feature dimension")
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    n_classes = int(train_labels.max()) + 1 if n_classes is None else n_classes
+    bank = F.normalize(train_features.float(), dim=1)
+    queries = F.normalize(test_features.float(), dim=1)
+    sim, idx = (queries @ bank.T).topk(min(k, bank.shape[0]), dim=1)
+    votes = torch.zeros(queries.shape[0], n_classes)
+    votes.scatter_add_(1, train_labels[idx], torch.exp(sim / temperature))
+    return votes.argmax(dim=1)
+
+
 def knn_accuracy(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -35,24 +64,10 @@ def knn_accuracy(
     k: int = 20,
     temperature: float = 0.07,
 ) -> float:
-    """Top-1 accuracy (in [0, 1]) of the temperature-weighted cosine k-NN vote.
-
-    Args:
-        train_features: (N, D) memory bank; train_labels: (N,) int64 in [0, C).
-        test_features: (M, D) queries; test_labels: (M,) int64.
-        k: neighbours per query (clipped to N). temperature: T of the vote weights exp(cos / T).
-    """
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError("train_features and test_features must have the same feature dimension")
-    if k < 1 or temperature <= 0:
-        raise ValueError(f"need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    """Top-1 accuracy (in [0, 1]) of :func:`knn_predict` against ``test_labels`` (M,)."""
     n_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    bank = F.normalize(train_features.float(), dim=1)
-    queries = F.normalize(test_features.float(), dim=1)
-    sim, idx = (queries @ bank.T).topk(min(k, bank.shape[0]), dim=1)
-    votes = torch.zeros(queries.shape[0], n_classes)
-    votes.scatter_add_(1, train_labels[idx], torch.exp(sim / temperature))
-    return float((votes.argmax(dim=1) == test_labels).float().mean())
+    pred = knn_predict(train_features, train_labels, test_features, k, temperature, n_classes)
+    return float((pred == test_labels).float().mean())
 
 
 def linear_probe_accuracy(

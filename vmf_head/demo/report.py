@@ -6,18 +6,24 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import textwrap
 from pathlib import Path
 
+CURVE_STYLES = ({"lw": 4.0, "alpha": 0.45, "ls": "-"}, {"lw": 1.4, "alpha": 1.0, "ls": "--"},
+                {"lw": 1.6, "alpha": 1.0, "ls": "-"}, {"lw": 1.4, "alpha": 1.0, "ls": ":"})
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 SUMMARY_KEYS = (
     "knn", "linear", "utilization", "effective_clusters", "distinct_prototypes", "kappa_median", "seconds", "cpu_seconds"
 )
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
-    finite = [v for v in values if math.isfinite(v)]
+def mean_std(values: list[float]) -> dict:
+    """Mean, sample standard deviation, min, max and count ``n`` of the finite ``values``; ``std``
+    is None for a single value (a spread needs two) and ``mean`` None when none is finite."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
-        return {"mean": math.nan, "std": math.nan, "n": 0}
-    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+        return {"mean": None, "std": None, "n": 0}
+    std = statistics.stdev(finite) if len(finite) > 1 else None
     return {"mean": statistics.fmean(finite), "std": std, "min": min(finite), "max": max(finite), "n": len(finite)}
 
 
@@ -29,15 +35,15 @@ def summarize(runs: list[dict], references: dict[str, tuple[str, list[dict]]]) -
     for name, (label, rows) in references.items():
         out[name] = {
             "label": label,
-            "knn": _mean_std([r["knn"] for r in rows]),
-            "linear": _mean_std([r["linear"] for r in rows]),
+            "knn": mean_std([r["knn"] for r in rows]),
+            "linear": mean_std([r["linear"] for r in rows]),
         }
     for name in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == name]
         row = {"label": mine[0]["label"], "diverged": sum(r["diverged"] for r in mine)}
         for key in SUMMARY_KEYS:
             vals = [r[key] if key in r else r["diagnostics"].get(key, math.nan) for r in mine]
-            row[key] = _mean_std([float(v) for v in vals])
+            row[key] = mean_std([float(v) for v in vals])
         out[name] = row
     return out
 
@@ -45,7 +51,7 @@ def summarize(runs: list[dict], references: dict[str, tuple[str, list[dict]]]) -
 def _cell(stat: dict | None, scale: float = 1.0, digits: int = 1) -> str:
     if stat is None or stat["n"] == 0:
         return "-"
-    if stat["n"] == 1:
+    if stat["std"] is None:
         return f"{stat['mean'] * scale:.{digits}f}"
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
@@ -64,6 +70,8 @@ def format_table(summary: dict[str, dict], n_seeds: int, out_dim: int) -> str:
         "wall s",
         "CPU s",
     ]
+    note = ("wall s: elapsed seconds of the run, which include waiting for a core when the machine is shared; "
+            "CPU s: CPU seconds of the process over the run, all its threads summed.")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary.values():
         label = row["label"] + (f" ({row['diverged']} diverged)" if row.get("diverged") else "")
@@ -79,7 +87,7 @@ def format_table(summary: dict[str, dict], n_seeds: int, out_dim: int) -> str:
             _cell(row.get("cpu_seconds"), digits=0),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return f"Held-out accuracy of the teacher backbone{spread}\n\n" + "\n".join(lines)
+    return f"Held-out accuracy of the teacher backbone{spread}\n\n" + "\n".join(lines) + f"\n\n{note}"
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -123,23 +131,29 @@ def plot(path: Path, runs: list[dict], summary: dict[str, dict], out_dim: int) -
 
     methods = [name for name in summary if "seconds" in summary[name]]
     colors = {name: f"C{i}" for i, name in enumerate(methods)}
+    # DINO and "DINO, free norms" often coincide: the first method is drawn wide and pale, the
+    # next ones thinner and dashed on top of it, so every curve stays visible.
+    styles = {name: CURVE_STYLES[i % len(CURVE_STYLES)] for i, name in enumerate(methods)}
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     ax_loss, ax_knn, ax_bar, ax_kappa, ax_util, ax_eff = axes.ravel()
     for name in methods:
         mine = [r for r in runs if r["method"] == name]
         label, color = summary[name]["label"], colors[name]
         loss = _mean_curve([r["history"]["loss"] for r in mine])
-        ax_loss.plot(_smooth(loss, max(1, len(loss) // 50)), color=color, label=label)
+        style = styles[name]
+        ax_loss.plot(_smooth(loss, max(1, len(loss) // 50)), color=color, label=label, **style)
         if all(r["history"]["knn"] for r in mine):
             knn = _mean_curve([r["history"]["knn"] for r in mine])
             epochs = mine[0]["history"]["knn_epoch"][: len(knn)]
-            ax_knn.plot(epochs, [100 * v for v in knn], "o-", color=color, label=label)
+            ax_knn.plot(epochs, [100 * v for v in knn], marker=MARKERS[methods.index(name) % len(MARKERS)],
+                        color=color, label=label, **style)
         steps = mine[0]["history"]["diag_step"]
         for key, ax in (("utilization", ax_util), ("effective_clusters", ax_eff)):
             curve = _mean_curve([[d[key] for d in r["history"]["diag"]] for r in mine])
-            ax.plot(steps[: len(curve)], curve, color=color, label=label)
+            ax.plot(steps[: len(curve)], curve, color=color, label=label, **style)
         kappa = [k for r in mine for k in r["kappa"]]
-        ax_kappa.hist(kappa, bins=40, histtype="step", color=color, label=label, linewidth=1.5)
+        ax_kappa.hist(kappa, bins=40, histtype="step", color=color, label=label, ls=style["ls"],
+                      linewidth=max(1.5, style["lw"] / 2))
     for i, name in enumerate(n for n in summary if n not in methods):
         ax_knn.axhline(100 * summary[name]["knn"]["mean"], color="grey", ls=("--", ":")[i % 2], label=summary[name]["label"])
     ax_loss.set(title="training loss (smoothed)", xlabel="step", ylabel="loss")
@@ -152,13 +166,13 @@ def plot(path: Path, runs: list[dict], summary: dict[str, dict], out_dim: int) -
     x = range(len(names))
     for offset, key, hatch in ((-0.2, "knn", None), (0.2, "linear", "//")):
         means = [100 * summary[n][key]["mean"] for n in names]
-        stds = [100 * summary[n][key]["std"] for n in names]
+        stds = [100 * (summary[n][key]["std"] or 0.0) for n in names]
         ax_bar.bar([i + offset for i in x], means, 0.4, yerr=stds, capsize=3, hatch=hatch,
                    color=[colors.get(n, "lightgrey") for n in names], edgecolor="black",
                    label="k-NN" if key == "knn" else "linear probe")
     lo = min(100 * summary[n][k]["mean"] for n in names for k in ("knn", "linear") if summary[n][k]["n"])
     ax_bar.set_ylim(max(0, lo - 10), 100)
-    ax_bar.set_xticks(list(x), [summary[n]["label"] for n in names], rotation=15, fontsize=8)
+    ax_bar.set_xticks(list(x), [textwrap.fill(summary[n]["label"], 12) for n in names], fontsize=8)
     ax_bar.set(title="held-out accuracy (bars: mean, whiskers: std)", ylabel="accuracy %")
     for ax in (ax_loss, ax_knn, ax_bar, ax_kappa, ax_util, ax_eff):
         ax.legend(fontsize=8)

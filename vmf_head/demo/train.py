@@ -29,17 +29,21 @@ from torch import nn
 from .. import diagnostics
 from ..normalizer import log_vmf_normalizer
 from .data import Dataset, MultiCrop
-from .evaluate import extract_features, knn_accuracy, linear_probe_accuracy
+from .evaluate import extract_features, knn_accuracy, knn_predict, linear_probe_accuracy
 from .models import MultiCropNet, SmallConvNet
 
 
 @dataclass(frozen=True)
 class Method:
+    """One cell of the design: prototype norms fixed (``norm_last_layer``) or learned, the vMF
+    correction on or off, the teacher centering, and the normaliser's ``mode`` when it is on."""
+
     name: str
     label: str
     norm_last_layer: bool
     vmf: bool
     centering: str
+    mode: str = "exact"
 
 
 METHODS = {
@@ -107,26 +111,38 @@ def _param_groups(model: nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def teacher_logits(raw: torch.Tensor, norms: torch.Tensor, tau: float, method: Method, p: int, center: torch.Tensor) -> torch.Tensor:
-    """The centred teacher logits at temperature ``tau``, whose softmax is the target ``q`` the
-    student is trained towards (SPEC section 3): ``(w^T y - c) / tau`` for logit centering,
-    ``w^T y / tau + log C_p(||w_k|| / tau) - log c`` for DINO-vMF's probability centering."""
-    if method.centering == "logit":
-        logits = (raw.float() - center) / tau
-    else:
-        logits = raw.float() / tau - torch.log(center)
+def teacher_logits(
+    raw: torch.Tensor, norms: torch.Tensor, tau: float, method: Method, p: int, center: torch.Tensor | None
+) -> torch.Tensor:
+    """The centred teacher logits (N, K) at temperature ``tau``, whose softmax is the target ``q``
+    the student is trained towards (SPEC section 3): ``(w^T y - c) / tau`` for logit centering,
+    ``w^T y / tau + log C_p(||w_k|| / tau) - log c`` for DINO-vMF's probability centering, plus
+    the vMF correction when the method has it. ``center=None``: the uncentred mixture posterior
+    logits ``w^T y / tau (+ log C_p(||w_k|| / tau))``, whose argmax is the image's component."""
+    logits = raw.float() / tau
+    if center is not None:
+        logits = logits - (center / tau if method.centering == "logit" else torch.log(center))
     if method.vmf:
-        logits = logits + log_vmf_normalizer(norms.float() / tau, p)
+        logits = logits + log_vmf_normalizer(norms.float() / tau, p, mode=method.mode)
     return logits
 
 
-def _evaluate_backbone(backbone: nn.Module, data: Dataset, aug: MultiCrop, cfg: TrainConfig, probe: bool) -> dict:
+def _evaluate_backbone(
+    backbone: nn.Module, data: Dataset, aug: MultiCrop, cfg: TrainConfig, probe: bool, per_image: bool = False
+) -> dict:
+    """``knn`` (and with ``probe`` ``linear``) held-out accuracy of the frozen backbone; with
+    ``per_image`` also ``knn_correct``, one bool per held-out image (for the norm analysis)."""
     device = torch.device(cfg.device)
     train_f = extract_features(backbone, aug.plain(data.train_images.to(device)))
     test_f = extract_features(backbone, aug.plain(data.test_images.to(device)))
-    out = {"knn": knn_accuracy(train_f, data.train_labels, test_f, data.test_labels, cfg.knn_k, cfg.knn_temperature)}
+    n_classes = len(data.class_names)
+    pred = knn_predict(train_f, data.train_labels, test_f, cfg.knn_k, cfg.knn_temperature, n_classes)
+    correct = pred == data.test_labels
+    out: dict = {"knn": float(correct.float().mean())}
     if probe:
         out["linear"] = linear_probe_accuracy(train_f, data.train_labels, test_f, data.test_labels)
+    if per_image:
+        out["knn_correct"] = correct.tolist()
     return out
 
 
@@ -169,7 +185,8 @@ def train_one(method: Method, data: Dataset, cfg: TrainConfig, seed: int, progre
     Returns a JSON-ready dict: ``method``, ``seed``, ``knn`` and ``linear`` (test accuracies in
     [0, 1]), ``diverged`` (a non-finite loss stopped the run), ``seconds`` (wall) and ``cpu_seconds``, the final
     ``diagnostics`` on the whole training split, the final teacher ``kappa`` of every prototype,
-    and ``history`` (per-step ``loss``; per-``log_every`` step diagnostics; per-``eval_every``
+    ``heldout`` (per held-out image: its assigned prototype, that prototype's norm, whether
+    k-NN classified it correctly), and ``history`` (per-step ``loss``; per-``log_every`` step diagnostics; per-``eval_every``
     epoch k-NN accuracy).
     """
     from vmf_head import DINOvMFLoss, VMFPrototypeHead
@@ -200,6 +217,7 @@ def train_one(method: Method, data: Dataset, cfg: TrainConfig, seed: int, progre
         student_temp=cfg.student_temp,
         p=cfg.bottleneck_dim,
         centering=method.centering,
+        mode=method.mode,
         check_finite=False,  # a diverged run is reported in the results, not raised
     ).to(device)
     optimizer = torch.optim.AdamW(_param_groups(student), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -289,17 +307,28 @@ def train_one(method: Method, data: Dataset, cfg: TrainConfig, seed: int, progre
         bar.close()
 
     result: dict = {"method": method.name, "label": method.label, "seed": seed, "diverged": diverged}
-    result.update(_evaluate_backbone(teacher.backbone, data, aug, cfg, probe=True))
+    final = _evaluate_backbone(teacher.backbone, data, aug, cfg, probe=True, per_image=True)
+    knn_correct = final.pop("knn_correct")
+    result.update(final)
     with torch.no_grad():
         tau_t = float(criterion.teacher_temp_schedule[-1])
         was_training = teacher.training
         teacher.eval()
         raw = torch.cat([teacher([aug.plain(x)]) for x in train_images.split(512)])
+        raw_test = teacher([aug.plain(data.test_images.to(device))])
         teacher.train(was_training)
         norms_t = teacher.head.prototype_norms().detach()
         logits = teacher_logits(raw, norms_t, tau_t, method, cfg.bottleneck_dim, criterion.center)
         result["diagnostics"] = diagnostics.head_diagnostics(logits, teacher.head.last_layer.weight.detach(), tau_t)
         result["kappa"] = (norms_t.float() / tau_t).cpu().tolist()
+        # Each held-out image's mixture component: the argmax of the uncentred posterior (centering
+        # is a training device, not part of the model).
+        assigned = teacher_logits(raw_test, norms_t, tau_t, method, cfg.bottleneck_dim, None).argmax(dim=1)
+        result["heldout"] = {
+            "assigned": assigned.cpu().tolist(),
+            "assigned_norm": norms_t.float()[assigned].cpu().tolist(),
+            "knn_correct": knn_correct,
+        }
     result["seconds"] = time.perf_counter() - start_time
     # CPU time of all threads: on a shared machine the wall time says more about the neighbours.
     result["cpu_seconds"] = time.process_time() - start_cpu
