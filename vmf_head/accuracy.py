@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     if crossings:
         print(
             "\nNear the zero of log C_p the bound is absolute (1e-12) while the terms of the formula are as large "
-            "as kappa0;\nfor p >= 512 the package takes the anchored form there (docs/log_normalizer.md):\n"
+            "as kappa0;\nfrom p = 352 on the package takes the anchored form there (docs/log_normalizer.md):\n"
         )
         head = f"{'p':>6} | {'kappa0':>10} | {'size of terms':>13} | {'worst abs err':>13} | bound 1e-12 missed while |log C_p| <="
         print(head + "\n" + "-" * len(head))
