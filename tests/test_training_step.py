@@ -192,6 +192,37 @@ def test_ibot_loss_compiles_in_one_graph_with_aot_autograd(centering):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_integration_losses_compile_in_one_graph():
+    """The losses of DINO's and lightly's one-line patches under torch.compile(fullgraph=True)
+    (AOTAutograd), with the heads' forward in the graph: the same loss and norm gradient as eager."""
+    lightly = pytest.importorskip("lightly.loss")
+    from lightly.models.modules import DINOProjectionHead
+
+    from vmf_head.integrations import lightly as vmf_lightly
+
+    results = []
+    for compile_it in (True, False):
+        torch._dynamo.reset()
+        student, teacher = D.build_networks(K, bottleneck_dim=P)
+        dino_loss = vmf_dino.patch(student, teacher, D.DINOLoss(K, 4, 0.04, 0.07, 2, 4))
+        torch.manual_seed(0)
+        s_head, t_head = DINOProjectionHead(12, 24, P, K, norm_last_layer=False), DINOProjectionHead(12, 24, P, K)
+        criterion = vmf_lightly.patch(s_head, t_head, lightly.DINOLoss(K, warmup_teacher_temp_epochs=2))
+        images, views = D.crops(batch=B), [torch.randn(B, 12, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+        def step(epoch):
+            a = dino_loss(student(images), teacher(images[:2]), epoch)
+            b = criterion([t_head(v).detach() for v in views[:2]], [s_head(v) for v in views], epoch=1)
+            return a + b
+
+        fn = torch.compile(step, backend="aot_eager", fullgraph=True) if compile_it else step
+        loss = fn(torch.tensor(1))
+        loss.backward()
+        results.append((loss.detach(), student.head.last_layer.weight_g.grad, s_head.last_layer.weight_g.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_readme_training_step_compiles_in_one_graph():
     """The README's step (head -> logits -> correction -> centering -> loss, then backward) under
     torch.compile(fullgraph=True) with Inductor: one graph for 3 epochs, the same loss and gradients

@@ -47,10 +47,10 @@ import warnings
 from typing import Any, Callable
 
 from .functional.centering import CENTERINGS
+from .special.vmf import MODES
 
 __all__ = ["RunnerError", "TARGETS", "run_script", "main"]
 
-MODES = ("exact", "approx")
 
 
 class RunnerError(RuntimeError):

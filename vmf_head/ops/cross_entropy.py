@@ -28,9 +28,9 @@ device data on the host.
 Arithmetic is float32, float64 only when the logits (or targets) are float64: the B x K work never
 runs in float64 because a K-vector (a correction, the centre) is float64; those are cast after their
 own float64 arithmetic. Design, tiling and memory traffic: ``docs/fused_loss.md``. Sinkhorn
-centering stays on the reference path: its iterations need whole-batch column sums between passes
-(all-reduced under torch.distributed), which these row-parallel kernels cannot do in one launch;
-``CENTERINGS`` lists what is fused.
+centering stays on the reference path (``vmf_head.functional`` does not dispatch it here): its
+iterations need whole-batch column sums between passes (all-reduced under torch.distributed), which
+these row-parallel kernels cannot do in one launch.
 """
 
 from __future__ import annotations
@@ -45,11 +45,8 @@ from ._launch import is_interpreted, on_device
 from .cross_entropy_backward import student_backward
 from .cross_entropy_forward import _student_forward_kernel, student_pass, teacher_statistics
 
-__all__ = ["CENTERINGS", "INTERPRETED", "PairLayout", "cross_entropy", "dino_vmf_loss", "ibot_patch_vmf_loss",
+__all__ = ["INTERPRETED", "PairLayout", "cross_entropy", "dino_vmf_loss", "ibot_patch_vmf_loss",
            "multicrop_cross_entropy"]
-
-CENTERINGS = ("logit", "probability")
-"""Teacher centerings the fused kernels implement (``sinkhorn`` stays on the reference path)."""
 
 INTERPRETED: bool = is_interpreted(_student_forward_kernel)
 """True when the kernels were built under ``TRITON_INTERPRET=1``: they then run on CPU tensors."""
