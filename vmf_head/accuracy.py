@@ -237,23 +237,11 @@ def measure_crossing(p: int, kappas: list[float], truths: list) -> dict:
 
 
 def approx_zero(p: int) -> float | None:
-    """The zero of the leading term of the uniform expansion of log C_p (approx mode's formula), by
-    bisection in float64: within about 0.3/p of the exact zero in log C_p, so |log C_p| < 0.01 there.
-    None where log C_p(0) <= 0 (no zero)."""
-    if math.lgamma(0.5 * p) - math.log(2.0) - 0.5 * p * math.log(math.pi) <= 0:
-        return None
-    nu = 0.5 * p - 1.0
+    """The zero of the leading term of the uniform expansion of log C_p (approx mode's formula): within
+    about 0.3/p of the exact zero in log C_p, so |log C_p| < 0.01 there. None where log C_p has none."""
+    from .special.vmf import leading_term, sign_change
 
-    def leading(k: float) -> float:
-        s = math.hypot(nu, k)
-        return nu * math.log(nu + s) - s + 0.5 * math.log(s) - (nu + 0.5) * math.log(2.0 * math.pi)
-
-    lo, hi = 0.0, float(p)
-    while leading(hi) > 0:
-        lo, hi = hi, 2.0 * hi
-    while (mid := 0.5 * (lo + hi)) not in (lo, hi):
-        lo, hi = (mid, hi) if leading(mid) > 0 else (lo, mid)
-    return hi
+    return sign_change(lambda k: leading_term(k, p), p)
 
 
 def identity_residual(p: int) -> tuple[float, float] | None:

@@ -51,11 +51,9 @@ def _check_float16_range(p: int) -> None:
     log C_p decreases from log C_p(0) = log Gamma(p/2) - log 2 - (p/2) log pi, which rounds to inf
     from p = 18723 on, to its value at float16's largest kappa, 65504, where the leading term of the
     uniform expansion (``mode="approx"``'s formula, off by less than 1/(12 nu) there) gives it in
-    closed form. No Python float64 arithmetic here is near the rounding that could flip the verdict."""
-    nu = 0.5 * p - 1.0
-    s = math.hypot(nu, 65504.0)
-    at_max = nu * math.log(nu + s) - s + 0.5 * math.log(s) - (nu + 0.5) * math.log(2.0 * math.pi)
-    at_zero = math.lgamma(0.5 * p) - math.log(2.0) - 0.5 * p * math.log(math.pi)
+    closed form."""
+    at_max = _vmf.leading_term(65504.0, p)
+    at_zero = _vmf.log_normalizer_at_zero(p)
     if at_zero >= _FLOAT16_OVERFLOW or at_max <= -_FLOAT16_OVERFLOW:
         where = f"log C_p(0) = {at_zero:.6g}" if at_zero >= _FLOAT16_OVERFLOW else f"log C_p(65504) = {at_max:.6g}"
         raise ValueError(

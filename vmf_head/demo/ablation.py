@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict, replace
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from . import ablation_report as rep
-    from .report import mean_std, write_json
+    from .report import environment, mean_std, write_json
     from .train import evaluate_pixels, evaluate_random_init
 
     dataset = {"name": data.name, "train": len(data.train_labels), "test": len(data.test_labels),
@@ -199,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     factor_rows = rep.contrasts(results["runs"], CONTRASTS)
     probe_text = ", ".join(f"{k} {getattr(probe_cfg, k)}" for k in PROBE)
     args.out.mkdir(parents=True, exist_ok=True)
-    from vmf_head import __version__
 
     payload = {
         "command": "vmf-head ablation " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -210,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "probe_cells": [asdict(c) for c in PROBE_CELLS],
         "seeds": seeds,
         "probe_seeds": probe_seeds,
-        "environment": {"vmf_head": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                        "threads": torch.get_num_threads()},
+        "environment": environment(),
         # Of this invocation only (runs read back from --out keep their own seconds); the machine
         # may be shared, so wall seconds include waiting for a core, CPU seconds do not.
         "trained_here": trained,

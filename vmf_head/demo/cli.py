@@ -4,8 +4,6 @@ real images, evaluate them as the paper does, and show what the vMF mixture lear
 from __future__ import annotations
 
 import argparse
-import math
-import platform
 import sys
 import time
 from dataclasses import fields, replace
@@ -13,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from .train import METHODS, TrainConfig
 
 DESCRIPTION = """\
@@ -168,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
 
-    from .report import format_table, plot, summarize, write_json
+    from .report import environment, format_table, plot, summarize, write_json
     from .train import evaluate_pixels, evaluate_random_init, train_one
 
     print(
@@ -200,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                     "classes": data.class_names, "flip": data.flip, "split_seed": args.split_seed},
         "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
         "seeds": list(range(args.seed, args.seed + args.seeds)),
-        "environment": {"vmf_head": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                        "threads": torch.get_num_threads()},
+        "environment": environment(),
         "total_seconds": time.perf_counter() - start,
         "total_cpu_seconds": time.process_time() - start_cpu,
         "summary": summary,

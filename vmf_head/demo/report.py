@@ -90,6 +90,18 @@ def format_table(summary: dict[str, dict], n_seeds: int, out_dim: int) -> str:
     return f"Held-out accuracy of the teacher backbone{spread}\n\n" + "\n".join(lines) + f"\n\n{note}"
 
 
+def environment() -> dict:
+    """What produced a result: package, torch and Python versions, torch's thread count."""
+    import platform
+
+    import torch
+
+    from .. import __version__
+
+    return {"vmf_head": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads()}
+
+
 def write_json(path: Path, payload: dict) -> None:
     def clean(x):
         # JSON has no NaN/inf; null marks them (a diverged run's loss, say).

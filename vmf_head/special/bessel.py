@@ -192,39 +192,34 @@ def _bessel_iv_ratio(nu: float, x: torch.Tensor) -> torch.Tensor:
     return finish_domain(out.clamp_max_(1.0), raw, 1.0).to(x.dtype)
 
 
-class _LogBesselIv(torch.autograd.Function):
-    """d/dx log I_nu(x) = nu/x + I_{nu+1}(x)/I_nu(x)  (DLMF 10.29.2); differentiable again."""
+def _log_bessel_iv_slope(nu: float, x: torch.Tensor) -> torch.Tensor:
+    """d/dx log I_nu(x) = nu/x + I_{nu+1}(x)/I_nu(x)  (DLMF 10.29.2)."""
+    ratio = bessel_iv_ratio(nu, x)
+    return ratio if nu == 0 else ratio + nu / x
+
+
+def _bessel_iv_ratio_slope(nu: float, x: torch.Tensor) -> torch.Tensor:
+    """d/dx R = 1 - R^2 - (2 nu + 1) R / x with R = I_{nu+1}/I_nu (DLMF 10.29.2 for both orders);
+    R / x = 1/(2 nu + 2) at x = 0."""
+    ratio = bessel_iv_ratio(nu, x)
+    over_x = torch.where(x == 0, 1.0 / (2.0 * nu + 2.0), ratio / x)
+    return 1.0 - ratio * ratio - (2.0 * nu + 1.0) * over_x
+
+
+class _Elementwise(torch.autograd.Function):
+    """``value(nu, x)`` with the derivative ``slope(nu, x)``, itself built from the differentiable
+    public functions, so the result is differentiable to any order."""
 
     @staticmethod
-    def forward(ctx, x, nu):
+    def forward(ctx, x, nu, value, slope):
         ctx.save_for_backward(x)
-        ctx.nu = nu
-        return _log_bessel_iv(nu, x.detach())
+        ctx.nu, ctx.slope = nu, slope
+        return value(nu, x.detach())
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        ratio = bessel_iv_ratio(ctx.nu, x)
-        slope = ratio if ctx.nu == 0 else ratio + ctx.nu / x
-        return grad * slope, None
-
-
-class _BesselIvRatio(torch.autograd.Function):
-    """d/dx R = 1 - R^2 - (2 nu + 1) R / x with R = I_{nu+1}/I_nu (from DLMF 10.29.2 for both orders);
-    R / x = 1/(2 nu + 2) at x = 0. Differentiable again."""
-
-    @staticmethod
-    def forward(ctx, x, nu):
-        ctx.save_for_backward(x)
-        ctx.nu = nu
-        return _bessel_iv_ratio(nu, x.detach())
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        ratio = bessel_iv_ratio(ctx.nu, x)
-        over_x = torch.where(x == 0, 1.0 / (2.0 * ctx.nu + 2.0), ratio / x)
-        return grad * (1.0 - ratio * ratio - (2.0 * ctx.nu + 1.0) * over_x), None
+        return grad * ctx.slope(ctx.nu, x), None, None, None
 
 
 def log_bessel_iv(nu: float, x: torch.Tensor) -> torch.Tensor:
@@ -246,7 +241,7 @@ def log_bessel_iv(nu: float, x: torch.Tensor) -> torch.Tensor:
     """
     nu = check_order("nu", nu)
     x = check_tensor("x", x)
-    return _LogBesselIv.apply(x, nu)
+    return _Elementwise.apply(x, nu, _log_bessel_iv, _log_bessel_iv_slope)
 
 
 def bessel_iv_ratio(nu: float, x: torch.Tensor) -> torch.Tensor:
@@ -264,4 +259,4 @@ def bessel_iv_ratio(nu: float, x: torch.Tensor) -> torch.Tensor:
     """
     nu = check_order("nu", nu)
     x = check_tensor("x", x)
-    return _BesselIvRatio.apply(x, nu)
+    return _Elementwise.apply(x, nu, _bessel_iv_ratio, _bessel_iv_ratio_slope)

@@ -44,23 +44,37 @@ def _plain(kappa: torch.Tensor, p: int, tol: float) -> torch.Tensor:
     return neg_log_bessel_iv_scaled(0.5 * p - 1.0, kappa, tol, offset=-0.5 * p * _LOG_2PI)
 
 
-@functools.lru_cache(maxsize=None)
-def zero(p: int, tol: float = TOL_FLOAT64) -> float | None:
-    """The kappa > 0 at which log C_p changes sign, or None where log C_p(0) <= 0 (p <= 19; log C_p
-    decreases, so it is then negative everywhere). Bisection on the plain form down to adjacent
-    float64s: accurate to its rounding there (about 1e-16 kappa_0 in log C_p, the same in kappa)."""
-    if math.lgamma(0.5 * p) - math.log(2.0) - 0.5 * p * math.log(math.pi) <= 0:
+def log_normalizer_at_zero(p: int) -> float:
+    """log C_p(0) = log Gamma(p/2) - log 2 - (p/2) log pi, minus the log area of the sphere S^(p-1)."""
+    return math.lgamma(0.5 * p) - math.log(2.0) - 0.5 * p * math.log(math.pi)
+
+
+def leading_term(kappa: float, p: int) -> float:
+    """``log_normalizer_approx`` at one Python float (no tensors: for host-side decisions)."""
+    nu = 0.5 * p - 1.0
+    s = math.hypot(nu, kappa)
+    return nu * math.log(nu + s) - s + 0.5 * math.log(s) - (nu + 0.5) * _LOG_2PI
+
+
+def sign_change(f, p: int) -> float | None:
+    """The kappa > 0 at which a decreasing ``f`` (log C_p or an approximation of it) changes sign, by
+    bisection down to adjacent float64s; None where log C_p(0) <= 0 (p <= 19: log C_p decreases, so
+    it is then negative everywhere)."""
+    if log_normalizer_at_zero(p) <= 0:
         return None
-
-    def f(k: float) -> float:
-        return _plain(torch.tensor([k], dtype=torch.float64), p, tol).item()
-
     lo, hi = 0.0, float(p)
     while f(hi) > 0:
         lo, hi = hi, 2.0 * hi
     while (mid := 0.5 * (lo + hi)) not in (lo, hi):
         lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
     return hi
+
+
+@functools.lru_cache(maxsize=None)
+def zero(p: int, tol: float = TOL_FLOAT64) -> float | None:
+    """The kappa > 0 at which log C_p changes sign (None where it has none), by bisection on the
+    plain form: accurate to its rounding there (about 1e-16 kappa_0 in log C_p, the same in kappa)."""
+    return sign_change(lambda k: _plain(torch.tensor([k], dtype=torch.float64), p, tol).item(), p)
 
 
 @functools.lru_cache(maxsize=None)
