@@ -63,6 +63,14 @@ def check_temperature(name: str, value: object) -> float | torch.Tensor:
     return check_real(name, value, low=0.0, open_low=True)
 
 
+def temperature_tensor(tau: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A checked temperature as the 0-d float64 tensor on ``device`` that the operators take: a number
+    is filled in on the device (``torch.full``: no host-to-device copy), a tensor cast and moved."""
+    if isinstance(tau, torch.Tensor):
+        return tau.detach().to(device=device, dtype=torch.float64)
+    return torch.full((), tau, dtype=torch.float64, device=device)
+
+
 def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     choices = tuple(choices)
     if value not in choices:

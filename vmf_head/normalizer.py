@@ -26,7 +26,7 @@ import math
 import torch
 
 from . import _dispatch
-from ._validation import check_choice, check_int, check_temperature, check_tensor
+from ._validation import check_choice, check_int, check_temperature, check_tensor, temperature_tensor
 from .special import vmf as _vmf
 from .special.bessel import X_LARGE, tolerance
 from .special.vmf import MODES
@@ -207,14 +207,6 @@ def _prototype_backward(ctx, grad: torch.Tensor):
 _prototype_op.register_autograd(_prototype_backward, setup_context=_prototype_setup_context)
 
 
-def as_temperature_tensor(tau: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A temperature as the 0-d float64 tensor on ``device`` that the operators take. A Python number
-    is filled in on the device (``torch.full``: no host-to-device copy); a tensor is cast and moved."""
-    if isinstance(tau, torch.Tensor):
-        return tau.detach().to(device=device, dtype=torch.float64)
-    return torch.full((), tau, dtype=torch.float64, device=device)
-
-
 # ----------------------------------------------------------------------------------------------
 # Public functions
 
@@ -342,4 +334,4 @@ def prototype_log_normalizer(
             raise ValueError(f"p = {p} disagrees with the prototype matrix of shape {tuple(weight.shape)}")
     p = _check_p_mode(p, mode)
     backend = _dispatch.check_backend(backend)
-    return _prototype_op(weight, as_temperature_tensor(tau, weight.device), p, mode, backend)
+    return _prototype_op(weight, temperature_tensor(tau, weight.device), p, mode, backend)

@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._validation import temperature_tensor
 from ._launch import is_interpreted, on_device
 from .cross_entropy_backward import student_backward
 from .cross_entropy_forward import _student_forward_kernel, student_pass, teacher_statistics
@@ -184,12 +185,6 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # Entries. Arguments arrive validated by ``vmf_head.functional`` (which dispatches here).
 
 
-def _temperature(tau: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-    if isinstance(tau, torch.Tensor):
-        return tau.detach().to(device=device, dtype=torch.float64)
-    return torch.full((), tau, dtype=torch.float64, device=device)
-
-
 def _shifted(correction: torch.Tensor | None, dtype: torch.dtype, detach: bool = False) -> torch.Tensor | None:
     """correction - max(correction), in its own dtype, then cast to the arithmetic dtype.
 
@@ -242,7 +237,7 @@ def cross_entropy(
     teacher = teacher.detach()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     device = student.device
-    inv_temps = torch.stack((_temperature(student_temp, device), _temperature(teacher_temp, device)))
+    inv_temps = torch.stack((temperature_tensor(student_temp, device), temperature_tensor(teacher_temp, device)))
     inv_temps = inv_temps.reciprocal_().to(acc)
     if centering is None:
         center_logits = None
