@@ -32,13 +32,19 @@ from triton.runtime.jit import JITFunction
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kernel_registers.py compiles kernels: run it without TRITON_INTERPRET=1")
 
-from vmf_head.ops import cross_entropy as ce  # noqa: E402
-from vmf_head.ops import cross_entropy_backward, cross_entropy_forward  # noqa: E402
-from vmf_head.ops import log_normalizer as lcp  # noqa: E402
+from vmf_head.ops import cross_entropy as ce
+from vmf_head.ops import cross_entropy_backward, cross_entropy_forward
+from vmf_head.ops import log_normalizer as lcp
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-_CODES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16",
-          torch.int64: "i64", torch.int32: "i32"}
+_CODES = {
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+}
 
 
 def capture(run: Callable[[], object]) -> list[tuple[JITFunction, dict, int]]:
@@ -84,14 +90,16 @@ def _ptxas(arch: int) -> str:
 
 def report(fn: JITFunction, args: dict, num_warps: int, arch: int) -> tuple[str, str]:
     signature, constexprs = _signature(fn, args)
-    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": num_warps})
+    kernel = triton.compile(
+        ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
+    )
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(kernel.asm["ptx"])
         f.flush()
         gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        out = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu}", f.name, "-o", "/dev/null"],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [_ptxas(arch), "-v", f"--gpu-name={gpu}", f.name, "-o", "/dev/null"], capture_output=True, text=True
+        )
     if out.returncode:
         raise RuntimeError(f"ptxas failed for {fn.__name__}: {out.stderr}")
     lines = out.stderr.splitlines()
@@ -114,10 +122,12 @@ def _log_normalizer_launches(dtype: torch.dtype) -> list:
     for mode in ("exact", "approx"):
         for derivative in (False, True):
             launches += capture(lambda: lcp.log_normalizer(kappa, p=256, mode=mode, derivative=derivative))
-        launches += capture(lambda: lcp.prototype_log_normalizer(weight, tau=tau, p=256, mode=mode,
-                                                                 out_dtype=torch.float32))
-        launches += capture(lambda: lcp.prototype_log_normalizer_backward(torch.ones(65536), weight, tau=tau, p=256,
-                                                                          mode=mode))
+        launches += capture(
+            lambda: lcp.prototype_log_normalizer(weight, tau=tau, p=256, mode=mode, out_dtype=torch.float32)
+        )
+        launches += capture(
+            lambda: lcp.prototype_log_normalizer_backward(torch.ones(65536), weight, tau=tau, p=256, mode=mode)
+        )
     return launches
 
 
@@ -128,21 +138,47 @@ def _loss_launches(dtype: torch.dtype) -> list:
     inv_temps = torch.tensor([10.0, 25.0], dtype=acc)
     corr = torch.zeros(K, dtype=acc)
     launches = []
-    for layout, rows, t_rows in ((ce.PairLayout.multicrop(B, 10, 2, True), 10 * B, 2 * B),
-                                 (ce.PairLayout.row_to_row(8 * B), 8 * B, 8 * B)):
+    for layout, rows, t_rows in (
+        (ce.PairLayout.multicrop(B, 10, 2, True), 10 * B, 2 * B),
+        (ce.PairLayout.row_to_row(8 * B), 8 * B, 8 * B),
+    ):
         student, teacher = torch.randn(rows, K, dtype=dtype), torch.randn(t_rows, K, dtype=dtype)
         weights, stat = torch.ones(rows, dtype=acc), torch.ones(t_rows, dtype=acc)
         for centering in ("logit", "probability", None):  # None: precomputed targets
             center = None if centering is None else corr
             if centering is not None:
-                launches += capture(lambda: cross_entropy_forward.teacher_statistics(
-                    teacher, center, corr, inv_temps, probability=centering == "probability", ACC=ce._TL_DTYPES[acc]))
+                launches += capture(
+                    lambda: cross_entropy_forward.teacher_statistics(
+                        teacher, center, corr, inv_temps, probability=centering == "probability", ACC=ce._TL_DTYPES[acc]
+                    )
+                )
             mq = None if centering is None else stat
-            launches += capture(lambda: cross_entropy_forward.student_pass(
-                student, teacher, weights, center, corr, corr, mq, mq, inv_temps, layout, ce._TL_DTYPES[acc]))
-            launches += capture(lambda: cross_entropy_backward.student_backward(
-                torch.ones((), dtype=acc), student, teacher, weights, center, corr, corr, mq, mq, weights, weights,
-                weights, inv_temps, layout, want_ds=True, want_dscorr=True, ACC=ce._TL_DTYPES[acc]))
+            launches += capture(
+                lambda: cross_entropy_forward.student_pass(
+                    student, teacher, weights, center, corr, corr, mq, mq, inv_temps, layout, ce._TL_DTYPES[acc]
+                )
+            )
+            launches += capture(
+                lambda: cross_entropy_backward.student_backward(
+                    torch.ones((), dtype=acc),
+                    student,
+                    teacher,
+                    weights,
+                    center,
+                    corr,
+                    corr,
+                    mq,
+                    mq,
+                    weights,
+                    weights,
+                    weights,
+                    inv_temps,
+                    layout,
+                    want_ds=True,
+                    want_dscorr=True,
+                    ACC=ce._TL_DTYPES[acc],
+                )
+            )
     return launches
 
 

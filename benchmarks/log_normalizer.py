@@ -5,7 +5,8 @@ The peer is the formula everyone writes with scipy,
     nu log k - (p/2) log(2 pi) - log(scipy.special.ive(nu, k)) - k,      nu = p/2 - 1,
 
 on a float64 numpy array. For each p, kappa distribution and size the three are timed round-robin
-(so that noise from other processes spreads evenly; ``--back-to-back`` times each in a row instead) and reported as median and min-max over the
+(so that noise from other processes spreads evenly; ``--back-to-back`` times each in a row instead) and
+reported as median and min-max over the
 repeats, with the ratio scipy / ours of the medians. On a random subsample the error of each against
 mpmath (``vmf_head.accuracy.truth``, 40 digits) is reported as the worst |ours - truth| / max(1, |truth|),
 scipy's over its finite values, with the fraction of scipy's values that are inf/NaN over the whole
@@ -151,7 +152,7 @@ def main() -> None:
                     print("| " + " | ".join(row) + " |", flush=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(p: int):
     """torch.compile (Inductor's C++ backend) of the float64 reference kernel for dimension p: not a
     code path of the package, a measure of what fusing its ~25 elementwise passes would give."""
@@ -162,6 +163,7 @@ def _compiled(p: int):
     warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
 
     return torch.compile(functools.partial(log_normalizer_exact, p=p, tol=TOL_FLOAT64), dynamic=False)
+
 
 if __name__ == "__main__":
     main()

@@ -181,12 +181,15 @@ def run_gpu(args) -> dict:
         rows.append(row)
         extra = f"  x{row['speedup']:.1f} vs {peer}" if peer else ""
         bw = f"  {row['GBps']:.0f} GB/s" if bytes_moved else ""
-        print(f"{group:<28} {label:<34} median {row['median_ms']:9.3f} ms  "
-              f"[{row['min_ms']:.3f}, {row['max_ms']:.3f}]{bw}{extra}", flush=True)
+        print(
+            f"{group:<28} {label:<34} median {row['median_ms']:9.3f} ms  "
+            f"[{row['min_ms']:.3f}, {row['max_ms']:.3f}]{bw}{extra}",
+            flush=True,
+        )
 
     # Device-to-device copy: the bandwidth this machine actually reaches, as a second yardstick.
     big = torch.empty(1 << 28, dtype=torch.uint8, device=device)
-    copy_ms = statistics.median(time_cuda(lambda: big.clone(), 10))
+    copy_ms = statistics.median(time_cuda(big.clone, 10))
     result["copy_bandwidth_GBps"] = 2 * big.numel() / (copy_ms * 1e-3) / 1e9
     del big
     print(f"{name}: nominal peak {peak and peak / 1e9} GB/s, measured copy {result['copy_bandwidth_GBps']:.0f} GB/s")
@@ -206,11 +209,17 @@ def run_gpu(args) -> dict:
         add(group, "scipy (CPU round trip)", time_wall(lambda: scipy_log_normalizer(kappa, p), scipy_repeats))
         add(group, "torch reference (GPU)", timed(ref), "scipy (CPU round trip)")
         add(group, "triton exact", timed(tri), "torch reference (GPU)", bytes_moved)
-        add(group, "triton approx", timed(lambda: values("triton", "approx")(kappa)), "torch reference (GPU)",
-            bytes_moved)
+        add(
+            group,
+            "triton approx",
+            timed(lambda: values("triton", "approx")(kappa)),
+            "torch reference (GPU)",
+            bytes_moved,
+        )
         add(group, "torch reference fwd+bwd", timed(fwd_bwd(values("reference"), kappa)))
-        add(group, "triton exact fwd+bwd", timed(fwd_bwd(values("triton"), kappa)), "torch reference fwd+bwd",
-            3 * 4 * n)
+        add(
+            group, "triton exact fwd+bwd", timed(fwd_bwd(values("triton"), kappa)), "torch reference fwd+bwd", 3 * 4 * n
+        )
         via_scipy = scipy_log_normalizer(kappa.double(), p)
         result["checks"][f"max_rel_error_fp32_{n}"] = {
             "triton": max_rel_error(tri(), want),
@@ -240,7 +249,8 @@ def run_gpu(args) -> dict:
         add(group, "fused fwd+bwd", timed(fwd_bwd(fused("triton"), weight)), "unfused fwd+bwd", 3 * w_bytes)
         want = prototype_log_normalizer(weight.double(), tau, backend="reference")
         result["checks"][f"prototype_max_rel_error_fp32_K{k}"] = max_rel_error(
-            prototype_log_normalizer(weight, tau, backend="triton"), want)
+            prototype_log_normalizer(weight, tau, backend="triton"), want
+        )
         del weight
 
     kappa = kappa_values(args.check_size, device).requires_grad_()
@@ -248,22 +258,31 @@ def run_gpu(args) -> dict:
     ones = torch.ones(args.check_size, device=device)
     checks = {
         "kernels_log_vmf_normalizer_forward": lambda: kernels_launched(
-            lambda: log_vmf_normalizer(kappa, p, backend="triton")),
+            lambda: log_vmf_normalizer(kappa, p, backend="triton")
+        ),
         "kernels_prototype_forward": lambda: kernels_launched(
-            lambda: prototype_log_normalizer(weight, tau, backend="triton")),
+            lambda: prototype_log_normalizer(weight, tau, backend="triton")
+        ),
         "kernels_prototype_backward": lambda: kernels_launched(
-            lambda: torch.autograd.grad(prototype_log_normalizer(weight, tau, backend="triton"), weight, ones)),
+            lambda: torch.autograd.grad(prototype_log_normalizer(weight, tau, backend="triton"), weight, ones)
+        ),
         "no_host_sync_fwd_bwd": lambda: never_syncs(
-            lambda: torch.autograd.grad(prototype_log_normalizer(weight, tau).sum() + log_vmf_normalizer(kappa, p).sum(),
-                                        (weight, kappa))),
+            lambda: torch.autograd.grad(
+                prototype_log_normalizer(weight, tau).sum() + log_vmf_normalizer(kappa, p).sum(), (weight, kappa)
+            )
+        ),
     }
     for key, check in checks.items():
         try:  # one failed check must not cost the numbers of the others
             result["checks"][key] = check()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             result["checks"][key] = f"failed: {type(exc).__name__}: {exc}"
-    for key in ("kernels_log_vmf_normalizer_forward", "kernels_prototype_forward", "kernels_prototype_backward",
-                "no_host_sync_fwd_bwd"):
+    for key in (
+        "kernels_log_vmf_normalizer_forward",
+        "kernels_prototype_forward",
+        "kernels_prototype_backward",
+        "no_host_sync_fwd_bwd",
+    ):
         print(f"{key}: {result['checks'][key]}")
     return result
 
@@ -280,15 +299,18 @@ def run_smoke() -> dict:
                 key = f"p={p} {str(dtype)[6:]} {mode}"
                 checks[key + " value"] = max_rel_error(
                     log_vmf_normalizer(kappa, p, mode=mode, backend="triton"),
-                    log_vmf_normalizer(kappa, p, mode=mode, backend="reference"))
+                    log_vmf_normalizer(kappa, p, mode=mode, backend="reference"),
+                )
                 checks[key + " slope"] = max_rel_error(
                     vmf_head.normalizer._log_vmf_normalizer_grad_op(kappa, p, mode, "triton"),
-                    vmf_head.normalizer._log_vmf_normalizer_grad_op(kappa, p, mode, "reference"))
+                    vmf_head.normalizer._log_vmf_normalizer_grad_op(kappa, p, mode, "reference"),
+                )
     for dtype in (torch.float32, torch.float64):
         weight = prototypes(200, 256, "cpu").to(dtype)
         checks[f"prototype K=200 p=256 {str(dtype)[6:]}"] = max_rel_error(
             prototype_log_normalizer(weight, 0.1, backend="triton"),
-            prototype_log_normalizer(weight, 0.1, backend="reference"))
+            prototype_log_normalizer(weight, 0.1, backend="reference"),
+        )
     print("interpreter smoke test (no GPU), max relative difference triton vs reference:")
     for key, value in checks.items():
         print(f"  {key:<36} {value:.2e}")
@@ -299,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--p", type=int, default=256)
     parser.add_argument("--sizes", type=int, nargs="+", default=[65536, 1 << 24])
-    parser.add_argument("--prototypes", type=int, nargs="+", default=[65536, 1 << 20], help="K values for the fused rows")
+    parser.add_argument(
+        "--prototypes", type=int, nargs="+", default=[65536, 1 << 20], help="K values for the fused rows"
+    )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--check-size", type=int, default=65536, help="K for the launch-count and sync checks")
     parser.add_argument("--json", default=os.environ.get("STEP_JSON"), help="write the results here")

@@ -99,8 +99,9 @@ def _lightly(x: Inputs) -> Step:
 
 def _vmf(centering: str, norms: bool, backend: str = "reference") -> Callable[[Inputs], Step]:
     def make(x: Inputs) -> Step:
-        loss = DINOvMFLoss(x.student.shape[1], x.ncrops, 0.04, 0.07, 30, 100, p=256, centering=centering,
-                           backend=backend)
+        loss = DINOvMFLoss(
+            x.student.shape[1], x.ncrops, 0.04, 0.07, 30, 100, p=256, centering=centering, backend=backend
+        )
         loss = loss.to(x.student.device)
         if norms:
             return lambda s: loss(s, x.teacher, x.epoch, x.student_norms, x.teacher_norms)
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(ts)
         ratio = f"{med / base:.2f}x" if base else "-"
         mem = f"{memory[name]:.0f}" if name in memory else "-"
-        print(f"| {name} | {med * 1e3:.0f} | {min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f} | {ratio} | {mem} | {losses[name]:.6f} |")
+        spread = f"{min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f}"
+        print(f"| {name} | {med * 1e3:.0f} | {spread} | {ratio} | {mem} | {losses[name]:.6f} |")
         rows.append({"name": name, "times_s": ts, "median_s": med, "peak_mib": memory.get(name), "loss": losses[name]})
     if args.json:
         with open(args.json, "w") as f:

@@ -32,9 +32,8 @@ import json
 import statistics
 import sys
 
-import torch
-
 import loss as cpu_bench  # benchmarks/loss.py: inputs, candidates, one timed step
+import torch
 from log_normalizer_gpu import kernels_launched, never_syncs, peak_bandwidth
 
 BASELINE = "DINO eager"
@@ -51,8 +50,11 @@ def _compiled(make):
 
 GPU_CANDIDATES = [
     cpu_bench.Candidate(FUSED, cpu_bench._vmf("probability", True, backend="triton"), devices=("cuda",)),
-    cpu_bench.Candidate("vmf-head fused Triton, DINO (logit, no norms)", cpu_bench._vmf("logit", False, backend="triton"),
-                        devices=("cuda",)),
+    cpu_bench.Candidate(
+        "vmf-head fused Triton, DINO (logit, no norms)",
+        cpu_bench._vmf("logit", False, backend="triton"),
+        devices=("cuda",),
+    ),
     cpu_bench.Candidate(COMPILED, _compiled(cpu_bench._vmf("probability", True)), devices=("cuda",)),
 ]
 
@@ -93,9 +95,12 @@ def _at_least(values: dict[str, float], peer: str, name: str, ratio: float) -> b
     return None if peer not in values else values[peer] >= ratio * values[name]
 
 
-def run_config(args: argparse.Namespace, batch: int, dtype: torch.dtype, scale: float, candidates, copy_bw: float) -> dict:
-    ns = argparse.Namespace(batch=batch, local_crops=args.local_crops, out_dim=args.out_dim, device="cuda", dtype=dtype,
-                            scale=scale)
+def run_config(
+    args: argparse.Namespace, batch: int, dtype: torch.dtype, scale: float, candidates, copy_bw: float
+) -> dict:
+    ns = argparse.Namespace(
+        batch=batch, local_crops=args.local_crops, out_dim=args.out_dim, device="cuda", dtype=dtype, scale=scale
+    )
     x = cpu_bench.make_inputs(ns)
     steps, skipped = {}, {}
     for c in candidates:
@@ -126,14 +131,25 @@ def run_config(args: argparse.Namespace, batch: int, dtype: torch.dtype, scale: 
     for name, ts in times.items():
         speed_base = median[BASELINE] / median[name] if BASELINE in median else None
         speed_comp = median[COMPILED] / median[name] if COMPILED in median else None
-        mem_base = memory[name] / memory[BASELINE] if BASELINE in memory and memory[BASELINE] else None
-        print(f"| {name} | {median[name] * 1e3:.3f} | {min(ts) * 1e3:.3f}-{max(ts) * 1e3:.3f} | "
-              f"{'-' if speed_base is None else f'{speed_base:.2f}x faster'} | "
-              f"{'-' if speed_comp is None else f'{speed_comp:.2f}x faster'} | {memory[name]:.0f} | "
-              f"{'-' if mem_base is None else f'{mem_base:.2f}x'} | {losses[name]:.6f} |")
-        rows.append({"name": name, "times_s": ts, "median_s": median[name], "peak_mib": memory[name],
-                     "speedup_vs_eager": speed_base, "speedup_vs_compiled": speed_comp,
-                     "memory_vs_eager": mem_base, "loss": losses[name]})
+        mem_base = memory[name] / memory[BASELINE] if memory.get(BASELINE) else None
+        print(
+            f"| {name} | {median[name] * 1e3:.3f} | {min(ts) * 1e3:.3f}-{max(ts) * 1e3:.3f} | "
+            f"{'-' if speed_base is None else f'{speed_base:.2f}x faster'} | "
+            f"{'-' if speed_comp is None else f'{speed_comp:.2f}x faster'} | {memory[name]:.0f} | "
+            f"{'-' if mem_base is None else f'{mem_base:.2f}x'} | {losses[name]:.6f} |"
+        )
+        rows.append(
+            {
+                "name": name,
+                "times_s": ts,
+                "median_s": median[name],
+                "peak_mib": memory[name],
+                "speedup_vs_eager": speed_base,
+                "speedup_vs_compiled": speed_comp,
+                "memory_vs_eager": mem_base,
+                "loss": losses[name],
+            }
+        )
     for name, why in skipped.items():
         print(f"| {name} | skipped: {why} |")
 
@@ -161,13 +177,15 @@ def run_config(args: argparse.Namespace, batch: int, dtype: torch.dtype, scale: 
         }
         fused = result["fused"]
         of_peak = "-" if nominal is None else f"{achieved / nominal:.0%}"
-        print(f"fused: {nbytes / 1e6:.0f} MB moved (model) in {median[FUSED] * 1e3:.3f} ms = {achieved / 1e9:.0f} GB/s, "
-              f"{of_peak} of the nominal peak, {achieved / copy_bw:.0%} of a device copy; "
-              f"{fused['kernels_per_step']} kernels per step (the clone of the input included); "
-              f"never syncs with the host: {fused['never_syncs']}")
+        print(
+            f"fused: {nbytes / 1e6:.0f} MB moved (model) in {median[FUSED] * 1e3:.3f} ms = {achieved / 1e9:.0f} GB/s, "
+            f"{of_peak} of the nominal peak, {achieved / copy_bw:.0%} of a device copy; "
+            f"{fused['kernels_per_step']} kernels per step (the clone of the input included); "
+            f"never syncs with the host: {fused['never_syncs']}"
+        )
         verdicts = {True: "met", False: "NOT met", None: "n/a"}
         print("targets: " + "; ".join(f"{k}: {verdicts[v]}" for k, v in fused["targets"].items()))
-    del steps, x
+    steps.clear()  # free the candidates' buffers before the next configuration
     torch.cuda.empty_cache()
     return result
 
@@ -175,12 +193,16 @@ def run_config(args: argparse.Namespace, batch: int, dtype: torch.dtype, scale: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"]
+    )
     parser.add_argument("--local-crops", type=int, default=8)
     parser.add_argument("--scale", type=float, nargs="+", default=[0.3], help="std of the raw outputs (see loss.py)")
     parser.add_argument("--out-dim", type=int, default=65536)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per candidate (torch.compile compiles here)")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps per candidate (torch.compile compiles here)"
+    )
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the reference")
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -192,14 +214,23 @@ def main(argv: list[str] | None = None) -> int:
         candidates = [c for c in candidates if c.name != COMPILED]
     device = torch.cuda.get_device_name()
     copy_bw = copy_bandwidth()
-    print(f"loss fwd+bwd on {device}, torch {torch.__version__}, {args.repeats} repeats after {args.warmup} warm-up; "
-          f"device copy {copy_bw / 1e9:.0f} GB/s, nominal {peak_bandwidth(device) or 'unknown'} B/s")
-    results = [run_config(args, b, getattr(torch, d), s, candidates, copy_bw)
-               for b in args.batch for d in args.dtype for s in args.scale]
+    print(
+        f"loss fwd+bwd on {device}, torch {torch.__version__}, {args.repeats} repeats after {args.warmup} warm-up; "
+        f"device copy {copy_bw / 1e9:.0f} GB/s, nominal {peak_bandwidth(device) or 'unknown'} B/s"
+    )
+    results = [
+        run_config(args, b, getattr(torch, d), s, candidates, copy_bw)
+        for b in args.batch
+        for d in args.dtype
+        for s in args.scale
+    ]
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": device, "torch": torch.__version__, "copy_bytes_per_s": copy_bw, "configs": results},
-                      fh, indent=1)
+            json.dump(
+                {"device": device, "torch": torch.__version__, "copy_bytes_per_s": copy_bw, "configs": results},
+                fh,
+                indent=1,
+            )
     return 0
 
 

@@ -13,9 +13,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from sync_ops import SyncCounter
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vmf_head
 
@@ -75,6 +74,7 @@ def record_loss_calls(model, mode: type[TorchDispatchMode]) -> list[tuple[str, T
                 out = method(*args, **kwargs)
             calls.append((name, counter))
             return out
+
         return run
 
     for attr in ("dino_loss", "ibot_patch_loss"):
@@ -89,6 +89,9 @@ def check_no_sync(calls: list[tuple[str, AttributedSyncCounter]]) -> None:
     """Assert that nothing synced in ``calls``, neither the integration's code nor the core it calls
     (the message says whose code asked for each sync)."""
     assert calls, "no loss method ran"
-    found = [(name, {owner: dict(c) for owner, c in counter.by_owner.items() if c}) for name, counter in calls
-             if counter.syncs]
+    found = [
+        (name, {owner: dict(c) for owner, c in counter.by_owner.items() if c})
+        for name, counter in calls
+        if counter.syncs
+    ]
     assert not found, found

@@ -54,10 +54,10 @@ def _derivative(a):
 
 def _integral(a):
     """Antiderivative vanishing at t = 0."""
-    return (mpmath.mpf(0),) + tuple(c / (i + 1) for i, c in enumerate(a))
+    return (mpmath.mpf(0), *tuple(c / (i + 1) for i, c in enumerate(a)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def debye_polynomials(n: int) -> tuple[tuple, ...]:
     """u_0 .. u_n of DLMF 10.41.10: u_0 = 1,
     u_{k+1}(t) = t^2 (1 - t^2) u_k'(t) / 2 + (1/8) int_0^t (1 - 5 s^2) u_k(s) ds."""
@@ -90,7 +90,7 @@ def debye_log_bessel_iv(nu: float, x: float, min_terms: int = MIN_TERMS):
         return +(s + nu_ * mpmath.log(x_ / (nu_ + s)) - mpmath.log(2 * mpmath.pi * s) / 2 + mpmath.log(total))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def log_bessel_iv(nu: float, x: float):
     """log I_nu(x) for nu >= 0, x >= 0 (x = 0 gives 0 for nu = 0, -inf otherwise)."""
     if x == 0:
@@ -101,7 +101,7 @@ def log_bessel_iv(nu: float, x: float):
         return mpmath.log(mpmath.besseli(nu, x))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bessel_ratio(nu: float, x: float):
     """I_{nu+1}(x) / I_nu(x)."""
     if x == 0:
@@ -110,7 +110,7 @@ def bessel_ratio(nu: float, x: float):
         return mpmath.exp(log_bessel_iv(nu + 1, x) - log_bessel_iv(nu, x))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def log_normalizer(p: int, kappa: float):
     """log C_p(kappa) = nu log kappa - (p/2) log(2 pi) - log I_nu(kappa); at kappa = 0 the limit
     log Gamma(p/2) - log 2 - (p/2) log pi."""

@@ -46,7 +46,9 @@ class SyncCounter(TorchDispatchMode):
         overload = f"{name}.{func._overloadname}"
         if name in SYNC_OPS:
             self.syncs[name] += 1
-        elif overload in ("aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default") and _bool_index(args):
+        elif overload in ("aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default") and _bool_index(
+            args
+        ):
             self.syncs[f"{overload} with a bool mask"] += 1
         elif name in ("aten._to_copy", "aten.copy_") and _device_to_host(func, args, kwargs or {}):
             self.syncs[f"{name} to the host"] += 1

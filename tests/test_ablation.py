@@ -29,7 +29,7 @@ def _restore_torch_threads():
 
 
 def _finite(x) -> bool:
-    if isinstance(x, bool) or isinstance(x, int):
+    if isinstance(x, (bool, int)):
         return True
     if isinstance(x, float):
         return math.isfinite(x)
@@ -55,7 +55,9 @@ def test_cells_are_the_distinct_cells_of_the_grid():
     # Unit norms: the correction is a constant, so one cell per centering and no vMF variant.
     assert sorted(c.centering for c in cells if c.norm_last_layer) == ["logit", "probability"]
     assert not any(c.vmf for c in cells if c.norm_last_layer)
-    assert [(c.norm_last_layer, c.vmf, c.centering) for c in cells if c.mode == "approx"] == [(False, True, "probability")]
+    assert [(c.norm_last_layer, c.vmf, c.centering) for c in cells if c.mode == "approx"] == [
+        (False, True, "probability")
+    ]
 
 
 def test_quick_writes_finite_numbers_for_all_seven_cells(quick):
@@ -101,7 +103,9 @@ def test_a_cell_already_in_out_is_not_trained_again(quick, tmp_path, monkeypatch
 
     trained = []
     real = train.train_one
-    monkeypatch.setattr(train, "train_one", lambda method, *a, **k: trained.append(method.name) or real(method, *a, **k))
+    monkeypatch.setattr(
+        train, "train_one", lambda method, *a, **k: trained.append(method.name) or real(method, *a, **k)
+    )
     assert ablation.main(["--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     again = json.loads((tmp_path / "ablation.json").read_text())
     assert trained == ["dino-vmf"] and again["trained_here"] == 1
@@ -169,7 +173,11 @@ def _run(loss: list[float], utilization: int, diverged: bool = False) -> dict:
 def test_divergence_flags():
     k = 64
     log_k = math.log(k)
-    assert rep.divergence_flags(_run([5.0, 4.0, 3.0], 10), k) == {"nonfinite": False, "collapsed": False, "stuck": False}
+    assert rep.divergence_flags(_run([5.0, 4.0, 3.0], 10), k) == {
+        "nonfinite": False,
+        "collapsed": False,
+        "stuck": False,
+    }
     assert rep.divergence_flags(_run([5.0, math.nan], 10, diverged=True), k)["nonfinite"]
     assert rep.divergence_flags(_run([5.0, 0.01], 1), k)["collapsed"]
     assert rep.divergence_flags(_run([3.0] + [log_k - 0.001] * 40, 7), k)["stuck"]
@@ -183,4 +191,3 @@ def test_kappa_spread_matches_numpy():
     assert (got["kappa_p5"], got["kappa_p95"]) == pytest.approx((p5, p95), rel=1e-12)
     assert got["kappa_cv"] == pytest.approx(np.std(kappa) / np.mean(kappa), rel=1e-12)
     assert rep.kappa_spread([25.0] * 8)["kappa_ratio"] == 1.0
-

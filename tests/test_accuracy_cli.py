@@ -4,15 +4,14 @@ test suite's Debye expansion, and the command itself."""
 import sys
 
 import mpmath
+import mpmath_truth as truth
 import pytest
 
-import mpmath_truth as truth
 from vmf_head import accuracy
 
 
 @pytest.mark.parametrize(
-    "nu, x",
-    [(0.0, 1e-8), (0.0, 0.32), (0.5, 3.0), (1.0, 1e8), (7.0, 1e-3), (127.0, 600.0), (499.5, 1e4), (127.0, 1e8)],
+    "nu, x", [(0.0, 1e-8), (0.0, 0.32), (0.5, 3.0), (1.0, 1e8), (7.0, 1e-3), (127.0, 600.0), (499.5, 1e4), (127.0, 1e8)]
 )
 def test_poisson_truth_matches_besseli(nu, x):
     log_i, ratio = accuracy.poisson_log_bessel_and_ratio(nu, x)
@@ -50,7 +49,7 @@ def test_strict_exit_status_reports_a_missed_bound(monkeypatch):
     # a bound nothing can meet makes every row fail: --strict turns that into exit status 1
     monkeypatch.setattr(accuracy, "BOUND_F32", 0.0)
     argv = ["--p", "3", "--per-decade", "1", "--jobs", "1"]
-    assert accuracy.main(argv) == 0 and accuracy.main(argv + ["--strict"]) == 1
+    assert accuracy.main(argv) == 0 and accuracy.main([*argv, "--strict"]) == 1
 
 
 def test_command_explains_missing_mpmath(monkeypatch, capsys):

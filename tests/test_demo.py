@@ -15,14 +15,32 @@ pytest.importorskip("sklearn", reason="the demo needs scikit-learn (demo extra)"
 pytest.importorskip("matplotlib", reason="the demo needs matplotlib (demo extra)")
 pytest.importorskip("tqdm", reason="the demo needs tqdm (demo extra)")
 
-import vmf_head  # noqa: E402
-from vmf_head.demo import main  # noqa: E402
-from vmf_head.demo.data import MultiCrop, load_digits, load_image_folder  # noqa: E402
-from vmf_head.demo.evaluate import knn_accuracy  # noqa: E402
+import vmf_head
+from vmf_head.demo import main
+from vmf_head.demo.data import MultiCrop, load_digits, load_image_folder
+from vmf_head.demo.evaluate import knn_accuracy
 
 # Smaller than --quick: the point is that every stage runs and writes finite numbers.
-TINY = ["--quick", "--epochs", "1", "--batch-size", "96", "--local-crops", "1", "--prototypes", "32",
-        "--hidden-dim", "32", "--bottleneck-dim", "16", "--width", "4", "--train-images", "192", "--no-progress"]
+TINY = [
+    "--quick",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "96",
+    "--local-crops",
+    "1",
+    "--prototypes",
+    "32",
+    "--hidden-dim",
+    "32",
+    "--bottleneck-dim",
+    "16",
+    "--width",
+    "4",
+    "--train-images",
+    "192",
+    "--no-progress",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -83,8 +101,24 @@ def test_demo_on_an_image_folder(tmp_path):
     data = load_image_folder(tmp_path / "data", size=8)
     assert data.class_names == ["bright", "dark"] and data.flip
     assert data.train_images.shape[1:] == (3, 8, 8) and len(data.train_labels) + len(data.test_labels) == 12
-    assert main([*TINY, "--methods", "dino-vmf", "--data", str(tmp_path / "data"), "--image-size", "8",
-                 "--batch-size", "8", "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                *TINY,
+                "--methods",
+                "dino-vmf",
+                "--data",
+                str(tmp_path / "data"),
+                "--image-size",
+                "8",
+                "--batch-size",
+                "8",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     assert result["dataset"]["classes"] == ["bright", "dark"]
     # One seed has no spread: null, not 0.0; the JSON names the package version.
@@ -93,8 +127,12 @@ def test_demo_on_an_image_folder(tmp_path):
 
 
 def test_bad_options_exit_with_a_message(tmp_path, capsys):
-    for argv in (["--methods", "dino,simclr"], ["--seeds", "0"], ["--data", str(tmp_path / "missing")],
-                 ["--bottleneck-dim", "1"]):
+    for argv in (
+        ["--methods", "dino,simclr"],
+        ["--seeds", "0"],
+        ["--data", str(tmp_path / "missing")],
+        ["--bottleneck-dim", "1"],
+    ):
         with pytest.raises(SystemExit) as info:
             main([*argv, "--out", str(tmp_path)])
         assert info.value.code == 2
@@ -102,8 +140,9 @@ def test_bad_options_exit_with_a_message(tmp_path, capsys):
 
 
 def test_cli_dispatch_and_help():
-    out = subprocess.run([sys.executable, "-m", "vmf_head", "demo", "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "vmf_head", "demo", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for option in ("--quick", "--seeds", "--data", "--device", "--out", "--prototypes", "--methods"):
         assert option in out
 
@@ -112,9 +151,12 @@ def test_digits_split_is_stratified_and_disjoint():
     data = load_digits(test_fraction=0.25, seed=0)
     assert len(data.train_labels) + len(data.test_labels) == 1797
     assert data.train_images.shape[1:] == (1, 8, 8) and not data.flip
-    assert 0.0 <= float(data.train_images.min()) and float(data.train_images.max()) <= 1.0
+    assert float(data.train_images.min()) >= 0.0 and float(data.train_images.max()) <= 1.0
     for c in range(10):
-        n_test, n_all = int((data.test_labels == c).sum()), int((data.test_labels == c).sum() + (data.train_labels == c).sum())
+        n_test, n_all = (
+            int((data.test_labels == c).sum()),
+            int((data.test_labels == c).sum() + (data.train_labels == c).sum()),
+        )
         assert abs(n_test - 0.25 * n_all) <= 1
     # No image of the held-out split is also a training image (the same pixels can recur in
     # the data set itself, so compare by count: all 1,797 rows are accounted for once).

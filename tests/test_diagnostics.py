@@ -96,8 +96,13 @@ def test_near_duplicate_pairs_matches_brute_force(chunk_size):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(2, 40), st.integers(2, 6), st.integers(1, 45), st.sampled_from([-0.5, 0.0, 0.5, 0.9]),
-       st.integers(0, 2**31 - 1))
+@given(
+    st.integers(2, 40),
+    st.integers(2, 6),
+    st.integers(1, 45),
+    st.sampled_from([-0.5, 0.0, 0.5, 0.9]),
+    st.integers(0, 2**31 - 1),
+)
 def test_near_duplicate_pairs_property(k, p, chunk_size, threshold, seed):
     # Low dimension and low thresholds give many pairs, exercising tile edges.
     w = torch.randn(k, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

@@ -18,11 +18,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
-
 from standins.dino import DINOHead as DINOHeadRef
 from standins.dino import cancel_gradients_last_layer, get_params_groups
 from standins.ibot import iBOTHead as IBOTHeadRef
+from torch import nn
+
 from vmf_head import VMFPrototypeHead, iBOTvMFHead
 from vmf_head.nn import WeightNormLinear
 
@@ -67,12 +67,7 @@ def _roundtrip(state_dict):
     return torch.load(buffer, weights_only=True)
 
 
-DINO_CONFIGS = [
-    dict(),
-    dict(nlayers=1),
-    dict(nlayers=2, use_bn=True),
-    dict(nlayers=4, norm_last_layer=False),
-]
+DINO_CONFIGS = [dict(), dict(nlayers=1), dict(nlayers=2, use_bn=True), dict(nlayers=4, norm_last_layer=False)]
 
 
 @pytest.mark.parametrize("cfg", DINO_CONFIGS)
@@ -144,7 +139,9 @@ def test_prototype_norms_are_row_norms_with_gradient():
     # d/dg sum_k c_k |g_k| = c_k sign(g_k)
     c = torch.randn(DIMS["out_dim"])
     (norms * c).sum().backward()
-    torch.testing.assert_close(ours.last_layer.weight_g.grad[:, 0], c * torch.sign(ours.last_layer.weight_g.detach()[:, 0]))
+    torch.testing.assert_close(
+        ours.last_layer.weight_g.grad[:, 0], c * torch.sign(ours.last_layer.weight_g.detach()[:, 0])
+    )
 
     # The logits' gradients reach g and v exactly as through DINO's legacy weight norm.
     ours.zero_grad()
@@ -152,8 +149,9 @@ def test_prototype_norms_are_row_norms_with_gradient():
     (ours(x) * r).sum().backward()
     (ref(x) * r).sum().backward()
     for name in ("weight_g", "weight_v"):
-        torch.testing.assert_close(getattr(ours.last_layer, name).grad, getattr(ref.last_layer, name).grad,
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            getattr(ours.last_layer, name).grad, getattr(ref.last_layer, name).grad, rtol=1e-5, atol=1e-6
+        )
 
 
 def test_norm_last_layer_freezes_unit_norms():
@@ -174,8 +172,12 @@ def test_dino_train_loop_utilities_see_the_same_names(norm_last_layer):
     def wrapped(cls, seed):
         # DINO wraps the head as MultiCropWrapper(backbone, head): parameter names gain a "head." prefix.
         torch.manual_seed(seed)
-        return nn.ModuleDict({"backbone": nn.Linear(3, DIMS["in_dim"]),
-                              "head": cls(**DIMS, norm_last_layer=norm_last_layer, use_bn=True)})
+        return nn.ModuleDict(
+            {
+                "backbone": nn.Linear(3, DIMS["in_dim"]),
+                "head": cls(**DIMS, norm_last_layer=norm_last_layer, use_bn=True),
+            }
+        )
 
     ours, ref = wrapped(VMFPrototypeHead, 0), wrapped(DINOHeadRef, 0)
     assert _group_names(ours) == _group_names(ref)
@@ -313,7 +315,13 @@ def test_arguments_of_the_wrong_type_raise_type_error_naming_them(build, name):
 def test_numpy_integers_are_accepted(integer):
     head = VMFPrototypeHead(integer(12), integer(40), hidden_dim=integer(16), bottleneck_dim=integer(8))
     assert head.last_layer.weight_v.shape == (40, 8) and head(torch.randn(3, 12)).shape == (3, 40)
-    ibot = iBOTvMFHead(integer(12), integer(40), patch_out_dim=integer(24), hidden_dim=integer(16),
-                       bottleneck_dim=integer(8), nlayers=integer(2))
+    ibot = iBOTvMFHead(
+        integer(12),
+        integer(40),
+        patch_out_dim=integer(24),
+        hidden_dim=integer(16),
+        bottleneck_dim=integer(8),
+        nlayers=integer(2),
+    )
     cls, patch = ibot(torch.randn(2, 5, 12))
     assert cls.shape == (2, 40) and patch.shape == (2, 4, 24)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import io
 import warnings
 
+import _integration_reference as ref
 import pytest
 import torch
-
-import _integration_reference as ref
 from standins import dino as D
+
 from vmf_head.integrations import FrozenNormsWarning
 from vmf_head.integrations import dino as vmf_dino
 
@@ -45,7 +45,11 @@ def test_three_training_steps_match_the_rederivation(centering):
     dino_loss = _dino_loss()
     loss_fn = vmf_dino.patch(student, teacher, dino_loss, centering=centering)
     optimizer = torch.optim.AdamW(D.get_params_groups(student), lr=0.05)
-    center = torch.full((K,), 1.0 / K, dtype=torch.float64) if centering == "probability" else torch.zeros(K, dtype=torch.float64)
+    center = (
+        torch.full((K,), 1.0 / K, dtype=torch.float64)
+        if centering == "probability"
+        else torch.zeros(K, dtype=torch.float64)
+    )
     g_start = student.head.last_layer.weight_g.detach().clone()
     for epoch in range(3):
         expected = {}
@@ -59,8 +63,17 @@ def test_three_training_steps_match_the_rederivation(centering):
             expected["loss"] = ref.multicrop(logits, q, NCROPS, 2).item()
             expected["stat"] = stat
 
-        loss = D.train_step(student, teacher, teacher, loss_fn, D.crops(n_local=NCROPS - 2, seed=epoch), optimizer,
-                            epoch, momentum=0.7, observe=observe)
+        loss = D.train_step(
+            student,
+            teacher,
+            teacher,
+            loss_fn,
+            D.crops(n_local=NCROPS - 2, seed=epoch),
+            optimizer,
+            epoch,
+            momentum=0.7,
+            observe=observe,
+        )
         assert loss.item() == pytest.approx(expected["loss"], abs=1e-5)
         center = 0.8 * center + 0.2 * expected["stat"]
         torch.testing.assert_close(loss_fn.center.double().flatten(), center, atol=1e-6, rtol=0)
@@ -83,8 +96,14 @@ def test_gradient_reaches_the_prototype_norms():
     norms = (g.double().abs()).flatten()
     s_out = student_output.detach().double().requires_grad_()
     temp = float(loss_fn.teacher_temp_schedule[1])
-    q, _ = ref.teacher_targets(teacher_output, ref.norms_of(teacher.head.last_layer).detach(), temp, P,
-                               torch.full((K,), 1.0 / K, dtype=torch.float64), "probability")
+    q, _ = ref.teacher_targets(
+        teacher_output,
+        ref.norms_of(teacher.head.last_layer).detach(),
+        temp,
+        P,
+        torch.full((K,), 1.0 / K, dtype=torch.float64),
+        "probability",
+    )
     ref.multicrop(ref.student_logits(s_out, norms, 0.1, P), q, NCROPS, 2).backward()
     assert layer.weight_g.grad.abs().max() > 1e-4
     torch.testing.assert_close(layer.weight_g.grad.double(), g.grad.double(), atol=1e-6, rtol=1e-4)
@@ -100,8 +119,16 @@ def test_checkpoint_of_patched_run_loads_into_unpatched_dino():
         D.train_step(student, teacher, teacher, loss_fn, D.crops(n_local=NCROPS - 2, seed=epoch), optimizer, epoch, 0.7)
     buffer = io.BytesIO()
     # main_dino.py's save_dict
-    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": 3, "dino_loss": loss_fn.state_dict()}, buffer)
+    torch.save(
+        {
+            "student": student.state_dict(),
+            "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": 3,
+            "dino_loss": loss_fn.state_dict(),
+        },
+        buffer,
+    )
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=False)
 
@@ -160,8 +187,12 @@ def test_works_through_distributed_data_parallel(tmp_path):
                 student = torch.nn.parallel.DistributedDataParallel(student)
             loss_fn = vmf_dino.patch(student, teacher, _dino_loss())
             optimizer = torch.optim.AdamW(D.get_params_groups(student), lr=0.05)
-            run = [D.train_step(student, teacher, teacher, loss_fn, D.crops(n_local=NCROPS - 2, seed=e), optimizer, e, 0.7).item()
-                   for e in range(2)]
+            run = [
+                D.train_step(
+                    student, teacher, teacher, loss_fn, D.crops(n_local=NCROPS - 2, seed=e), optimizer, e, 0.7
+                ).item()
+                for e in range(2)
+            ]
             losses.append(run)
             assert module.head.last_layer.weight_g.grad.abs().max() > 0
         assert losses[0] == pytest.approx(losses[1], abs=1e-6)
@@ -180,5 +211,5 @@ def test_bad_inputs_raise():
         vmf_dino.patch(student, teacher, D.DINOLoss(16, NCROPS, 0.04, 0.07, 3, 5))
     with pytest.raises(ValueError, match="centering"):
         vmf_dino.patch(student, teacher, _dino_loss(), centering="mean")
-    with pytest.raises(TypeError, match="dino_loss must be facebookresearch/dino's DINOLoss .* without ncrops"):
+    with pytest.raises(TypeError, match=r"dino_loss must be facebookresearch/dino's DINOLoss .* without ncrops"):
         vmf_dino.patch(student, teacher, torch.nn.CrossEntropyLoss())

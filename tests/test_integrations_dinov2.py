@@ -12,12 +12,12 @@ from __future__ import annotations
 import io
 from collections import Counter
 
+import _integration_reference as ref
 import pytest
 import torch
-
-import _integration_reference as ref
 from _dispatch_attribution import AttributedSyncCounter, OpsByOwner, check_no_sync, record_loss_calls
 from standins import dinov2 as D2
+
 from vmf_head.integrations import dinov2 as vmf_dinov2
 
 K, K2, P = 32, 24, 8
@@ -79,8 +79,9 @@ class RefDINOLoss(_Reference, D2.DINOLoss):
 class RefPatchLoss(_Reference, D2.iBOTPatchLoss):
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_masked_patches_tensor, n_iterations=3):
-        return super().sinkhorn_knopp_teacher(self._shifted(teacher_output, teacher_temp), teacher_temp,
-                                              n_masked_patches_tensor, n_iterations)
+        return super().sinkhorn_knopp_teacher(
+            self._shifted(teacher_output, teacher_temp), teacher_temp, n_masked_patches_tensor, n_iterations
+        )
 
     def forward_masked(self, student, teacher, student_masks_flat, n_masked_patches=None, masks_weight=None):
         loss = torch.sum(teacher * self._student_log_softmax(student[:n_masked_patches]), dim=-1)
@@ -91,7 +92,7 @@ def _model(separate_head, centering):
     torch.manual_seed(0)
     model = D2.SSLMetaArch(D2.default_cfg(K, K2, separate_head=separate_head, centering=centering))
     g = torch.Generator().manual_seed(1)
-    for head in [model.student[key] for key in model.student.keys() if key != "backbone"]:
+    for head in [model.student[key] for key in model.student if key != "backbone"]:
         head.last_layer.weight_g.data.copy_(0.5 + 1.5 * torch.rand(head.last_layer.weight_g.shape, generator=g))
     model.prepare_for_distributed_training()  # DINOv2 copies the student into the teacher here
     return model
@@ -112,14 +113,18 @@ def _train(model, steps=3):
     history = []
     for step in range(steps):
         optimizer.zero_grad()
-        history.append({k: v.item() for k, v in model.forward_backward(D2.collated_batch(seed=step), TEMPS[step]).items()})
+        history.append(
+            {k: v.item() for k, v in model.forward_backward(D2.collated_batch(seed=step), TEMPS[step]).items()}
+        )
         assert model.student.dino_head.last_layer.weight_g.grad.abs().max() > 0
         optimizer.step()
         model.update_teacher(0.7)
     return history
 
 
-@pytest.mark.parametrize("separate_head,centering", [(False, "centering"), (True, "centering"), (False, "sinkhorn_knopp")])
+@pytest.mark.parametrize(
+    "separate_head,centering", [(False, "centering"), (True, "centering"), (False, "sinkhorn_knopp")]
+)
 def test_three_training_steps_match_the_rederivation(separate_head, centering):
     patched = vmf_dinov2.patch(_model(separate_head, centering))
     got, expected = _train(patched), _train(_reference_model(separate_head, centering))
@@ -139,12 +144,18 @@ def test_checkpoint_of_patched_run_loads_into_unpatched_dinov2():
     plain = D2.SSLMetaArch(D2.default_cfg(K, K2))
     plain.load_state_dict(checkpoint["model"])  # strict: DINOv2's keys and shapes, centers included
     backbone = D2.TinyViT()
-    backbone.load_state_dict({k[len("backbone."):]: v for k, v in checkpoint["teacher"].items() if k.startswith("backbone.")})
+    backbone.load_state_dict(
+        {k[len("backbone.") :]: v for k, v in checkpoint["teacher"].items() if k.startswith("backbone.")}
+    )
     x = torch.randn(2, 3, 16, 16)
-    torch.testing.assert_close(backbone(x)["x_norm_clstoken"], patched.teacher.backbone(x)["x_norm_clstoken"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        backbone(x)["x_norm_clstoken"], patched.teacher.backbone(x)["x_norm_clstoken"], rtol=0, atol=0
+    )
 
 
-@pytest.mark.parametrize("separate_head,centering", [(False, "centering"), (True, "centering"), (False, "sinkhorn_knopp")])
+@pytest.mark.parametrize(
+    "separate_head,centering", [(False, "centering"), (True, "centering"), (False, "sinkhorn_knopp")]
+)
 def test_loss_methods_ask_for_no_host_sync(separate_head, centering):
     """Every call DINOv2 makes to the losses, counted: none of the integration's own code syncs, and once
     the core functions they call are sync-free (issue 11) none at all."""

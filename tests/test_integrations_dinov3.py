@@ -13,12 +13,12 @@ from __future__ import annotations
 import io
 import math
 
+import _integration_reference as ref
 import pytest
 import torch
-
-import _integration_reference as ref
 from _dispatch_attribution import AttributedSyncCounter, check_no_sync, record_loss_calls
 from standins import dinov3 as D3
+
 from vmf_head.integrations import dinov3 as vmf_dinov3
 from vmf_head.integrations._common import CapturedNorms
 from vmf_head.nn import VMFLinearPrototypeHead
@@ -52,14 +52,20 @@ class _Reference:
 
     def init_weights(self):
         k = self.center.shape[-1]
-        self.center = torch.full_like(self.center, 1.0 / k if self.centering == "probability" else 0.0, dtype=torch.float64)
+        self.center = torch.full_like(
+            self.center, 1.0 / k if self.centering == "probability" else 0.0, dtype=torch.float64
+        )
 
     @torch.no_grad()
     def _centred(self, teacher_output, teacher_temp):
         norms = row_norms(self.layers()[1])
         if self.centering == "sinkhorn":
-            return sinkhorn64(teacher_output.double() / teacher_temp + ref.correction(norms, teacher_temp, self.p_teacher))
-        q, stat = ref.teacher_targets(teacher_output, norms, teacher_temp, self.p_teacher, self.center.flatten(), self.centering)
+            return sinkhorn64(
+                teacher_output.double() / teacher_temp + ref.correction(norms, teacher_temp, self.p_teacher)
+            )
+        q, stat = ref.teacher_targets(
+            teacher_output, norms, teacher_temp, self.p_teacher, self.center.flatten(), self.centering
+        )
         self.center = self.center * 0.9 + stat.view_as(self.center) * 0.1
         return q
 
@@ -73,7 +79,7 @@ class RefDINOLoss(_Reference, D3.DINOLoss):
 
     def forward(self, student_logits, teacher_probs, ignore_diagonal=False):
         pairs = -torch.einsum("sbk,tbk->st", self._student_log_softmax(student_logits), teacher_probs.double())
-        n_student, batch, _ = student_logits.shape
+        _n_student, batch, _ = student_logits.shape
         if ignore_diagonal:
             pairs = pairs * (1 - torch.eye(*pairs.shape, dtype=pairs.dtype))
         n_pairs = pairs.numel() - (min(pairs.shape) if ignore_diagonal else 0)
@@ -100,7 +106,7 @@ def _model(cfg=None, *, equal_norms=False, seed=0):
     model = D3.SSLMetaArch(cfg or D3.default_cfg(K, K2, P))
     model.init_weights()
     g = torch.Generator().manual_seed(seed + 1)
-    for heads in ([model.student] + ([model.teacher] if model.is_distillation_enabled else [])):
+    for heads in [model.student] + ([model.teacher] if model.is_distillation_enabled else []):
         for key in ("dino_head", "ibot_head"):
             weight = heads[key].last_layer.weight.data
             scale = 1.3 if equal_norms else 0.5 + 1.5 * torch.rand(weight.shape[0], 1, generator=g)
@@ -160,7 +166,9 @@ def test_three_training_steps_match_the_rederivation(centering, distillation):
     reference = _reference(centering, cfg)
     _train(reference)
     for name in ("dino_loss", "ibot_patch_loss"):
-        torch.testing.assert_close(getattr(patched, name).center, getattr(reference, name).center.float(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            getattr(patched, name).center, getattr(reference, name).center.float(), rtol=1e-5, atol=1e-7
+        )
     if centering == "probability":
         torch.testing.assert_close(patched.dino_loss.center.sum(), torch.tensor(1.0))
 
@@ -271,7 +279,9 @@ def test_checkpoint_loads_strictly_both_ways():
     fresh = D3.SSLMetaArch(D3.default_cfg(K, K2, P))
     fresh.init_weights()
     with pytest.raises(ValueError, match="not a probability vector"):
-        vmf_dinov3.patch(D3.SSLMetaArch(D3.default_cfg(K, K2, P)), centering="probability").load_state_dict(fresh.state_dict())
+        vmf_dinov3.patch(D3.SSLMetaArch(D3.default_cfg(K, K2, P)), centering="probability").load_state_dict(
+            fresh.state_dict()
+        )
     vmf_dinov3.patch(D3.SSLMetaArch(D3.default_cfg(K, K2, P))).load_state_dict(fresh.state_dict())
 
 

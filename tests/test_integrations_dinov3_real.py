@@ -53,17 +53,31 @@ def dinov3_on_cpu(monkeypatch):
 
 
 def _cfg():
+    from dinov3.configs import get_default_config
     from omegaconf import OmegaConf
 
-    from dinov3.configs import get_default_config
-
-    return OmegaConf.merge(get_default_config(), OmegaConf.create({
-        "student": {"arch": "vit_small", "drop_path_rate": 0.0, "pos_embed_rope_dtype": "fp32", "n_storage_tokens": 2},
-        "crops": {"global_crops_size": 64, "local_crops_size": 32, "local_crops_number": 2},
-        "dino": {"head_n_prototypes": 64, "head_bottleneck_dim": 16, "head_hidden_dim": 32, "koleo_loss_weight": 0.0},
-        "ibot": {"head_n_prototypes": 48, "head_bottleneck_dim": 16, "head_hidden_dim": 32},
-        "train": {"compile": False},
-    }))
+    return OmegaConf.merge(
+        get_default_config(),
+        OmegaConf.create(
+            {
+                "student": {
+                    "arch": "vit_small",
+                    "drop_path_rate": 0.0,
+                    "pos_embed_rope_dtype": "fp32",
+                    "n_storage_tokens": 2,
+                },
+                "crops": {"global_crops_size": 64, "local_crops_size": 32, "local_crops_number": 2},
+                "dino": {
+                    "head_n_prototypes": 64,
+                    "head_bottleneck_dim": 16,
+                    "head_hidden_dim": 32,
+                    "koleo_loss_weight": 0.0,
+                },
+                "ibot": {"head_n_prototypes": 48, "head_bottleneck_dim": 16, "head_hidden_dim": 32},
+                "train": {"compile": False},
+            }
+        ),
+    )
 
 
 def _build(meta_arch, centering, equal_norms):
@@ -93,11 +107,25 @@ def _batch(collate, seed, n=4):
     from dinov3.data.masking import MaskingGenerator
 
     g = torch.Generator().manual_seed(seed)
-    samples = [({"global_crops": [torch.randn(3, 64, 64, generator=g) for _ in range(2)],
-                 "local_crops": [torch.randn(3, 32, 32, generator=g) for _ in range(2)]}, None) for _ in range(n)]
+    samples = [
+        (
+            {
+                "global_crops": [torch.randn(3, 64, 64, generator=g) for _ in range(2)],
+                "local_crops": [torch.randn(3, 32, 32, generator=g) for _ in range(2)],
+            },
+            None,
+        )
+        for _ in range(n)
+    ]
     random.seed(seed)
-    data = collate.collate_data_and_cast(samples, mask_ratio_tuple=(0.1, 0.5), mask_probability=0.5, dtype=torch.float32,
-                                         n_tokens=16, mask_generator=MaskingGenerator(input_size=(4, 4), max_num_patches=8))
+    data = collate.collate_data_and_cast(
+        samples,
+        mask_ratio_tuple=(0.1, 0.5),
+        mask_probability=0.5,
+        dtype=torch.float32,
+        n_tokens=16,
+        mask_generator=MaskingGenerator(input_size=(4, 4), max_num_patches=8),
+    )
     return data | {"global_batch_size": n}
 
 
@@ -105,13 +133,19 @@ def _share(data, rank, world):
     """This rank's samples of a collated batch (crops are stacked crop-major), masks and their indices."""
     n = data["global_batch_size"]
     rows = slice(rank * n // world, (rank + 1) * n // world)
-    crops = {key: data[key].unflatten(0, (-1, n))[:, rows].flatten(0, 1)
-             for key in ("collated_global_crops", "collated_local_crops", "collated_masks")}
+    crops = {
+        key: data[key].unflatten(0, (-1, n))[:, rows].flatten(0, 1)
+        for key in ("collated_global_crops", "collated_local_crops", "collated_masks")
+    }
     masks = crops["collated_masks"]
     indices = masks.flatten().nonzero().flatten()
-    return crops | {"mask_indices_list": indices, "upperbound": data["upperbound"], "global_batch_size": n,
-                    "masks_weight": (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks],
-                    "n_masked_patches": torch.full((1,), fill_value=indices.shape[0], dtype=torch.long)}
+    return crops | {
+        "mask_indices_list": indices,
+        "upperbound": data["upperbound"],
+        "global_batch_size": n,
+        "masks_weight": (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks],
+        "n_masked_patches": torch.full((1,), fill_value=indices.shape[0], dtype=torch.long),
+    }
 
 
 def _metrics(metrics):
@@ -157,16 +191,21 @@ def _run(centering, rank, world):
 
         mesh = init_device_mesh("cpu", (world,))
         for modules in (model.student, model.model_ema):
-            for key in modules.keys():
+            for key in modules:
                 fully_shard(modules[key], mesh=mesh, reshard_after_forward=True)
     optimizer = torch.optim.AdamW(model.student.parameters(), lr=1e-3)
     history = []
     for it in range(2):
         optimizer.zero_grad()
         model.train()
-        _, metrics = model.forward_backward(_share(_batch(collate, it), rank, world), teacher_temp=0.04 + 0.01 * it, iteration=it)
-        grads = {name: getattr(p.grad, "full_tensor", lambda p=p: p.grad)().clone()
-                 for name, p in model.student.named_parameters() if "last_layer" in name}
+        _, metrics = model.forward_backward(
+            _share(_batch(collate, it), rank, world), teacher_temp=0.04 + 0.01 * it, iteration=it
+        )
+        grads = {
+            name: getattr(p.grad, "full_tensor", lambda p=p: p.grad)().clone()
+            for name, p in model.student.named_parameters()
+            if "last_layer" in name
+        }
         history.append((_metrics(metrics), grads, model.dino_loss.center.clone(), model.ibot_patch_loss.center.clone()))
         optimizer.step()
         model.update_ema(0.9)

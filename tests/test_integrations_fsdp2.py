@@ -16,17 +16,21 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from standins import dinov2 as D2
 from standins import dinov3 as D3
+
 from vmf_head.integrations import dinov2 as vmf_dinov2
 from vmf_head.integrations import dinov3 as vmf_dinov3
 
 WORLD, BATCH, STEPS = 2, 4, 2
 K, K2, P = 32, 24, 8
 # (codebase, centering, heads compiled before sharding as DINOv3's cfg.train.compile does)
-CASES = [("dinov3", "sinkhorn", False), ("dinov3", "probability", True), ("dinov2", "probability", False),
-         ("dinov2", "sinkhorn", False)]
+CASES = [
+    ("dinov3", "sinkhorn", False),
+    ("dinov3", "probability", True),
+    ("dinov2", "probability", False),
+    ("dinov2", "sinkhorn", False),
+]
 TERMS = ("dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss")  # the loss dicts' keys in both
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:FutureWarning")
@@ -40,7 +44,10 @@ def _spread_norms(heads, seed):
             if hasattr(layer, "weight_g"):
                 layer.weight_g.copy_(0.5 + 1.5 * torch.rand(layer.weight_g.shape, generator=g))
             else:
-                layer.weight.mul_((0.5 + 1.5 * torch.rand(layer.weight.shape[0], 1, generator=g)) / layer.weight.norm(dim=1, keepdim=True))
+                layer.weight.mul_(
+                    (0.5 + 1.5 * torch.rand(layer.weight.shape[0], 1, generator=g))
+                    / layer.weight.norm(dim=1, keepdim=True)
+                )
 
 
 def _build(codebase, centering, compile):
@@ -66,7 +73,7 @@ def _build(codebase, centering, compile):
 
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         for modules in (model.student, model.teacher):
-            for key in modules.keys():
+            for key in modules:
                 fully_shard(modules[key], mesh=mesh, reshard_after_forward=True)
     return model
 
@@ -93,17 +100,21 @@ def _steps(codebase, centering, compile, rank, world):
     history = []
     for step in range(STEPS):
         samples = D3.make_samples(BATCH, seed=step)
-        batch = D3.collate(samples[rank * BATCH // world:(rank + 1) * BATCH // world])
+        batch = D3.collate(samples[rank * BATCH // world : (rank + 1) * BATCH // world])
         optimizer.zero_grad()
         if codebase == "dinov3":
             _, metrics = model.forward_backward(batch, teacher_temp=0.04 + 0.01 * step, iteration=step)
         else:
             metrics = model.forward_backward(batch, 0.04 + 0.01 * step)
-        history.append({
-            "losses": {name: metrics[name].detach().clone() for name in TERMS},
-            "grads": {name: _whole(p.grad).clone() for name, p in model.student.named_parameters() if "last_layer" in name},
-            "centers": {name: getattr(model, name).center.clone() for name in ("dino_loss", "ibot_patch_loss")},
-        })
+        history.append(
+            {
+                "losses": {name: metrics[name].detach().clone() for name in TERMS},
+                "grads": {
+                    name: _whole(p.grad).clone() for name, p in model.student.named_parameters() if "last_layer" in name
+                },
+                "centers": {name: getattr(model, name).center.clone() for name in ("dino_loss", "ibot_patch_loss")},
+            }
+        )
         optimizer.step()
         if codebase == "dinov3":
             model.update_ema(0.7)
@@ -136,5 +147,6 @@ def test_two_sharded_processes_train_as_one_process_on_the_whole_batch(tmp_path)
             for r in ranks:
                 for kind in ("grads", "centers"):
                     for name, value in expected[kind].items():
-                        torch.testing.assert_close(r[case][step][kind][name], value, rtol=1e-10, atol=1e-10,
-                                                   msg=f"{where} {kind} {name}")
+                        torch.testing.assert_close(
+                            r[case][step][kind][name], value, rtol=1e-10, atol=1e-10, msg=f"{where} {kind} {name}"
+                        )

@@ -11,12 +11,12 @@ from __future__ import annotations
 import io
 from types import SimpleNamespace
 
+import _integration_reference as ref
 import pytest
 import torch
-
-import _integration_reference as ref
 from standins import dino as D
 from standins import ibot as I
+
 from vmf_head.integrations import FrozenNormsWarning
 from vmf_head.integrations import ibot as vmf_ibot
 
@@ -32,7 +32,9 @@ def _spread(layer, seed):
 
 
 def _networks(shared_head=False, norm_last_layer=False):
-    student, teacher = I.build_networks(K, K, norm_last_layer=norm_last_layer, shared_head=shared_head, bottleneck_dim=P)
+    student, teacher = I.build_networks(
+        K, K, norm_last_layer=norm_last_layer, shared_head=shared_head, bottleneck_dim=P
+    )
     if not norm_last_layer:
         _spread(student.head.last_layer, 1)
         _spread(student.head.last_layer2, 2)  # the same layer when shared
@@ -42,8 +44,23 @@ def _networks(shared_head=False, norm_last_layer=False):
 
 def _ibot_loss():
     # teacher_temp2 holds for mim_start_epoch=1 epoch, then warms up: three steps, three temperatures each
-    return I.iBOTLoss(K, K, NG, NL, 0.04, 0.07, 0.05, 0.06, 2, 5, center_momentum=0.8, center_momentum2=0.7,
-                      lambda1=LAMBDA1, lambda2=LAMBDA2, mim_start_epoch=1)
+    return I.iBOTLoss(
+        K,
+        K,
+        NG,
+        NL,
+        0.04,
+        0.07,
+        0.05,
+        0.06,
+        2,
+        5,
+        center_momentum=0.8,
+        center_momentum2=0.7,
+        lambda1=LAMBDA1,
+        lambda2=LAMBDA2,
+        mim_start_epoch=1,
+    )
 
 
 def _expected(student_output, teacher_output, local_cls, masks, s_norms, t_norms, temps, centers, centering):
@@ -78,8 +95,17 @@ def test_three_training_steps_match_the_rederivation():
 
         def observe(student_output, teacher_output, local_cls):
             temps = float(ibot_loss.teacher_temp_schedule[epoch]), float(ibot_loss.teacher_temp2_schedule[epoch])
-            expected["values"] = _expected(student_output, teacher_output, local_cls, masks, _head_norms(student.head),
-                                           _head_norms(teacher.head), temps, centers, "probability")
+            expected["values"] = _expected(
+                student_output,
+                teacher_output,
+                local_cls,
+                masks,
+                _head_norms(student.head),
+                _head_norms(teacher.head),
+                temps,
+                centers,
+                "probability",
+            )
 
         out = I.train_step(student, teacher, loss_fn, images, masks, optimizer, epoch, 0.7, observe=observe)
         cls, patch, stat, stat2 = expected["values"]
@@ -105,12 +131,23 @@ def test_gradient_reaches_both_prototype_norms(shared_head):
     head = student.head
     g1 = head.last_layer.weight_g.detach().clone().requires_grad_()
     g2 = g1 if shared_head else head.last_layer2.weight_g.detach().clone().requires_grad_()
-    leaves = (SimpleNamespace(weight_g=g1, weight_v=head.last_layer.weight_v.detach()),
-              SimpleNamespace(weight_g=g2, weight_v=head.last_layer2.weight_v.detach()))
+    leaves = (
+        SimpleNamespace(weight_g=g1, weight_v=head.last_layer.weight_v.detach()),
+        SimpleNamespace(weight_g=g2, weight_v=head.last_layer2.weight_v.detach()),
+    )
     temps = float(loss_fn.teacher_temp_schedule[2]), float(loss_fn.teacher_temp2_schedule[2])
     uniform = torch.full((K,), 1.0 / K, dtype=torch.float64)
-    cls, patch, _, _ = _expected(student_output, teacher_output, local_cls, masks, tuple(map(ref.norms_of, leaves)),
-                                 _head_norms(teacher.head), temps, (uniform, uniform), "probability")
+    cls, patch, _, _ = _expected(
+        student_output,
+        teacher_output,
+        local_cls,
+        masks,
+        tuple(map(ref.norms_of, leaves)),
+        _head_norms(teacher.head),
+        temps,
+        (uniform, uniform),
+        "probability",
+    )
     (cls + patch).backward()
     assert head.last_layer.weight_g.grad.abs().max() > 1e-4
     torch.testing.assert_close(head.last_layer.weight_g.grad.double(), g1.grad.double(), atol=1e-6, rtol=1e-4)
@@ -127,8 +164,15 @@ def test_checkpoint_of_patched_run_loads_into_unpatched_ibot():
         images, masks = I.crops_and_masks(n_local=NL, seed=epoch)
         I.train_step(student, teacher, loss_fn, images, masks, optimizer, epoch, 0.7)
     buffer = io.BytesIO()
-    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
-                "ibot_loss": loss_fn.state_dict()}, buffer)
+    torch.save(
+        {
+            "student": student.state_dict(),
+            "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "ibot_loss": loss_fn.state_dict(),
+        },
+        buffer,
+    )
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=False)
     plain_student, plain_teacher = I.build_networks(K, K, norm_last_layer=False, bottleneck_dim=P, seed=5)
@@ -158,5 +202,5 @@ def test_a_norm_after_the_prototypes_is_refused():
 
 def test_a_non_loss_is_refused():
     student, teacher = I.build_networks(32, 32)
-    with pytest.raises(TypeError, match="ibot_loss must be bytedance/ibot's iBOTLoss .* without ngcrops"):
+    with pytest.raises(TypeError, match=r"ibot_loss must be bytedance/ibot's iBOTLoss .* without ngcrops"):
         vmf_ibot.patch(student, teacher, D.DINOLoss(32, 4, 0.04, 0.07, 2, 4))

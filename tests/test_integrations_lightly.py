@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import warnings
 
+import _integration_reference as ref
 import pytest
 import torch
 from lightly.loss import DINOLoss
@@ -13,7 +14,6 @@ from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from torch import nn
 
-import _integration_reference as ref
 from vmf_head.integrations import FrozenNormsWarning
 from vmf_head.integrations import lightly as vmf_lightly
 
@@ -55,21 +55,37 @@ def _views(seed, n=4, batch=5):
 
 
 def _criterion():
-    return DINOLoss(output_dim=K, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=2,
-                    student_temp=0.1, center_momentum=0.8)
+    return DINOLoss(
+        output_dim=K,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp_epochs=2,
+        student_temp=0.1,
+        center_momentum=0.8,
+    )
 
 
 def _expected(teacher_out, student_out, model, temp, center):
-    q, stat = ref.teacher_targets(torch.cat(teacher_out).detach(), ref.norms_of(model.teacher_head.last_layer).detach(),
-                                  temp, P, center, "probability")
-    logits = ref.student_logits(torch.cat(student_out).detach(), ref.norms_of(model.student_head.last_layer).detach(), 0.1, P)
+    q, stat = ref.teacher_targets(
+        torch.cat(teacher_out).detach(),
+        ref.norms_of(model.teacher_head.last_layer).detach(),
+        temp,
+        P,
+        center,
+        "probability",
+    )
+    logits = ref.student_logits(
+        torch.cat(student_out).detach(), ref.norms_of(model.student_head.last_layer).detach(), 0.1, P
+    )
     return ref.multicrop(logits, q, len(student_out), len(teacher_out)), stat
 
 
 def test_three_training_steps_match_the_rederivation():
     model = DINO()
     criterion = vmf_lightly.patch(model.student_head, model.teacher_head, _criterion())
-    optimizer = torch.optim.AdamW(list(model.student_backbone.parameters()) + list(model.student_head.parameters()), lr=0.05)
+    optimizer = torch.optim.AdamW(
+        list(model.student_backbone.parameters()) + list(model.student_head.parameters()), lr=0.05
+    )
     center = torch.full((K,), 1.0 / K, dtype=torch.float64)
     g_start = model.student_head.last_layer.weight_g.detach().clone()
     for epoch, temp in zip(range(3), (0.04, 0.07, 0.07)):  # lightly's warm-up schedule over 2 epochs
@@ -102,8 +118,14 @@ def test_gradient_reaches_the_prototype_norms():
     layer = model.student_head.last_layer
     g = layer.weight_g.detach().clone().requires_grad_()
     norms = ref.norms_of(type("Leaf", (), {"weight_g": g, "weight_v": layer.weight_v.detach()})())
-    q, _ = ref.teacher_targets(torch.cat(teacher_out), ref.norms_of(model.teacher_head.last_layer).detach(), 0.05, P,
-                               torch.full((K,), 1.0 / K, dtype=torch.float64), "probability")
+    q, _ = ref.teacher_targets(
+        torch.cat(teacher_out),
+        ref.norms_of(model.teacher_head.last_layer).detach(),
+        0.05,
+        P,
+        torch.full((K,), 1.0 / K, dtype=torch.float64),
+        "probability",
+    )
     ref.multicrop(ref.student_logits(torch.cat(student_out), norms, 0.1, P), q, 4, 2).backward()
     assert layer.weight_g.grad.abs().max() > 1e-4
     torch.testing.assert_close(layer.weight_g.grad.double(), g.grad.double(), atol=1e-6, rtol=1e-4)
@@ -190,8 +212,12 @@ def test_teacher_temp_as_a_tensor_as_lightlys_schedule():
         temp = torch.tensor(0.055)
         expected = lightly_loss(teacher_out, student_out, teacher_temp=0.055)
         torch.testing.assert_close(patched(teacher_out, student_out, teacher_temp=temp), expected, atol=2e-6, rtol=1e-6)
-        torch.testing.assert_close(patched(teacher_out, student_out, teacher_temp=0.055),
-                                   lightly_loss(teacher_out, student_out, teacher_temp=0.055), atol=2e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            patched(teacher_out, student_out, teacher_temp=0.055),
+            lightly_loss(teacher_out, student_out, teacher_temp=0.055),
+            atol=2e-6,
+            rtol=1e-6,
+        )
 
 
 def test_update_center_is_lightlys():

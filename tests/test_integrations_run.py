@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from standins import dino as D
 from standins import dinov3 as D3
+
 from vmf_head import run
 from vmf_head.integrations import FrozenNormsWarning
 from vmf_head.integrations import dino as vmf_dino
@@ -31,8 +31,13 @@ def _one_line_patch_losses():
     student, teacher = D.build_networks(32, norm_last_layer=False, bottleneck_dim=8)
     loss_fn = vmf_dino.patch(student, teacher, D.DINOLoss(32, 4, 0.04, 0.07, 1, 2))
     optimizer = torch.optim.AdamW(D.get_params_groups(student), lr=0.05)
-    return [D.train_step(student, teacher, teacher, loss_fn, D.crops(n_local=2, seed=2 * epoch + it), optimizer, epoch, 0.7).item()
-            for epoch in range(2) for it in range(2)]
+    return [
+        D.train_step(
+            student, teacher, teacher, loss_fn, D.crops(n_local=2, seed=2 * epoch + it), optimizer, epoch, 0.7
+        ).item()
+        for epoch in range(2)
+        for it in range(2)
+    ]
 
 
 def test_runner_trains_the_unchanged_script_as_the_one_line_patch(tmp_path):
@@ -51,9 +56,25 @@ def test_runner_trains_the_unchanged_script_as_the_one_line_patch(tmp_path):
 def test_runner_from_the_command_line(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore::FutureWarning")
     done = subprocess.run(
-        [sys.executable, "-m", "vmf_head.run", "dino", "--centering", "logit", str(SCRIPT), "--epochs", "1",
-         "--steps_per_epoch", "1", "--output_dir", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "vmf_head.run",
+            "dino",
+            "--centering",
+            "logit",
+            str(SCRIPT),
+            "--epochs",
+            "1",
+            "--steps_per_epoch",
+            "1",
+            "--output_dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert "FrozenNormsWarning" in done.stderr  # the script's default --norm_last_layer true
@@ -68,10 +89,13 @@ def _script(tmp_path, body):
 
 def test_script_without_the_loss_class_is_refused_before_it_runs(tmp_path):
     marker = tmp_path / "ran"
-    script = _script(tmp_path, f"""
+    script = _script(
+        tmp_path,
+        f"""
         from pathlib import Path
         Path({str(marker)!r}).write_text("ran")
-    """)
+    """,
+    )
     with pytest.raises(run.RunnerError, match="binds no top-level name 'DINOLoss'"):
         run.run_script("dino", str(script), [])
     assert not marker.exists()
@@ -79,36 +103,45 @@ def test_script_without_the_loss_class_is_refused_before_it_runs(tmp_path):
 
 
 def test_script_that_never_builds_the_loss_fails_at_exit(tmp_path):
-    script = _script(tmp_path, """
+    script = _script(
+        tmp_path,
+        """
         class DINOLoss:
             pass
         if __name__ == "__main__":
             import sys
             sys.exit(0)
-    """)
+    """,
+    )
     with pytest.raises(run.RunnerError, match="finished without building DINOLoss"):
         run.run_script("dino", str(script), [])
 
 
 def test_loss_built_without_student_and_teacher_in_scope_fails(tmp_path):
-    script = _script(tmp_path, """
+    script = _script(
+        tmp_path,
+        """
         class DINOLoss:
             def __init__(self, *args):
                 pass
         def build():
             return DINOLoss(32, 4)
         build()
-    """)
+    """,
+    )
     with pytest.raises(run.RunnerError, match="no local variable 'student' or 'teacher'"):
         run.run_script("dino", str(script), [])
 
 
 def test_script_failure_propagates_and_main_module_is_restored(tmp_path):
-    script = _script(tmp_path, """
+    script = _script(
+        tmp_path,
+        """
         class DINOLoss:
             pass
         raise KeyError("from the script")
-    """)
+    """,
+    )
     main_module = sys.modules["__main__"]
     with pytest.raises(KeyError, match="from the script"):
         run.run_script("dino", str(script), [])
@@ -121,8 +154,13 @@ def test_frozen_norms_warn_through_the_runner(tmp_path):
 
 
 def test_instrument_finds_every_kind_of_top_level_binding():
-    for source in ("class DINOLoss: pass", "from m import Other as DINOLoss", "import DINOLoss",
-                   "DINOLoss = make()", "def DINOLoss(): pass"):
+    for source in (
+        "class DINOLoss: pass",
+        "from m import Other as DINOLoss",
+        "import DINOLoss",
+        "DINOLoss = make()",
+        "def DINOLoss(): pass",
+    ):
         code = run.instrument(source, "<test>", "DINOLoss")
         assert run._HOOK in code.co_names
     with pytest.raises(run.RunnerError):
@@ -133,7 +171,9 @@ def test_runner_patches_ibot_and_dinov2_layouts(tmp_path):
     """main_ibot.py defines ``iBOTLoss`` at the top level and builds it in ``train_ibot`` after the networks;
     dinov2/train/train.py imports ``SSLMetaArch`` at the top level and builds it in ``main``."""
     out = tmp_path / "types.txt"
-    ibot_script = _script(tmp_path, f"""
+    ibot_script = _script(
+        tmp_path,
+        f"""
         import torch
         from standins import ibot as I
         from standins.dino import get_params_groups
@@ -151,10 +191,12 @@ def test_runner_patches_ibot_and_dinov2_layouts(tmp_path):
 
         if __name__ == "__main__":
             train_ibot()
-    """)
+    """,
+    )
     run.run_script("ibot", str(ibot_script), [])
     dinov2_script = tmp_path / "dinov2_train.py"
-    dinov2_script.write_text(textwrap.dedent(f"""
+    dinov2_script.write_text(
+        textwrap.dedent(f"""
         from standins.dinov2 import SSLMetaArch, collated_batch, default_cfg
 
         def main():
@@ -165,7 +207,8 @@ def test_runner_patches_ibot_and_dinov2_layouts(tmp_path):
 
         if __name__ == "__main__":
             main()
-    """))
+    """)
+    )
     run.run_script("dinov2", str(dinov2_script), [])
     assert out.read_text().split() == ["PatchediBOTLoss", "DINOv2vMFLoss", "DINOv2iBOTPatchvMFLoss"]
 
@@ -173,7 +216,9 @@ def test_runner_patches_ibot_and_dinov2_layouts(tmp_path):
 def test_launcher_rank_argument_goes_to_the_script():
     # torch.distributed.launch -m puts --local-rank=N right after the module name
     assert run._split_launcher_arguments(["--local-rank=3", "dino", "main_dino.py", "--epochs", "1"]) == (
-        ["dino", "main_dino.py", "--epochs", "1"], ["--local-rank=3"])
+        ["dino", "main_dino.py", "--epochs", "1"],
+        ["--local-rank=3"],
+    )
     assert run._split_launcher_arguments(["dino", "s.py", "--local_rank=1"]) == (["dino", "s.py", "--local_rank=1"], [])
 
 

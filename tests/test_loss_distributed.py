@@ -10,8 +10,8 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from sync_ops import SyncCounter
+
 from vmf_head import DINOvMFLoss, iBOTvMFLoss
 
 K, K2, NCROPS, NL, B, N, WORLD = 12, 10, 4, 2, 3, 5, 2
@@ -56,8 +56,12 @@ def _run(rows: slice) -> dict[str, torch.Tensor]:
     ibot = iBOTvMFLoss(K, K2, 2, NL, 0.04, 0.07, 0.04, 0.07, 2, 3, p=8, backend="reference").double()
     s_cls = data["student"][:2, rows].reshape(-1, K).clone().requires_grad_()
     s_patch = data["s_patch"][:, rows].reshape(-1, N, K2).clone().requires_grad_()
-    inputs = ((s_cls, s_patch), (data["teacher"][:, rows].reshape(-1, K), data["t_patch"][:, rows].reshape(-1, N, K2)),
-              data["s_local"][:, rows].reshape(-1, K), [m for m in data["mask"][:, rows]])
+    inputs = (
+        (s_cls, s_patch),
+        (data["teacher"][:, rows].reshape(-1, K), data["t_patch"][:, rows].reshape(-1, N, K2)),
+        data["s_local"][:, rows].reshape(-1, K),
+        [m for m in data["mask"][:, rows]],
+    )
     with counter:
         losses = ibot(*inputs, 0, (data["s_norms"], data["p_norms"]), (data["t_norms"], data["p_norms"]))
         g_patch = torch.autograd.grad(losses["loss"], s_patch)[0]

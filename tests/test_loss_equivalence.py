@@ -95,7 +95,14 @@ def test_other_numbers_of_global_views(n_global, n_views):
     pairs = [(i, j) for i in range(n_global) for j in range(n_views) if i != j]
     expected = sum(torch.sum(-q[i] * F.log_softmax(views[j], -1), -1).mean() for i, j in pairs) / len(pairs)
     got, stat = dino_vmf_loss(
-        student, teacher, center, n_views=n_views, n_global=n_global, student_temp=0.2, teacher_temp=0.05, centering="logit"
+        student,
+        teacher,
+        center,
+        n_views=n_views,
+        n_global=n_global,
+        student_temp=0.2,
+        teacher_temp=0.05,
+        centering="logit",
     )
     assert abs(got.item() - expected.item()) <= 1e-12
     torch.testing.assert_close(torch.autograd.grad(got, student)[0], torch.autograd.grad(expected, student)[0])
@@ -112,7 +119,11 @@ class EagerIBOT:
         self.center2 = torch.zeros(1, 1, k2, dtype=F64)
         self.schedule = np.concatenate((np.linspace(warm, final, warm_epochs), np.ones(nepochs - warm_epochs) * final))
         self.schedule2 = np.concatenate(
-            (np.ones(mim_start) * warm2, np.linspace(warm2, final2, warm_epochs), np.ones(nepochs - warm_epochs - mim_start) * final2)
+            (
+                np.ones(mim_start) * warm2,
+                np.linspace(warm2, final2, warm_epochs),
+                np.ones(nepochs - warm_epochs - mim_start) * final2,
+            )
         )
 
     def __call__(self, s_cls, s_patch, t_cls, t_patch, s_local, masks, epoch):
@@ -177,8 +188,11 @@ def test_ibot_without_masked_tokens_has_no_patch_loss():
     loss = iBOTvMFLoss(k, k2, 2, 0, 0.04, 0.07, 0.04, 0.07, 1, 2, backend="reference")
     s_patch = torch.randn(2 * b, n, k2, requires_grad=True)
     out = loss(
-        (torch.randn(2 * b, k), s_patch), (torch.randn(2 * b, k), torch.randn(2 * b, n, k2)), None,
-        [torch.zeros(b, n, dtype=torch.bool)] * 2, 0,
+        (torch.randn(2 * b, k), s_patch),
+        (torch.randn(2 * b, k), torch.randn(2 * b, n, k2)),
+        None,
+        [torch.zeros(b, n, dtype=torch.bool)] * 2,
+        0,
     )
     assert out["patch"].item() == 0.0 and torch.isfinite(out["loss"])
     (grad,) = torch.autograd.grad(out["loss"], s_patch)

@@ -11,8 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmf_head import DINOvMFLoss, VMFPrototypeHead, iBOTvMFLoss
-from vmf_head import _dispatch
+from vmf_head import DINOvMFLoss, VMFPrototypeHead, _dispatch, iBOTvMFLoss
 from vmf_head import functional as F
 
 K, NCROPS, B = 16, 4, 3
@@ -63,9 +62,9 @@ def test_bad_norms():
         _dino()(student, teacher, 0, torch.ones(K))
     with pytest.raises(ValueError, match=r"teacher_norms must have shape \(K,\) = \(16,\)"):
         _dino()(student, teacher, 0, torch.ones(K), torch.ones(K + 1))
-    with pytest.raises(TypeError, match="student_norms must have a floating dtype .* got torch.int64"):
+    with pytest.raises(TypeError, match=r"student_norms must have a floating dtype .* got torch.int64"):
         _dino()(student, teacher, 0, torch.ones(K, dtype=torch.int64), torch.ones(K))
-    with pytest.raises(TypeError, match="teacher_norms must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"teacher_norms must be a torch.Tensor"):
         _dino()(student, teacher, 0, torch.ones(K), [1.0] * K)
 
 
@@ -86,22 +85,34 @@ def test_p_from_the_head_gives_the_heads_normaliser():
     torch.nn.init.uniform_(head.last_layer.weight_g, 0.5, 2.0)
     out = head(torch.randn(NCROPS * B, 12))
     norms = head.prototype_norms()
-    right, wrong = (DINOvMFLoss(K, NCROPS, 0.04, 0.07, 2, 5, p=p)(out, out[: 2 * B].detach(), 0, norms, norms.detach())
-                    for p in (head.p, 256))
-    want = F.dino_vmf_loss(out, out[: 2 * B].detach(), torch.full((1, K), 1 / K), n_views=NCROPS, student_temp=0.1,
-                           teacher_temp=0.04, student_correction=F.vmf_correction(norms, 0.1, 8),
-                           teacher_correction=F.vmf_correction(norms.detach(), 0.04, 8))[0]
+    right, wrong = (
+        DINOvMFLoss(K, NCROPS, 0.04, 0.07, 2, 5, p=p)(out, out[: 2 * B].detach(), 0, norms, norms.detach())
+        for p in (head.p, 256)
+    )
+    want = F.dino_vmf_loss(
+        out,
+        out[: 2 * B].detach(),
+        torch.full((1, K), 1 / K),
+        n_views=NCROPS,
+        student_temp=0.1,
+        teacher_temp=0.04,
+        student_correction=F.vmf_correction(norms, 0.1, 8),
+        teacher_correction=F.vmf_correction(norms.detach(), 0.04, 8),
+    )[0]
     assert torch.equal(right, want) and abs(float((right - wrong).detach())) > 1e-3
 
 
-@pytest.mark.parametrize("epoch, exc, match", [
-    (-1, ValueError, r"epoch must be an int >= 0"),
-    (5, ValueError, r"epoch must be in \[0, nepochs\) = \[0, 5\)"),
-    (1.0, TypeError, "epoch must be an int"),
-    ("1", TypeError, "epoch must be an int"),
-    (torch.tensor(1.0), TypeError, "epoch must be an int or a 0-d integer tensor"),
-    (torch.tensor([1]), TypeError, "epoch must be an int or a 0-d integer tensor"),
-])
+@pytest.mark.parametrize(
+    "epoch, exc, match",
+    [
+        (-1, ValueError, r"epoch must be an int >= 0"),
+        (5, ValueError, r"epoch must be in \[0, nepochs\) = \[0, 5\)"),
+        (1.0, TypeError, "epoch must be an int"),
+        ("1", TypeError, "epoch must be an int"),
+        (torch.tensor(1.0), TypeError, "epoch must be an int or a 0-d integer tensor"),
+        (torch.tensor([1]), TypeError, "epoch must be an int or a 0-d integer tensor"),
+    ],
+)
 def test_bad_epochs(epoch, exc, match):
     student, teacher = _batch()
     with pytest.raises(exc, match=match):
@@ -151,9 +162,10 @@ def test_ibot_schedule_errors_name_the_argument(position, value, exc, match):
         iBOTvMFLoss(*args, p=32)
 
 
-@pytest.mark.parametrize("name, value, exc", [("lambda1", float("nan"), ValueError),
-                                              ("lambda2", float("inf"), ValueError),
-                                              ("lambda1", "1", TypeError)])
+@pytest.mark.parametrize(
+    "name, value, exc",
+    [("lambda1", float("nan"), ValueError), ("lambda2", float("inf"), ValueError), ("lambda1", "1", TypeError)],
+)
 def test_ibot_loss_weights_must_be_finite_numbers(name, value, exc):
     with pytest.raises(exc, match=f"^{name} must be"):
         _ibot(**{name: value})
@@ -163,11 +175,24 @@ def test_ibot_loss_weights_must_be_finite_numbers(name, value, exc):
 @given(integer=st.sampled_from([np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]))
 def test_numpy_integers_are_accepted_for_every_integer_argument(integer):
     student, teacher = _batch()
-    loss = DINOvMFLoss(integer(K), integer(NCROPS), 0.04, 0.07, integer(2), integer(5), p=integer(32),
-                       sinkhorn_iterations=integer(3))
+    loss = DINOvMFLoss(
+        integer(K), integer(NCROPS), 0.04, 0.07, integer(2), integer(5), p=integer(32), sinkhorn_iterations=integer(3)
+    )
     assert torch.equal(loss(student, teacher, integer(1), _norms(), _norms()) * 0, torch.zeros(()))
-    ibot = iBOTvMFLoss(integer(K), integer(8), integer(2), integer(2), 0.04, 0.07, 0.04, 0.07, integer(1), integer(3),
-                       mim_start_epoch=integer(1), p=integer(32))
+    ibot = iBOTvMFLoss(
+        integer(K),
+        integer(8),
+        integer(2),
+        integer(2),
+        0.04,
+        0.07,
+        0.04,
+        0.07,
+        integer(1),
+        integer(3),
+        mim_start_epoch=integer(1),
+        p=integer(32),
+    )
     assert ibot.teacher_temp2_schedule.shape == (3,)
 
 
@@ -255,21 +280,21 @@ def test_functional_arguments_of_the_wrong_type_are_named():
     student, teacher = _batch()
     q = torch.softmax(teacher, -1)
     kw = dict(n_views=NCROPS, student_temp=0.1)
-    with pytest.raises(TypeError, match="^student_output must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"^student_output must be a torch.Tensor"):
         F.multicrop_cross_entropy(student.tolist(), q, **kw)
-    with pytest.raises(TypeError, match="^targets must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"^targets must be a torch.Tensor"):
         F.multicrop_cross_entropy(student, q.tolist(), **kw)
-    with pytest.raises(TypeError, match="^teacher_output must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"^teacher_output must be a torch.Tensor"):
         F.probability_centering([[0.0] * K], torch.full((1, K), 1 / K), 0.04)
     with pytest.raises(ValueError, match=r"^center must have shape \(1, \.\.\., 1, K\) with K = 16"):
         F.logit_centering(teacher, torch.zeros(1, K + 1), 0.04)
     with pytest.raises(ValueError, match=r"^center must have shape"):
         F.dino_vmf_loss(student, teacher, torch.zeros(1, 5), n_views=NCROPS, student_temp=0.1, teacher_temp=0.04)
-    with pytest.raises(ValueError, match="^branches must be a non-empty sequence"):
+    with pytest.raises(ValueError, match=r"^branches must be a non-empty sequence"):
         F.vmf_corrections([], 8)
-    with pytest.raises(TypeError, match="^prototype_norms must have a floating dtype"):
+    with pytest.raises(TypeError, match=r"^prototype_norms must have a floating dtype"):
         F.vmf_correction(torch.ones(K, dtype=torch.int32), 0.1, 8)
-    with pytest.raises(TypeError, match="^teacher_temp must be a positive number"):
+    with pytest.raises(TypeError, match=r"^teacher_temp must be a positive number"):
         F.sinkhorn_centering(teacher, "0.04")
 
 

@@ -74,5 +74,7 @@ def test_prototype_order_does_not_matter(seed, k, ncrops, b, centering):
     la = a(student, teacher, 1, sn, t_norms)
     lb = b_(student[:, perm], teacher[:, perm], 1, sn_perm, t_norms[perm])
     assert abs(la.item() - lb.item()) <= 1e-9 * max(1.0, abs(la.item()))
-    torch.testing.assert_close(torch.autograd.grad(lb, sn_perm)[0], torch.autograd.grad(la, sn)[0][perm], rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(
+        torch.autograd.grad(lb, sn_perm)[0], torch.autograd.grad(la, sn)[0][perm], rtol=1e-7, atol=1e-12
+    )
     torch.testing.assert_close(b_.center, a.center[:, perm], rtol=1e-9, atol=1e-15)

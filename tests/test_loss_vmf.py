@@ -93,7 +93,9 @@ def test_gradient_reaches_the_student_norms_only():
     s_norms = (torch.rand(k) + 0.5).requires_grad_()
     t_norms = (torch.rand(k) + 0.5).requires_grad_()
     for centering in ("logit", "probability", "sinkhorn"):
-        loss = DINOvMFLoss(k, ncrops, 0.04, 0.04, 0, 1, p=32, centering=centering)(student, teacher, 0, s_norms, t_norms)
+        loss = DINOvMFLoss(k, ncrops, 0.04, 0.04, 0, 1, p=32, centering=centering)(
+            student, teacher, 0, s_norms, t_norms
+        )
         grads = torch.autograd.grad(loss, (student, teacher, s_norms, t_norms), allow_unused=True)
         assert grads[0] is not None and grads[0].abs().sum() > 0
         assert grads[1] is None and grads[3] is None, centering
@@ -138,11 +140,16 @@ def test_sinkhorn_loss_uses_the_sinkhorn_targets():
     k, ncrops, b, tau_t = 12, 4, 6, 0.05
     student = torch.randn(ncrops * b, k, dtype=F64, requires_grad=True)
     teacher = torch.randn(2 * b, k, dtype=F64)
-    got, stat = dino_vmf_loss(student, teacher, None, n_views=ncrops, student_temp=0.1, teacher_temp=tau_t, centering="sinkhorn")
+    got, stat = dino_vmf_loss(
+        student, teacher, None, n_views=ncrops, student_temp=0.1, teacher_temp=tau_t, centering="sinkhorn"
+    )
     q = _dinov2_sinkhorn(teacher / tau_t, 3)
     views = (student / 0.1).chunk(ncrops)
     expected = sum(
-        torch.sum(-qi * F.log_softmax(views[j], -1), -1).mean() for i, qi in enumerate(q.chunk(2)) for j in range(ncrops) if i != j
+        torch.sum(-qi * F.log_softmax(views[j], -1), -1).mean()
+        for i, qi in enumerate(q.chunk(2))
+        for j in range(ncrops)
+        if i != j
     ) / (2 * ncrops - 2)
     assert stat is None
     assert abs(got.item() - expected.item()) <= 1e-12

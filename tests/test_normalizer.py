@@ -8,16 +8,15 @@ Errors are |ours - truth| / max(1, |truth|) with the truth at the kappa the inpu
 import math
 
 import mpmath
+import mpmath_truth as truth
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import scipy.special
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-import mpmath_truth as truth
-from vmf_head import accuracy
-from vmf_head import log_vmf_normalizer, vmf_mean_resultant_length
+from vmf_head import accuracy, log_vmf_normalizer, vmf_mean_resultant_length
 from vmf_head.special import vmf as _vmf
 from vmf_head.special.bessel import TOL_FLOAT64
 

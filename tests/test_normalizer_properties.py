@@ -10,11 +10,11 @@
 
 import math
 
+import mpmath_truth as truth
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import mpmath_truth as truth
 from vmf_head import log_vmf_normalizer, vmf_mean_resultant_length
 
 EPS64 = torch.finfo(torch.float64).eps

@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-import functools  # noqa: E402
+import functools
 
-from vmf_head import functional as reference  # noqa: E402
-from vmf_head.nn import DINOvMFLoss, iBOTvMFLoss  # noqa: E402
-from vmf_head.ops import cross_entropy as fused  # noqa: E402
-from vmf_head.ops import cross_entropy_forward  # noqa: E402
+from vmf_head import functional as reference
+from vmf_head.nn import DINOvMFLoss, iBOTvMFLoss
+from vmf_head.ops import cross_entropy as fused
+from vmf_head.ops import cross_entropy_forward
 
 fused_dino_vmf_loss = functools.partial(reference.dino_vmf_loss, backend="triton")
 ibot_patch_vmf_loss = functools.partial(reference.ibot_patch_vmf_loss, backend="triton")
@@ -124,9 +124,17 @@ def run_fused_dino(student, teacher, center, s_corr, t_corr, *, n_views, n_globa
     s = _to(student, dtype).requires_grad_()
     sc = None if s_corr is None else _to(s_corr, corr_dtype).requires_grad_()
     loss, stat = fused_dino_vmf_loss(
-        s, _to(teacher, dtype), _to(center, corr_dtype), n_views=n_views, n_global=n_global,
-        student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP, student_correction=sc,
-        teacher_correction=_to(t_corr, corr_dtype), centering=centering)
+        s,
+        _to(teacher, dtype),
+        _to(center, corr_dtype),
+        n_views=n_views,
+        n_global=n_global,
+        student_temp=STUDENT_TEMP,
+        teacher_temp=TEACHER_TEMP,
+        student_correction=sc,
+        teacher_correction=_to(t_corr, corr_dtype),
+        centering=centering,
+    )
     loss.backward()
     return loss, stat, s.grad, None if sc is None else sc.grad
 
@@ -134,8 +142,16 @@ def run_fused_dino(student, teacher, center, s_corr, t_corr, *, n_views, n_globa
 def run_truth_dino(student, teacher, center, s_corr, t_corr, *, n_views, n_global, centering):
     s = student.detach().double().requires_grad_()
     sc = None if s_corr is None else s_corr.detach().double().requires_grad_()
-    loss, stat = eager_dino_loss(s, teacher.double(), center.double(), n_views, n_global, sc,
-                                 None if t_corr is None else t_corr.double(), centering)
+    loss, stat = eager_dino_loss(
+        s,
+        teacher.double(),
+        center.double(),
+        n_views,
+        n_global,
+        sc,
+        None if t_corr is None else t_corr.double(),
+        centering,
+    )
     loss.backward()
     return loss, stat, s.grad, None if sc is None else sc.grad
 
@@ -207,7 +223,7 @@ def test_dino_float64_is_exact(centering):
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2 ** -8), (torch.float16, 2 ** -11)])
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2**-8), (torch.float16, 2**-11)])
 def test_dino_half_inputs_accumulate_in_float32(dtype, tol):
     """Half-precision outputs: the loss and the statistic are float32 results on the rounded inputs
     (float32 accuracy); the gradient comes back in the input dtype, rounded once."""
@@ -229,8 +245,14 @@ def test_dino_half_inputs_accumulate_in_float32(dtype, tol):
 def test_dino_matches_the_reference_function(k, batch, n_global, n_local, centering, with_corr):
     """Same contract as ``vmf_head.functional.dino_vmf_loss`` (float32 on both sides)."""
     inputs = [_to(x, torch.float32) for x in dino_inputs(k, batch, n_global, n_local, centering, with_corr)]
-    kw = dict(n_views=n_global + n_local, n_global=n_global, student_temp=STUDENT_TEMP,
-              teacher_temp=TEACHER_TEMP, teacher_correction=inputs[4], centering=centering)
+    kw = dict(
+        n_views=n_global + n_local,
+        n_global=n_global,
+        student_temp=STUDENT_TEMP,
+        teacher_temp=TEACHER_TEMP,
+        teacher_correction=inputs[4],
+        centering=centering,
+    )
     results = []
     for fn in (fused_dino_vmf_loss, functools.partial(reference.dino_vmf_loss, backend="reference")):
         s = inputs[0].clone().requires_grad_()
@@ -246,7 +268,7 @@ def test_dino_matches_the_reference_function(k, batch, n_global, n_local, center
 
 @needs_kernels
 @settings(max_examples=4, deadline=None)
-@given(shift=st.floats(-500.0, 500.0), seed=st.integers(0, 2 ** 16))
+@given(shift=st.floats(-500.0, 500.0), seed=st.integers(0, 2**16))
 def test_equal_norms_give_dino(shift, seed):
     """SPEC 2: with equal prototype norms the correction is one constant and the loss, the statistic
     and the student gradient are DINO's; the correction's gradient sums to 0 (softmax invariance)."""
@@ -266,8 +288,16 @@ def test_teacher_gets_no_gradient_and_corrections_are_optional():
     s = _to(student, torch.float32).requires_grad_()
     t = _to(teacher, torch.float32).requires_grad_()
     tc = _to(t_corr, torch.float32).requires_grad_()
-    loss, stat = fused_dino_vmf_loss(s, t, _to(center, torch.float32), n_views=3, student_temp=STUDENT_TEMP,
-                                          teacher_temp=TEACHER_TEMP, teacher_correction=tc, centering="logit")
+    loss, stat = fused_dino_vmf_loss(
+        s,
+        t,
+        _to(center, torch.float32),
+        n_views=3,
+        student_temp=STUDENT_TEMP,
+        teacher_temp=TEACHER_TEMP,
+        teacher_correction=tc,
+        centering="logit",
+    )
     assert not stat.requires_grad
     loss.backward()
     assert s.grad is not None and t.grad is None and tc.grad is None
@@ -282,10 +312,17 @@ def test_row_strided_student_gives_the_same_result():
     wide = torch.cat([student, torch.full_like(student, 1e4)], dim=1)
     s = _to(wide, torch.float32)[:, :7].requires_grad_()
     assert s.stride(0) == 14
-    loss, stat = fused_dino_vmf_loss(s, _to(teacher, torch.float32), _to(center, torch.float32), n_views=3,
-                                          student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP,
-                                          student_correction=_to(s_corr, torch.float32),
-                                          teacher_correction=_to(t_corr, torch.float32), centering="logit")
+    loss, stat = fused_dino_vmf_loss(
+        s,
+        _to(teacher, torch.float32),
+        _to(center, torch.float32),
+        n_views=3,
+        student_temp=STUDENT_TEMP,
+        teacher_temp=TEACHER_TEMP,
+        student_correction=_to(s_corr, torch.float32),
+        teacher_correction=_to(t_corr, torch.float32),
+        centering="logit",
+    )
     loss.backward()
     plain = run_fused_dino(student, teacher, center, s_corr, t_corr, **kw)
     assert torch.equal(loss, plain[0]) and torch.equal(stat, plain[1]) and torch.equal(s.grad, plain[2])
@@ -297,14 +334,26 @@ def test_float64_corrections_keep_float32_arithmetic(backend):
     """float32 logits with float64 K-vectors (corrections, centre): the B x K work stays float32 (the
     loss comes back float32), and it equals the float32-correction result to float32 rounding."""
     student, teacher, center, s_corr, t_corr = dino_inputs(300, 3, 2, 2, "probability", True, seed=8)
-    kw = dict(n_views=4, n_global=2, student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP,
-              centering="probability", backend=backend)
+    kw = dict(
+        n_views=4,
+        n_global=2,
+        student_temp=STUDENT_TEMP,
+        teacher_temp=TEACHER_TEMP,
+        centering="probability",
+        backend=backend,
+    )
     results = []
     for corr_dtype in (torch.float64, torch.float32):
         s = _to(student, torch.float32).requires_grad_()
         sc = _to(s_corr, corr_dtype).requires_grad_()
-        loss, stat = reference.dino_vmf_loss(s, _to(teacher, torch.float32), _to(center, corr_dtype),
-                                             student_correction=sc, teacher_correction=_to(t_corr, corr_dtype), **kw)
+        loss, stat = reference.dino_vmf_loss(
+            s,
+            _to(teacher, torch.float32),
+            _to(center, corr_dtype),
+            student_correction=sc,
+            teacher_correction=_to(t_corr, corr_dtype),
+            **kw,
+        )
         loss.backward()
         assert loss.dtype == stat.dtype == torch.float32 and sc.grad.dtype == corr_dtype
         results.append((loss, stat, s.grad, sc.grad))
@@ -330,11 +379,25 @@ def test_tensor_temperatures_equal_python_floats():
     """0-d tensor temperatures (a schedule on the device) give exactly what Python floats give."""
     student, teacher, center, s_corr, t_corr = (_to(x, torch.float32) for x in dino_inputs(300, 3, 2, 1, "logit", True))
     results = []
-    for ts, tt in ((STUDENT_TEMP, TEACHER_TEMP), (torch.tensor(STUDENT_TEMP, dtype=torch.float64, device=DEVICE),
-                                                 torch.tensor(TEACHER_TEMP, dtype=torch.float64, device=DEVICE))):
+    for ts, tt in (
+        (STUDENT_TEMP, TEACHER_TEMP),
+        (
+            torch.tensor(STUDENT_TEMP, dtype=torch.float64, device=DEVICE),
+            torch.tensor(TEACHER_TEMP, dtype=torch.float64, device=DEVICE),
+        ),
+    ):
         s = student.clone().requires_grad_()
-        loss, stat = fused_dino_vmf_loss(s, teacher, center, n_views=3, student_temp=ts, teacher_temp=tt,
-                                         student_correction=s_corr, teacher_correction=t_corr, centering="logit")
+        loss, stat = fused_dino_vmf_loss(
+            s,
+            teacher,
+            center,
+            n_views=3,
+            student_temp=ts,
+            teacher_temp=tt,
+            student_correction=s_corr,
+            teacher_correction=t_corr,
+            centering="logit",
+        )
         loss.backward()
         results.append((loss, stat, s.grad))
     for a, b in zip(*results):
@@ -356,12 +419,15 @@ def eager_targets_loss(student, targets, n_views, skip_same, row_weight, s_corr)
 
 
 @needs_kernels
-@pytest.mark.parametrize("n_views, n_targets, skip_same, weighted", [
-    (1, 1, False, True),  # DINOv2's global term and iBOT-style tokens: row to row
-    (3, 2, True, False),  # DINOv3's forward(..., ignore_diagonal=True)
-    (3, 2, False, False),  # DINOv3's forward(..., ignore_diagonal=False), DINOv2's local crops
-    (2, 3, True, True),
-])
+@pytest.mark.parametrize(
+    "n_views, n_targets, skip_same, weighted",
+    [
+        (1, 1, False, True),  # DINOv2's global term and iBOT-style tokens: row to row
+        (3, 2, True, False),  # DINOv3's forward(..., ignore_diagonal=True)
+        (3, 2, False, False),  # DINOv3's forward(..., ignore_diagonal=False), DINOv2's local crops
+        (2, 3, True, True),
+    ],
+)
 def test_given_targets_match_eager_truth(n_views, n_targets, skip_same, weighted):
     gen = torch.Generator().manual_seed(10)
     k, batch = 300, 5
@@ -372,12 +438,21 @@ def test_given_targets_match_eager_truth(n_views, n_targets, skip_same, weighted
     s = _to(student, torch.float32).requires_grad_()
     sc = _to(s_corr, torch.float32).requires_grad_()
     loss = reference.multicrop_cross_entropy(
-        s, _to(targets, torch.float32), n_views=n_views, student_temp=STUDENT_TEMP, student_correction=sc,
-        skip_same_view=skip_same, row_weight=_to(row_weight, torch.float32), backend="triton")
+        s,
+        _to(targets, torch.float32),
+        n_views=n_views,
+        student_temp=STUDENT_TEMP,
+        student_correction=sc,
+        skip_same_view=skip_same,
+        row_weight=_to(row_weight, torch.float32),
+        backend="triton",
+    )
     loss.backward()
     t_s = _round(student, torch.float32).requires_grad_()
     t_sc = _round(s_corr, torch.float32).requires_grad_()
-    truth = eager_targets_loss(t_s, _round(targets, torch.float32), n_views, skip_same, _round(row_weight, torch.float32), t_sc)
+    truth = eager_targets_loss(
+        t_s, _round(targets, torch.float32), n_views, skip_same, _round(row_weight, torch.float32), t_sc
+    )
     truth.backward()
     assert loss.dtype == torch.float32
     assert abs(loss.item() - truth.item()) <= 1e-5 * abs(truth.item())
@@ -403,9 +478,17 @@ def patch_inputs(k, images, tokens, centering, seed=0):
 def run_patch(fn, student, teacher, mask, center, s_corr, t_corr, *, centering, dtype, corr_dtype):
     s = _to(student, dtype).requires_grad_()
     sc = _to(s_corr, corr_dtype).requires_grad_()
-    loss, stat = fn(s, _to(teacher, dtype), mask.to(DEVICE), _to(center, corr_dtype), student_temp=STUDENT_TEMP,
-                    teacher_temp=TEACHER_TEMP, student_correction=sc, teacher_correction=_to(t_corr, corr_dtype),
-                    centering=centering)
+    loss, stat = fn(
+        s,
+        _to(teacher, dtype),
+        mask.to(DEVICE),
+        _to(center, corr_dtype),
+        student_temp=STUDENT_TEMP,
+        teacher_temp=TEACHER_TEMP,
+        student_correction=sc,
+        teacher_correction=_to(t_corr, corr_dtype),
+        centering=centering,
+    )
     loss.backward()
     return loss, stat, s.grad, sc.grad
 
@@ -434,26 +517,35 @@ def test_ibot_patch_float32_matches_eager_truth(k, images, tokens, centering):
 @needs_kernels
 def test_ibot_patch_float64_and_bfloat16():
     inputs = patch_inputs(1000, 2, 5, "probability", seed=3)
-    got = run_patch(ibot_patch_vmf_loss, *inputs, centering="probability", dtype=torch.float64,
-                    corr_dtype=torch.float64)
+    got = run_patch(
+        ibot_patch_vmf_loss, *inputs, centering="probability", dtype=torch.float64, corr_dtype=torch.float64
+    )
     for a, b in zip(got, truth_patch(*inputs, centering="probability")):
         assert _rel(a, b) <= 1e-12
-    got = run_patch(ibot_patch_vmf_loss, *inputs, centering="probability", dtype=torch.bfloat16,
-                    corr_dtype=torch.float32)
-    rounded = (_round(inputs[0], torch.bfloat16), _round(inputs[1], torch.bfloat16), inputs[2],
-               *[_round(x, torch.float32) for x in inputs[3:]])
+    got = run_patch(
+        ibot_patch_vmf_loss, *inputs, centering="probability", dtype=torch.bfloat16, corr_dtype=torch.float32
+    )
+    rounded = (
+        _round(inputs[0], torch.bfloat16),
+        _round(inputs[1], torch.bfloat16),
+        inputs[2],
+        *[_round(x, torch.float32) for x in inputs[3:]],
+    )
     truth = truth_patch(*rounded, centering="probability")
     assert got[2].dtype == torch.bfloat16
     for i in (0, 1, 3):
         assert _rel(got[i], truth[i]) <= 1e-5
-    assert torch.allclose(got[2].double().cpu(), truth[2], rtol=2 ** -8, atol=2 ** -8 * float(truth[2].abs().max()))
+    assert torch.allclose(got[2].double().cpu(), truth[2], rtol=2**-8, atol=2**-8 * float(truth[2].abs().max()))
 
 
 @needs_kernels
 def test_ibot_patch_matches_the_reference_function():
     inputs = patch_inputs(1000, 3, 5, "probability", seed=4)
     kw = dict(centering="probability", dtype=torch.float32, corr_dtype=torch.float32)
-    for a, b in zip(run_patch(ibot_patch_vmf_loss, *inputs, **kw), run_patch(functools.partial(reference.ibot_patch_vmf_loss, backend="reference"), *inputs, **kw)):
+    for a, b in zip(
+        run_patch(ibot_patch_vmf_loss, *inputs, **kw),
+        run_patch(functools.partial(reference.ibot_patch_vmf_loss, backend="reference"), *inputs, **kw),
+    ):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert _rel(a, b) <= 2e-5
 
@@ -498,14 +590,29 @@ def test_ibot_module_backend_triton_equals_reference():
     for backend in ("triton", "reference"):
         module = iBOTvMFLoss(k, k2, 2, 1, 0.04, 0.07, 0.04, 0.07, 2, 4, p=16, backend=backend).to(DEVICE)
         s_cls, s_patch = cls_s.to(DEVICE).requires_grad_(), patch_s.to(DEVICE).requires_grad_()
-        s_local = s_cls[2 * batch:]
+        s_local = s_cls[2 * batch :]
         n_s = tuple(n.to(DEVICE).requires_grad_() for n in norms)
-        losses = module((s_cls[: 2 * batch], s_patch), (cls_t.to(DEVICE), patch_t.to(DEVICE)), s_local,
-                        student_mask=[m.to(DEVICE) for m in masks], epoch=1, student_norms=n_s,
-                        teacher_norms=tuple(n.to(DEVICE) for n in norms))
+        losses = module(
+            (s_cls[: 2 * batch], s_patch),
+            (cls_t.to(DEVICE), patch_t.to(DEVICE)),
+            s_local,
+            student_mask=[m.to(DEVICE) for m in masks],
+            epoch=1,
+            student_norms=n_s,
+            teacher_norms=tuple(n.to(DEVICE) for n in norms),
+        )
         losses["loss"].backward()
-        outputs.append((losses["cls"], losses["patch"], module.center, module.center2, s_cls.grad, s_patch.grad,
-                        *(n.grad for n in n_s)))
+        outputs.append(
+            (
+                losses["cls"],
+                losses["patch"],
+                module.center,
+                module.center2,
+                s_cls.grad,
+                s_patch.grad,
+                *(n.grad for n in n_s),
+            )
+        )
     for a, b in zip(*outputs):
         assert _rel(a, b) <= 2e-5
 
@@ -515,16 +622,36 @@ def test_ibot_module_backend_triton_equals_reference():
 def test_custom_ops_pass_opcheck(centering):
     """The forward and backward are torch.library custom ops: schema, fake (meta) implementation and
     autograd registration are consistent (torch.library.opcheck), with computed and given targets."""
-    student, teacher, center, s_corr, t_corr = (_to(x, torch.float32) for x in dino_inputs(7, 3, 2, 1, "probability", True))
+    student, teacher, center, s_corr, t_corr = (
+        _to(x, torch.float32) for x in dino_inputs(7, 3, 2, 1, "probability", True)
+    )
     weights = torch.full((9,), 1.0 / 12, device=DEVICE)
     layout = fused.PairLayout.multicrop(3, 3, 2, skip_same=True).ints()
     inv_temps = torch.tensor([1 / STUDENT_TEMP, 1 / TEACHER_TEMP], device=DEVICE)
     if centering is None:
-        args = (student.requires_grad_(), torch.softmax(teacher, -1), weights, None, s_corr.requires_grad_(), None,
-                inv_temps, layout, False)
+        args = (
+            student.requires_grad_(),
+            torch.softmax(teacher, -1),
+            weights,
+            None,
+            s_corr.requires_grad_(),
+            None,
+            inv_temps,
+            layout,
+            False,
+        )
     else:
-        args = (student.requires_grad_(), teacher, weights, center.reshape(-1).log(), s_corr.requires_grad_(), t_corr,
-                inv_temps, layout, True)
+        args = (
+            student.requires_grad_(),
+            teacher,
+            weights,
+            center.reshape(-1).log(),
+            s_corr.requires_grad_(),
+            t_corr,
+            inv_temps,
+            layout,
+            True,
+        )
     torch.library.opcheck(fused._forward_op, args)
 
 
@@ -535,9 +662,17 @@ def test_torch_compile_traces_the_fused_loss_in_one_graph():
     student, teacher, center, s_corr, t_corr = (_to(x, torch.float32) for x in dino_inputs(300, 3, 2, 1, "logit", True))
 
     def step(s, sc):
-        loss, stat = fused_dino_vmf_loss(s, teacher, center, n_views=3, student_temp=STUDENT_TEMP,
-                                              teacher_temp=TEACHER_TEMP, student_correction=sc,
-                                              teacher_correction=t_corr, centering="logit")
+        loss, stat = fused_dino_vmf_loss(
+            s,
+            teacher,
+            center,
+            n_views=3,
+            student_temp=STUDENT_TEMP,
+            teacher_temp=TEACHER_TEMP,
+            student_correction=sc,
+            teacher_correction=t_corr,
+            centering="logit",
+        )
         return 2 * loss, stat
 
     results = []
@@ -551,8 +686,9 @@ def test_torch_compile_traces_the_fused_loss_in_one_graph():
 
 
 def test_rejects_sinkhorn_bad_center_and_devices_without_triton(monkeypatch):
-    student, teacher, center, _, _ = (x.float() if x is not None else None
-                                      for x in dino_inputs(7, 2, 2, 1, "logit", False))
+    student, teacher, center, _, _ = (
+        x.float() if x is not None else None for x in dino_inputs(7, 2, 2, 1, "logit", False)
+    )
     kw = dict(n_views=3, student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP)
     with pytest.raises(ValueError, match="Sinkhorn"):
         fused_dino_vmf_loss(student, teacher, center, centering="sinkhorn", **kw)
@@ -589,8 +725,14 @@ def test_full_size_matches_reference_on_gpu(dtype, centering):
     s_corr = 340 + torch.randn(k, device="cuda", generator=gen)
     t_corr = 340 + torch.randn(k, device="cuda", generator=gen)
     center = _center(k, centering, torch.Generator().manual_seed(1), (1, k)).float().cuda()
-    kw = dict(n_views=n_views, n_global=2, student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP,
-              teacher_correction=t_corr, centering=centering)
+    kw = dict(
+        n_views=n_views,
+        n_global=2,
+        student_temp=STUDENT_TEMP,
+        teacher_temp=TEACHER_TEMP,
+        teacher_correction=t_corr,
+        centering=centering,
+    )
     results = []
     for fn in (fused_dino_vmf_loss, functools.partial(reference.dino_vmf_loss, backend="reference")):
         s = student.clone().requires_grad_()
@@ -601,7 +743,7 @@ def test_full_size_matches_reference_on_gpu(dtype, centering):
     (loss, stat, g_s, g_c), (r_loss, r_stat, r_g_s, r_g_c) = results
     assert g_s.dtype == dtype
     assert _rel(loss, r_loss) <= 2e-5 and _rel(stat, r_stat) <= 2e-5 and _rel(g_c, r_g_c) <= 2e-5
-    tol = 2e-5 if dtype == torch.float32 else 2 ** -7  # the gradient is rounded to the input dtype
+    tol = 2e-5 if dtype == torch.float32 else 2**-7  # the gradient is rounded to the input dtype
     assert _rel(g_s, r_g_s) <= tol
 
 
@@ -620,10 +762,19 @@ def test_full_size_ibot_patch_matches_reference_on_gpu():
     for fn in (ibot_patch_vmf_loss, functools.partial(reference.ibot_patch_vmf_loss, backend="reference")):
         s = student.clone().requires_grad_()
         sc = s_corr.clone().requires_grad_()
-        loss, stat = fn(s, teacher, mask, center, student_temp=STUDENT_TEMP, teacher_temp=TEACHER_TEMP,
-                        student_correction=sc, teacher_correction=s_corr, centering="probability")
+        loss, stat = fn(
+            s,
+            teacher,
+            mask,
+            center,
+            student_temp=STUDENT_TEMP,
+            teacher_temp=TEACHER_TEMP,
+            student_correction=sc,
+            teacher_correction=s_corr,
+            centering="probability",
+        )
         loss.backward()
         results.append((loss, stat, s.grad, sc.grad))
     (loss, stat, g_s, g_c), (r_loss, r_stat, r_g_s, r_g_c) = results
     assert _rel(loss, r_loss) <= 2e-5 and _rel(stat, r_stat) <= 2e-5 and _rel(g_c, r_g_c) <= 2e-5
-    assert _rel(g_s, r_g_s) <= 2 ** -7
+    assert _rel(g_s, r_g_s) <= 2**-7

@@ -19,8 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vmf_head
-from vmf_head import log_vmf_normalizer, prototype_log_normalizer, vmf_mean_resultant_length
-from vmf_head import _dispatch, normalizer
+from vmf_head import _dispatch, log_vmf_normalizer, normalizer, prototype_log_normalizer, vmf_mean_resultant_length
 
 
 def _triton_device() -> str | None:
@@ -91,6 +90,7 @@ def test_kernel_keeps_the_absolute_bound_near_the_zero(p):
     # rounding of terms of size kappa0 (3.6e5 at p = 65536) costs 6e-11 here.
     pytest.importorskip("mpmath", reason="needs mpmath for the truth (the test extra)")
     import mpmath_truth as truth
+
     from vmf_head.special.vmf import zero
 
     kappa0 = zero(p)
@@ -168,10 +168,7 @@ def test_non_contiguous_input_keeps_layout():
 
 @needs_triton
 @settings(max_examples=25, deadline=None)
-@given(
-    p=st.integers(2, 3000),
-    kappa=st.lists(st.floats(0.0, 1e7, allow_nan=False), min_size=1, max_size=40),
-)
+@given(p=st.integers(2, 3000), kappa=st.lists(st.floats(0.0, 1e7, allow_nan=False), min_size=1, max_size=40))
 def test_any_order_matches_reference(p, kappa):
     k = torch.tensor(kappa, dtype=torch.float64, device=DEVICE)
     _assert_agree(log_vmf_normalizer(k, p, backend="triton"), log_vmf_normalizer(k, p, backend="reference"), 1e-12)
@@ -236,7 +233,9 @@ def test_prototype_kernel_matches_reference_backend(dtype):
     (out_t * grad).sum().backward()
     (out_r * grad).sum().backward()
     eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(wt.grad.float(), wr.grad.float(), rtol=4 * eps, atol=4 * eps * wr.grad.abs().max().item())
+    torch.testing.assert_close(
+        wt.grad.float(), wr.grad.float(), rtol=4 * eps, atol=4 * eps * wr.grad.abs().max().item()
+    )
 
 
 @needs_triton
@@ -258,7 +257,9 @@ def test_prototype_strided_weight_and_empty():
         weight = weight.requires_grad_()
         out = prototype_log_normalizer(weight, 0.5, backend="triton")
         out.sum().backward()
-        value, grad_w = _independent(weight.detach(), 0.5, weight.shape[1], torch.ones(12, dtype=torch.float64), "exact")
+        value, grad_w = _independent(
+            weight.detach(), 0.5, weight.shape[1], torch.ones(12, dtype=torch.float64), "exact"
+        )
         _assert_agree(out, value, 1e-12)
         assert weight.grad.stride() == torch.empty_like(weight).stride()
         torch.testing.assert_close(weight.grad.cpu(), grad_w, rtol=1e-12, atol=1e-15)
@@ -279,15 +280,25 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     pytest.importorskip("triton.backends.nvidia.compiler", reason="needs Triton's NVIDIA backend")
     script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "kernel_registers.py")
     res = subprocess.run(
-        [sys.executable, script, "--arch", "90", "--dtypes", "bfloat16", "float64"], capture_output=True, text=True,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "0"}, timeout=600,
+        [sys.executable, script, "--arch", "90", "--dtypes", "bfloat16", "float64"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "0"},
+        timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [line for line in res.stdout.splitlines() if line.startswith("| _")]
     kernels = {row.split("|")[1].strip() for row in rows}
-    assert kernels >= {"_elementwise_kernel", "_prototype_forward_kernel", "_prototype_backward_kernel",
-                       "_teacher_stats_kernel", "_center_stat_kernel", "_student_forward_kernel",
-                       "_student_backward_kernel", "_merge_kernel"}
+    assert kernels >= {
+        "_elementwise_kernel",
+        "_prototype_forward_kernel",
+        "_prototype_backward_kernel",
+        "_teacher_stats_kernel",
+        "_center_stat_kernel",
+        "_student_forward_kernel",
+        "_student_backward_kernel",
+        "_merge_kernel",
+    }
     spilling = [row for row in rows if not row.rstrip(" |").endswith("/ 0")]
     assert not spilling, spilling
 
@@ -415,8 +426,13 @@ def test_gpu_auto_takes_the_kernel_and_never_syncs(dtype, monkeypatch):
     calls = []
     for name in ("log_normalizer", "prototype_log_normalizer", "prototype_log_normalizer_backward"):
         real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **kw: calls.append(
-            _name + ("_derivative" if kw.get("derivative") else "")) or _real(*a, **kw))
+        monkeypatch.setattr(
+            kernels,
+            name,
+            lambda *a, _real=real, _name=name, **kw: (
+                calls.append(_name + ("_derivative" if kw.get("derivative") else "")) or _real(*a, **kw)
+            ),
+        )
     weight = _prototypes(65536, 256, dtype).cuda().requires_grad_()
     kappa = torch.logspace(-6, 6, 100_003, dtype=dtype, device="cuda").requires_grad_()
 
@@ -427,8 +443,12 @@ def test_gpu_auto_takes_the_kernel_and_never_syncs(dtype, monkeypatch):
 
     step()  # first call per order uploads the constants (a host-to-device copy)
     torch.cuda.synchronize()
-    assert sorted(set(calls)) == ["log_normalizer", "log_normalizer_derivative", "prototype_log_normalizer",
-                                  "prototype_log_normalizer_backward"]
+    assert sorted(set(calls)) == [
+        "log_normalizer",
+        "log_normalizer_derivative",
+        "prototype_log_normalizer",
+        "prototype_log_normalizer_backward",
+    ]
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = step()

@@ -7,14 +7,14 @@ orders, which the first test checks against besseli). Errors are |ours - truth| 
 import math
 
 import mpmath
+import mpmath_truth as truth
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import scipy.special
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-import mpmath_truth as truth
 from vmf_head.special import bessel_iv_ratio, log_bessel_iv
 
 F64_BOUND, F32_BOUND, RATIO_BOUND = 1e-12, 2e-6, 1e-10
@@ -45,9 +45,7 @@ def test_truth_debye_polynomials_known_values():
     # u_1 = (3t - 5t^3)/24, u_2 = (81t^2 - 462t^4 + 385t^6)/1152 (DLMF 10.41.10)
     u = truth.debye_polynomials(2)
     assert [float(c) for c in u[1]] == pytest.approx([0, 3 / 24, 0, -5 / 24], abs=1e-30)
-    assert [float(c) for c in u[2]] == pytest.approx(
-        [0, 0, 81 / 1152, 0, -462 / 1152, 0, 385 / 1152], abs=1e-30
-    )
+    assert [float(c) for c in u[2]] == pytest.approx([0, 0, 81 / 1152, 0, -462 / 1152, 0, 385 / 1152], abs=1e-30)
 
 
 @pytest.mark.parametrize("nu", ORDERS)

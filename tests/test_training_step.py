@@ -17,12 +17,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
-
 import standins.dino as D
 import standins.ibot as I
+import torch
 from sync_ops import count_syncs
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
+
 from vmf_head import DINOvMFLoss, VMFPrototypeHead, iBOTvMFLoss, log_vmf_normalizer, prototype_log_normalizer
 from vmf_head import functional as F
 from vmf_head.integrations import dino as vmf_dino
@@ -144,7 +144,10 @@ def test_the_counter_sees_syncs():
     """The counter is not blind: .item(), bool(), a Python list made a tensor and a boolean mask count."""
     x = torch.randn(4)
     assert count_syncs(lambda: (x.sum().item(), bool(x[0] > 0), torch.tensor([1.0, 2.0]), x[x > 0]))[1] == {
-        "aten._local_scalar_dense": 2, "aten.lift_fresh": 1, "aten.index.Tensor with a bool mask": 1}
+        "aten._local_scalar_dense": 2,
+        "aten.lift_fresh": 1,
+        "aten.index.Tensor with a bool mask": 1,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +211,10 @@ def test_integration_losses_compile_in_one_graph():
         torch.manual_seed(0)
         s_head, t_head = DINOProjectionHead(12, 24, P, K, norm_last_layer=False), DINOProjectionHead(12, 24, P, K)
         criterion = vmf_lightly.patch(s_head, t_head, lightly.DINOLoss(K, warmup_teacher_temp_epochs=2))
-        images, views = D.crops(batch=B), [torch.randn(B, 12, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        images, views = (
+            D.crops(batch=B),
+            [torch.randn(B, 12, generator=torch.Generator().manual_seed(i)) for i in range(4)],
+        )
 
         def step(epoch):
             a = dino_loss(student(images), teacher(images[:2]), epoch)
@@ -240,8 +246,13 @@ def test_readme_training_step_compiles_in_one_graph():
             student_out = student_head(features)
             with torch.no_grad():
                 teacher_out = teacher_head(features[: 2 * B])
-            return loss_fn(student_out, teacher_out, epoch, student_norms=student_head.prototype_norms(),
-                           teacher_norms=teacher_head.prototype_norms())
+            return loss_fn(
+                student_out,
+                teacher_out,
+                epoch,
+                student_norms=student_head.prototype_norms(),
+                teacher_norms=teacher_head.prototype_norms(),
+            )
 
         counter = CompileCounterWithBackend("inductor")
         fn = torch.compile(step, fullgraph=True, backend=counter) if compile_it else step
@@ -283,8 +294,15 @@ def test_gpu_steps_run_under_sync_debug_mode_error(centering):
 
     def step():
         loss_fn(student, teacher, 1, norms, norms.detach()).backward()
-        losses = ibot((student[:16], patch), (teacher, t_patch), student[16:], masks, 1, (norms, p_norms),
-                      (norms.detach(), p_norms.detach()))
+        losses = ibot(
+            (student[:16], patch),
+            (teacher, t_patch),
+            student[16:],
+            masks,
+            1,
+            (norms, p_norms),
+            (norms.detach(), p_norms.detach()),
+        )
         losses["loss"].backward()
 
     step()

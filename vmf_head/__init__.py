@@ -7,13 +7,13 @@ from .normalizer import log_vmf_normalizer, prototype_log_normalizer, vmf_mean_r
 __version__ = "0.2.0"
 
 __all__ = [
-    "log_vmf_normalizer",
-    "vmf_mean_resultant_length",
-    "prototype_log_normalizer",
-    "VMFPrototypeHead",
-    "VMFLinearPrototypeHead",
-    "iBOTvMFHead",
-    "vmf_logits",
     "DINOvMFLoss",
+    "VMFLinearPrototypeHead",
+    "VMFPrototypeHead",
+    "iBOTvMFHead",
     "iBOTvMFLoss",
+    "log_vmf_normalizer",
+    "prototype_log_normalizer",
+    "vmf_logits",
+    "vmf_mean_resultant_length",
 ]

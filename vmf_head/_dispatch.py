@@ -26,10 +26,7 @@ from ._validation import check_choice
 BACKENDS = ("auto", "triton", "reference")
 
 # The kernel module of each op.
-_MODULES = {
-    "log_normalizer": "vmf_head.ops.log_normalizer",
-    "cross_entropy": "vmf_head.ops.cross_entropy",
-}
+_MODULES = {"log_normalizer": "vmf_head.ops.log_normalizer", "cross_entropy": "vmf_head.ops.cross_entropy"}
 _imported: dict[str, ModuleType | ImportError] = {}
 
 

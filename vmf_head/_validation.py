@@ -79,12 +79,7 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
 
 
 def check_tensor(
-    name: str,
-    value: object,
-    *,
-    dims: int | tuple[int, ...] | None = None,
-    floating: bool = True,
-    shape: str = "",
+    name: str, value: object, *, dims: int | tuple[int, ...] | None = None, floating: bool = True, shape: str = ""
 ) -> torch.Tensor:
     """``value`` if it is a tensor (floating when ``floating``) with ``dims`` dimensions.
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import math
 import os
 import sys
@@ -95,7 +96,7 @@ def poisson_log_bessel_and_ratio(nu: float, x: float, dps: int = DPS):
         # sin^(2 nu) as a power of sin/sin(th0): for the integer 2 nu of a sphere (p - 2) that is a
         # few multiplications instead of a logarithm.
         power = int(2 * nu) if float(2 * nu).is_integer() else 2 * nu_
-        for a, b in zip(edges, edges[1:]):
+        for a, b in itertools.pairwise(edges):
             for th, w in rule.get_nodes(a, b, _GL_DEGREE, mp.prec):
                 c, s = mpmath.cos_sin(th)
                 v = w * mpmath.exp(x_ * (c - cos0)) * (s / sin0) ** power if nu else w * mpmath.exp(x_ * (c - 1))
@@ -129,7 +130,7 @@ def kappa_grid(per_decade: int) -> list[float]:
     """0 and a log-uniform grid over [1e-8, 1e8], rounded to float32 numbers."""
     n = 16 * per_decade + 1
     points = torch.logspace(-8, 8, n, dtype=torch.float64).to(torch.float32).to(torch.float64)
-    return [0.0] + points.tolist()
+    return [0.0, *points.tolist()]
 
 
 def crossing_points(p: int, values: tuple[float, ...] = CROSSING_VALUES) -> list[float]:
@@ -166,7 +167,7 @@ def _error(ours: float, true) -> float:
 def _ranges(kappas: list[float], bad: list[bool]) -> str:
     """Runs of consecutive grid points flagged ``bad``, e.g. '0..0.01, 1e+06'."""
     runs, start = [], None
-    for i, flag in enumerate(bad + [False]):
+    for i, flag in enumerate([*bad, False]):
         if flag and start is None:
             start = i
         elif not flag and start is not None:
@@ -324,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if any bound is missed")
     parser.add_argument(
-        "--jobs", type=int, default=min(8, os.cpu_count() or 1), help="processes for the mpmath truth (default: %(default)s)"
+        "--jobs",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="processes for the mpmath truth (default: %(default)s)",
     )
     args = parser.parse_args(argv)
     if args.identity_scan:
@@ -351,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     # kappa = 2 nu = p - 2 is where approx - exact peaks (docs/log_normalizer.md): sample it too.
     values = CROSSING_VALUES
     if args.crossing_scan:
-        values = (0.0,) + tuple(torch.linspace(-60, 60, args.crossing_scan, dtype=torch.float64).tolist())
+        values = (0.0, *tuple(torch.linspace(-60, 60, args.crossing_scan, dtype=torch.float64).tolist()))
     points = {p: sorted(set(grid + crossing_points(p, values) + [float(p - 2)])) for p in args.p}
     tasks = [(p, k) for p in args.p for k in points[p]]
     # The quadratures dominate the run time and are independent: spread them over the cores.
@@ -382,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             "\nNear the zero of log C_p the bound is absolute (1e-12) while the terms of the formula are as large "
             "as kappa0;\nfrom p = 352 on the package takes the anchored form there (docs/log_normalizer.md):\n"
         )
-        head = f"{'p':>6} | {'kappa0':>10} | {'size of terms':>13} | {'worst abs err':>13} | bound 1e-12 missed while |log C_p| <="
+        head = f"{'p':>6} | {'kappa0':>10} | {'size of terms':>13} | {'worst abs err':>13} | "
+        head += "bound 1e-12 missed while |log C_p| <="
         print(head + "\n" + "-" * len(head))
         for c in crossings:
             fail = "never (at the sampled values)" if c["fail_upto"] is None else f"{c['fail_upto']:.3g}"

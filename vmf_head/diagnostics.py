@@ -82,7 +82,9 @@ def effective_num_clusters(probs: torch.Tensor) -> float:
     probs = _check_matrix("probs", probs)
     if (probs < 0).any():
         raise ValueError("probs must be non-negative (pass softmax outputs, not logits)")
-    if not bool(torch.allclose(probs.double().sum(dim=1), probs.new_ones(probs.shape[0], dtype=torch.float64), atol=1e-3)):
+    if not bool(
+        torch.allclose(probs.double().sum(dim=1), probs.new_ones(probs.shape[0], dtype=torch.float64), atol=1e-3)
+    ):
         raise ValueError("probs must have rows that sum to 1 (pass softmax outputs)")
     pbar = probs.double().mean(dim=0)
     pbar = pbar / pbar.sum()
@@ -110,11 +112,7 @@ def kappa_stats(norms: torch.Tensor, tau: float) -> dict[str, float]:
         raise ValueError("norms has negative values: a prototype norm ||w_k|| is >= 0")
     tau = check_real("tau", tau, low=0.0, open_low=True)
     kappa = norms.detach().double() / tau
-    return {
-        "kappa_min": float(kappa.min()),
-        "kappa_median": float(kappa.median()),
-        "kappa_max": float(kappa.max()),
-    }
+    return {"kappa_min": float(kappa.min()), "kappa_median": float(kappa.median()), "kappa_max": float(kappa.max())}
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from .special import vmf as _vmf
 from .special.bessel import X_LARGE, tolerance
 from .special.vmf import MODES
 
-__all__ = ["log_vmf_normalizer", "vmf_mean_resultant_length", "prototype_log_normalizer"]
+__all__ = ["log_vmf_normalizer", "prototype_log_normalizer", "vmf_mean_resultant_length"]
 
 # float16 rounds to inf from 65520 on (its largest number 65504 plus half a unit in the last place).
 _FLOAT16_OVERFLOW = float(torch.finfo(torch.float16).max) + 16.0

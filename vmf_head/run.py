@@ -11,8 +11,8 @@ How the runner finds the moment to patch. The script is compiled from its source
 ``__main__`` (``sys.argv``, ``sys.path[0]`` and ``__file__`` as ``python SCRIPT`` would set them), with one
 statement added to its syntax tree: right after every top-level statement that binds the loss name
 (``class DINOLoss`` in main_dino.py, ``class iBOTLoss`` in main_ibot.py, ``from ... import SSLMetaArch``
-in dinov2/train/train.py and dinov3/train/train.py), the name is rebound to a builder. When the script builds the object, the
-builder constructs the original and patches it:
+in dinov2/train/train.py and dinov3/train/train.py), the name is rebound to a builder. When the script
+builds the object, the builder constructs the original and patches it:
 
 - dino / ibot: the loss is built in ``train_dino`` / ``train_ibot`` after the networks; the builder takes
   ``student`` and ``teacher`` from the local variables of the function that builds the loss and returns
@@ -44,13 +44,13 @@ import os
 import sys
 import types
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .functional.centering import CENTERINGS
 from .special.vmf import MODES
 
-__all__ = ["RunnerError", "TARGETS", "run_script", "main"]
-
+__all__ = ["TARGETS", "RunnerError", "main", "run_script"]
 
 
 class RunnerError(RuntimeError):
@@ -106,9 +106,17 @@ TARGETS: dict[str, Target] = {
     "ibot": Target("main_ibot.py", "iBOTLoss", _loss_builder("ibot")),
     "dinov2": Target("dinov2/train/train.py", "SSLMetaArch", _model_builder("dinov2"), watched=_losses_of),
     "dinov3": Target(
-        "dinov3/train/train.py", "SSLMetaArch", _model_builder("dinov3"), watched=_losses_of,
-        refused=(("MultiDistillationMetaArch", "DINOv3 multi-distillation (--multi-distillation) trains students in "
-                  "process subgroups, which the vMF losses do not support; train a plain SSLMetaArch run"),),
+        "dinov3/train/train.py",
+        "SSLMetaArch",
+        _model_builder("dinov3"),
+        watched=_losses_of,
+        refused=(
+            (
+                "MultiDistillationMetaArch",
+                "DINOv3 multi-distillation (--multi-distillation) trains students in "
+                "process subgroups, which the vMF losses do not support; train a plain SSLMetaArch run",
+            ),
+        ),
     ),
 }
 
@@ -190,7 +198,9 @@ class _Refused:
         return getattr(self.original, attribute)
 
 
-def run_script(codebase: str, script: str, argv: list[str], *, centering: str | None = None, mode: str = "exact") -> None:
+def run_script(
+    codebase: str, script: str, argv: list[str], *, centering: str | None = None, mode: str = "exact"
+) -> None:
     """Execute ``script`` with arguments ``argv`` as ``__main__``, with the vMF patch of ``codebase`` applied.
 
     ``centering=None`` leaves the patch's default (see the module docstring).
@@ -220,8 +230,14 @@ def run_script(codebase: str, script: str, argv: list[str], *, centering: str | 
         return wrapper
 
     module = types.ModuleType("__main__")
-    module.__dict__.update({"__file__": path, "__builtins__": __builtins__, _HOOK: hook,
-                            _REFUSE: lambda original, name: _Refused(original, reasons[name])})
+    module.__dict__.update(
+        {
+            "__file__": path,
+            "__builtins__": __builtins__,
+            _HOOK: hook,
+            _REFUSE: lambda original, name: _Refused(original, reasons[name]),
+        }
+    )
     saved = sys.modules.get("__main__"), sys.argv, list(sys.path)
     sys.modules["__main__"], sys.argv = module, [path, *argv]
     sys.path.insert(0, os.path.dirname(path))
@@ -241,7 +257,11 @@ def run_script(codebase: str, script: str, argv: list[str], *, centering: str | 
             f"expects {target.script}'s structure; use the one-line patch for other scripts (docs/integrations/)."
         )
     if not any(flag for wrapper in wrap_calls for flag in wrapper.called):
-        warnings.warn(f"the patched {target.name} was built but never called: the script trained no step", RuntimeWarning)
+        warnings.warn(
+            f"the patched {target.name} was built but never called: the script trained no step",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def _split_launcher_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -260,9 +280,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Run a DINO/iBOT/DINOv2/DINOv3 training script, unchanged, as DINO-vMF/iBOT-vMF.",
     )
     parser.add_argument("codebase", choices=sorted(TARGETS))
-    parser.add_argument("--centering", choices=CENTERINGS, default=None,
-                        help="teacher centering (default: the patch's, probability, the DINO-vMF setting; "
-                             "sinkhorn, DINOv3's own, for dinov3)")
+    parser.add_argument(
+        "--centering",
+        choices=CENTERINGS,
+        default=None,
+        help="teacher centering (default: the patch's, probability, the DINO-vMF setting; "
+        "sinkhorn, DINOv3's own, for dinov3)",
+    )
     parser.add_argument("--mode", choices=MODES, default="exact", help="log C_p computation (default: exact)")
     parser.add_argument("script", help="the training script, e.g. main_dino.py")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own arguments")

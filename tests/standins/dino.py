@@ -47,8 +47,19 @@ class DINOHead(nn.Module):
     prototype layer keeps torch's default). ``norm_cls``, ``act_cls`` and ``shared_norm`` (one norm module
     reused by every hidden layer) are the options iBOT's head adds (``standins.ibot.iBOTHead``)."""
 
-    def __init__(self, in_dim, out_dim, use_bn=False, norm_last_layer=True, nlayers=3, hidden_dim=2048,
-                 bottleneck_dim=256, norm_cls=None, act_cls=nn.GELU, shared_norm=False):
+    def __init__(
+        self,
+        in_dim,
+        out_dim,
+        use_bn=False,
+        norm_last_layer=True,
+        nlayers=3,
+        hidden_dim=2048,
+        bottleneck_dim=256,
+        norm_cls=None,
+        act_cls=nn.GELU,
+        shared_norm=False,
+    ):
         super().__init__()
         if use_bn:
             norm_cls = nn.BatchNorm1d
@@ -129,17 +140,28 @@ def load_pretrained_weights(backbone, checkpoint, checkpoint_key="teacher"):
 class DINOLoss(nn.Module):
     """``main_dino.DINOLoss``: constructor, attributes (numpy ``teacher_temp_schedule``), forward."""
 
-    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs,
-                 student_temp=0.1, center_momentum=0.9):
+    def __init__(
+        self,
+        out_dim,
+        ncrops,
+        warmup_teacher_temp,
+        teacher_temp,
+        warmup_teacher_temp_epochs,
+        nepochs,
+        student_temp=0.1,
+        center_momentum=0.9,
+    ):
         super().__init__()
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.ncrops = ncrops
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp_schedule = np.concatenate((
-            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
-        ))
+        self.teacher_temp_schedule = np.concatenate(
+            (
+                np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+                np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
+            )
+        )
 
     def forward(self, student_output, teacher_output, epoch):
         student_views = (student_output / self.student_temp).chunk(self.ncrops)
@@ -161,16 +183,23 @@ class DINOLoss(nn.Module):
         if dist.is_initialized():
             dist.all_reduce(batch_sum)
             world = dist.get_world_size()
-        self.center = self.center * self.center_momentum + batch_sum / (len(teacher_output) * world) * (1 - self.center_momentum)
+        self.center = self.center * self.center_momentum + batch_sum / (len(teacher_output) * world) * (
+            1 - self.center_momentum
+        )
 
 
 def build_networks(out_dim=32, *, norm_last_layer=False, embed_dim=16, bottleneck_dim=8, hidden_dim=24, seed=0):
     """Student and teacher ``MultiCropWrapper(backbone, DINOHead)`` as ``main_dino.train_dino`` builds them."""
     torch.manual_seed(seed)
-    student = MultiCropWrapper(TinyBackbone(embed_dim), DINOHead(
-        embed_dim, out_dim, norm_last_layer=norm_last_layer, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim))
-    teacher = MultiCropWrapper(TinyBackbone(embed_dim), DINOHead(
-        embed_dim, out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim))
+    student = MultiCropWrapper(
+        TinyBackbone(embed_dim),
+        DINOHead(
+            embed_dim, out_dim, norm_last_layer=norm_last_layer, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim
+        ),
+    )
+    teacher = MultiCropWrapper(
+        TinyBackbone(embed_dim), DINOHead(embed_dim, out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim)
+    )
     teacher.load_state_dict(student.state_dict())
     for param in teacher.parameters():
         param.requires_grad = False
@@ -181,11 +210,22 @@ def crops(batch=4, n_local=2, seed=0):
     """2 global crops (16 px) and ``n_local`` local crops (8 px), as DINO's data augmentation returns them."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, 3, 16, 16, generator=g) for _ in range(2)] + [
-        torch.randn(batch, 3, 8, 8, generator=g) for _ in range(n_local)]
+        torch.randn(batch, 3, 8, 8, generator=g) for _ in range(n_local)
+    ]
 
 
-def train_step(student, teacher, teacher_without_ddp, dino_loss, images, optimizer, epoch, momentum,
-               freeze_last_layer=0, observe=None):
+def train_step(
+    student,
+    teacher,
+    teacher_without_ddp,
+    dino_loss,
+    images,
+    optimizer,
+    epoch,
+    momentum,
+    freeze_last_layer=0,
+    observe=None,
+):
     """One iteration of ``main_dino.train_one_epoch`` (fp32, no clipping). Returns the loss tensor.
     ``observe(student_output, teacher_output)``, if given, sees the outputs before the loss does."""
     teacher_output = teacher(images[:2])

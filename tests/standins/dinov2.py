@@ -120,11 +120,23 @@ class iBOTPatchLoss(_Centered):
         loss = torch.sum(loss * student_masks_flat.float(), dim=-1) / student_masks_flat.sum(dim=-1).clamp(min=1.0)
         return -loss.mean()
 
-    def forward_masked(self, student_patch_tokens_masked, teacher_patch_tokens_masked, student_masks_flat,
-                       n_masked_patches=None, masks_weight=None):
-        loss = torch.sum(teacher_patch_tokens_masked * F.log_softmax(student_patch_tokens_masked / self.student_temp, dim=-1), dim=-1)
+    def forward_masked(
+        self,
+        student_patch_tokens_masked,
+        teacher_patch_tokens_masked,
+        student_masks_flat,
+        n_masked_patches=None,
+        masks_weight=None,
+    ):
+        loss = torch.sum(
+            teacher_patch_tokens_masked * F.log_softmax(student_patch_tokens_masked / self.student_temp, dim=-1), dim=-1
+        )
         if masks_weight is None:
-            masks_weight = (1 / student_masks_flat.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(student_masks_flat)[student_masks_flat]
+            masks_weight = (
+                (1 / student_masks_flat.sum(-1).clamp(min=1.0))
+                .unsqueeze(-1)
+                .expand_as(student_masks_flat)[student_masks_flat]
+            )
         if n_masked_patches is not None:
             loss = loss[:n_masked_patches]
         return -(loss * masks_weight).sum() / student_masks_flat.shape[0]
@@ -155,10 +167,22 @@ class TinyViT(nn.Module):
 
 def default_cfg(out_dim=32, ibot_out_dim=24, separate_head=False, centering="centering", local_crops_number=2):
     return SimpleNamespace(
-        dino=SimpleNamespace(loss_weight=1.0, head_n_prototypes=out_dim, head_bottleneck_dim=8, head_nlayers=3,
-                             head_hidden_dim=24, koleo_loss_weight=0.0),
-        ibot=SimpleNamespace(loss_weight=1.0, separate_head=separate_head, head_n_prototypes=ibot_out_dim,
-                             head_bottleneck_dim=8, head_nlayers=3, head_hidden_dim=24),
+        dino=SimpleNamespace(
+            loss_weight=1.0,
+            head_n_prototypes=out_dim,
+            head_bottleneck_dim=8,
+            head_nlayers=3,
+            head_hidden_dim=24,
+            koleo_loss_weight=0.0,
+        ),
+        ibot=SimpleNamespace(
+            loss_weight=1.0,
+            separate_head=separate_head,
+            head_n_prototypes=ibot_out_dim,
+            head_bottleneck_dim=8,
+            head_nlayers=3,
+            head_hidden_dim=24,
+        ),
         train=SimpleNamespace(centering=centering),
         crops=SimpleNamespace(local_crops_number=local_crops_number),
     )
@@ -175,8 +199,13 @@ class SSLMetaArch(nn.Module):
         self.dino_loss_weight, self.ibot_loss_weight = cfg.dino.loss_weight, cfg.ibot.loss_weight
 
         def head(c):
-            return DINOHead(embed_dim, c.head_n_prototypes, nlayers=c.head_nlayers, hidden_dim=c.head_hidden_dim,
-                            bottleneck_dim=c.head_bottleneck_dim)
+            return DINOHead(
+                embed_dim,
+                c.head_n_prototypes,
+                nlayers=c.head_nlayers,
+                hidden_dim=c.head_hidden_dim,
+                bottleneck_dim=c.head_bottleneck_dim,
+            )
 
         student, teacher = {"backbone": TinyViT(embed_dim)}, {"backbone": TinyViT(embed_dim)}
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
@@ -190,7 +219,7 @@ class SSLMetaArch(nn.Module):
             p.requires_grad = False
 
     def prepare_for_distributed_training(self):
-        for k in self.student.keys():
+        for k in self.student:
             self.teacher[k].load_state_dict(self.student[k].state_dict())
 
     def forward_backward(self, images, teacher_temp):
@@ -213,17 +242,24 @@ class SSLMetaArch(nn.Module):
                 t_patch = self.teacher.ibot_head(buffer)[:n_masked]
             else:
                 after = self.teacher.dino_head(torch.cat([cls, buffer]))
-                t_cls, t_patch = after[: len(cls)], after[len(cls): len(cls) + n_masked]
+                t_cls, t_patch = after[: len(cls)], after[len(cls) : len(cls) + n_masked]
             if self.cfg.train.centering == "centering":
-                t_dino = self.dino_loss.softmax_center_teacher(t_cls, teacher_temp=teacher_temp).view(n_global, -1, t_cls.shape[-1])
+                t_dino = self.dino_loss.softmax_center_teacher(t_cls, teacher_temp=teacher_temp).view(
+                    n_global, -1, t_cls.shape[-1]
+                )
                 self.dino_loss.update_center(t_cls)
                 t_patch = t_patch.unsqueeze(0)
-                t_ibot = self.ibot_patch_loss.softmax_center_teacher(t_patch[:, :n_masked], teacher_temp=teacher_temp).squeeze(0)
+                t_ibot = self.ibot_patch_loss.softmax_center_teacher(
+                    t_patch[:, :n_masked], teacher_temp=teacher_temp
+                ).squeeze(0)
                 self.ibot_patch_loss.update_center(t_patch[:n_masked])
             else:
-                t_dino = self.dino_loss.sinkhorn_knopp_teacher(t_cls, teacher_temp=teacher_temp).view(n_global, -1, t_cls.shape[-1])
+                t_dino = self.dino_loss.sinkhorn_knopp_teacher(t_cls, teacher_temp=teacher_temp).view(
+                    n_global, -1, t_cls.shape[-1]
+                )
                 t_ibot = self.ibot_patch_loss.sinkhorn_knopp_teacher(
-                    t_patch, teacher_temp=teacher_temp, n_masked_patches_tensor=n_masked_patches_tensor)
+                    t_patch, teacher_temp=teacher_temp, n_masked_patches_tensor=n_masked_patches_tensor
+                )
 
         g_out, l_out = self.student.backbone([global_crops, local_crops], masks=[masks, None], is_training=True)
         s_patch_in = g_out["x_norm_patchtokens"]
@@ -239,8 +275,13 @@ class SSLMetaArch(nn.Module):
         loss_dict, total = {}, 0
         local_loss = self.dino_loss(s_local.chunk(n_local), t_dino) / terms
         global_loss = self.dino_loss([s_global], [t_dino.flatten(0, 1)]) * 2 / terms
-        ibot_loss = self.ibot_patch_loss.forward_masked(
-            s_patch, t_ibot, student_masks_flat=masks, n_masked_patches=n_masked, masks_weight=masks_weight) * 2 / n_global
+        ibot_loss = (
+            self.ibot_patch_loss.forward_masked(
+                s_patch, t_ibot, student_masks_flat=masks, n_masked_patches=n_masked, masks_weight=masks_weight
+            )
+            * 2
+            / n_global
+        )
         loss_dict.update(dino_local_crops_loss=local_loss, dino_global_crops_loss=global_loss, ibot_loss=ibot_loss / 2)
         total = self.dino_loss_weight * (local_loss + global_loss) + self.ibot_loss_weight * ibot_loss
         total.backward()
@@ -249,7 +290,7 @@ class SSLMetaArch(nn.Module):
 
     def update_teacher(self, m):
         with torch.no_grad():
-            for k in self.student.keys():
+            for k in self.student:
                 for ps, pt in zip(self.student[k].parameters(), self.teacher[k].parameters()):
                     pt.mul_(m).add_(ps, alpha=1 - m)
 

@@ -173,8 +173,14 @@ class iBOTPatchLoss(_Centered):
         loss = torch.sum(loss * student_masks_flat.float(), dim=-1) / student_masks_flat.sum(dim=-1).clamp(min=1.0)
         return -loss.mean()
 
-    def forward_masked(self, student_patch_tokens_masked, teacher_patch_tokens_masked, student_masks_flat,
-                       n_masked_patches=None, masks_weight=None):
+    def forward_masked(
+        self,
+        student_patch_tokens_masked,
+        teacher_patch_tokens_masked,
+        student_masks_flat,
+        n_masked_patches=None,
+        masks_weight=None,
+    ):
         loss = _patch_cross_entropy(teacher_patch_tokens_masked, student_patch_tokens_masked, self.student_temp)
         if masks_weight is None:
             counts = student_masks_flat.sum(-1).clamp(min=1.0)
@@ -221,8 +227,11 @@ class TinyBackbone(nn.Module):
         storage = self.storage_tokens.expand(len(x), -1, -1) + tokens.mean(1, keepdim=True)
         tokens = self.norm(torch.cat([tokens.mean(1, keepdim=True), storage, tokens], dim=1))
         n = storage.shape[1]
-        return {"x_norm_clstoken": tokens[:, 0], "x_storage_tokens": tokens[:, 1:1 + n],
-                "x_norm_patchtokens": tokens[:, 1 + n:]}
+        return {
+            "x_norm_clstoken": tokens[:, 0],
+            "x_storage_tokens": tokens[:, 1 : 1 + n],
+            "x_norm_patchtokens": tokens[:, 1 + n :],
+        }
 
     def forward(self, x, masks=None, is_training=True):
         if isinstance(x, list):
@@ -230,20 +239,34 @@ class TinyBackbone(nn.Module):
         return self._one(x, masks)
 
 
-def default_cfg(out_dim=32, ibot_out_dim=24, bottleneck_dim=8, local_crops_number=2, global_ignore_diagonal=True,
-                koleo_loss_weight=0.1, compile=False, distillation_bottleneck_dim=None, multidistillation=False):
+def default_cfg(
+    out_dim=32,
+    ibot_out_dim=24,
+    bottleneck_dim=8,
+    local_crops_number=2,
+    global_ignore_diagonal=True,
+    koleo_loss_weight=0.1,
+    compile=False,
+    distillation_bottleneck_dim=None,
+    multidistillation=False,
+):
     """The fields of DINOv3's config that SSLMetaArch reads (small sizes); ``distillation_bottleneck_dim``
     switches distillation on, from a teacher with that bottleneck."""
     head = dict(head_bottleneck_dim=bottleneck_dim, head_nlayers=3, head_hidden_dim=24, loss_weight=1.0)
     return SimpleNamespace(
-        dino=SimpleNamespace(head_n_prototypes=out_dim, global_ignore_diagonal=global_ignore_diagonal,
-                             koleo_loss_weight=koleo_loss_weight, **head),
+        dino=SimpleNamespace(
+            head_n_prototypes=out_dim,
+            global_ignore_diagonal=global_ignore_diagonal,
+            koleo_loss_weight=koleo_loss_weight,
+            **head,
+        ),
         ibot=SimpleNamespace(head_n_prototypes=ibot_out_dim, separate_head=True, **head),
         train=SimpleNamespace(centering="sinkhorn_knopp", compile=compile),
         crops=SimpleNamespace(local_crops_number=local_crops_number),
         compute_precision=SimpleNamespace(sharding_strategy="SHARD_GRAD_OP"),
-        distillation=SimpleNamespace(enabled=distillation_bottleneck_dim is not None,
-                                     head_bottleneck_dim=distillation_bottleneck_dim),
+        distillation=SimpleNamespace(
+            enabled=distillation_bottleneck_dim is not None, head_bottleneck_dim=distillation_bottleneck_dim
+        ),
         multidistillation=SimpleNamespace(enabled=multidistillation),
     )
 
@@ -260,15 +283,24 @@ class SSLMetaArch(nn.Module):
         self.cfg = cfg
 
         def heads(bottleneck_dim):
-            return {name: DINOHead(embed_dim, c.head_n_prototypes, nlayers=c.head_nlayers, hidden_dim=c.head_hidden_dim,
-                                   bottleneck_dim=bottleneck_dim or c.head_bottleneck_dim)
-                    for name, c in (("dino_head", cfg.dino), ("ibot_head", cfg.ibot))}
+            return {
+                name: DINOHead(
+                    embed_dim,
+                    c.head_n_prototypes,
+                    nlayers=c.head_nlayers,
+                    hidden_dim=c.head_hidden_dim,
+                    bottleneck_dim=bottleneck_dim or c.head_bottleneck_dim,
+                )
+                for name, c in (("dino_head", cfg.dino), ("ibot_head", cfg.ibot))
+            }
 
         self.student = nn.ModuleDict({"backbone": TinyBackbone(embed_dim), **heads(None)})
         self.teacher = nn.ModuleDict({"backbone": TinyBackbone(embed_dim), **heads(None)})
         self.model_ema = self.teacher
         if cfg.distillation.enabled:
-            self.teacher = nn.ModuleDict({"backbone": TinyBackbone(embed_dim), **heads(cfg.distillation.head_bottleneck_dim)})
+            self.teacher = nn.ModuleDict(
+                {"backbone": TinyBackbone(embed_dim), **heads(cfg.distillation.head_bottleneck_dim)}
+            )
         self.teacher.requires_grad_(False)
         self.model_ema.requires_grad_(False)
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
@@ -301,7 +333,7 @@ class SSLMetaArch(nn.Module):
 
             mesh = init_device_mesh("cpu", (dist.get_world_size(),))
             for model in models:
-                for key in model.keys():
+                for key in model:
                     fully_shard(model[key], mesh=mesh, reshard_after_forward=True)
 
     def forward_backward(self, data, *, teacher_temp, iteration=0, **ignored_kwargs):
@@ -312,14 +344,28 @@ class SSLMetaArch(nn.Module):
         local_crops = data["collated_local_crops"].unflatten(0, (n_local_crops, batch))
         masks, mask_indices_list = data["collated_masks"], data["mask_indices_list"]
         teacher_global = self.get_teacher_output(
-            global_crops, teacher_temp=teacher_temp, n_masked_patches_tensor=data["n_masked_patches"],
-            mask_indices_list=mask_indices_list, upperbound=data["upperbound"])
+            global_crops,
+            teacher_temp=teacher_temp,
+            n_masked_patches_tensor=data["n_masked_patches"],
+            mask_indices_list=mask_indices_list,
+            upperbound=data["upperbound"],
+        )
         student_global, student_local = self.get_student_output(
-            global_crops=global_crops, local_crops=local_crops, upperbound=data["upperbound"], masks=masks,
-            mask_indices_list=mask_indices_list)
+            global_crops=global_crops,
+            local_crops=local_crops,
+            upperbound=data["upperbound"],
+            masks=masks,
+            mask_indices_list=mask_indices_list,
+        )
         loss, loss_dict = self.compute_losses(
-            teacher_global=teacher_global, student_global=student_global, student_local=student_local,
-            masks=masks, mask_indices_list=mask_indices_list, masks_weight=data["masks_weight"], iteration=iteration)
+            teacher_global=teacher_global,
+            student_global=student_global,
+            student_local=student_local,
+            masks=masks,
+            mask_indices_list=mask_indices_list,
+            masks_weight=data["masks_weight"],
+            iteration=iteration,
+        )
         loss.backward()
         return loss, {"local_batch_size": batch} | loss_dict
 
@@ -332,54 +378,79 @@ class SSLMetaArch(nn.Module):
         cls_after_head = self.teacher.dino_head(cls)
         cls_centered = self.dino_loss.sinkhorn_knopp_teacher(cls_after_head, teacher_temp=teacher_temp)
         masked_centered = self.ibot_patch_loss.sinkhorn_knopp_teacher(
-            masked_after_head, teacher_temp=teacher_temp, n_masked_patches_tensor=n_masked_patches_tensor)
-        return {"cls_pre_head": cls.unflatten(0, (n_crops, batch)), "cls_centered": cls_centered.unflatten(0, (n_crops, batch)),
-                "masked_patch_centered": masked_centered}
+            masked_after_head, teacher_temp=teacher_temp, n_masked_patches_tensor=n_masked_patches_tensor
+        )
+        return {
+            "cls_pre_head": cls.unflatten(0, (n_crops, batch)),
+            "cls_centered": cls_centered.unflatten(0, (n_crops, batch)),
+            "masked_patch_centered": masked_centered,
+        }
 
     def get_student_output(self, *, global_crops, local_crops, upperbound, masks, mask_indices_list):
         n_global, batch = global_crops.shape[:2]
         n_local = local_crops.shape[0]
         global_out, local_out = self.student.backbone(
             [global_crops.flatten(0, 1), local_crops.flatten(0, 1)],
-            masks=[masks if not self.is_distillation_enabled else None, None], is_training=True)
+            masks=[masks if not self.is_distillation_enabled else None, None],
+            is_training=True,
+        )
         masked_pre_head = torch.index_select(global_out["x_norm_patchtokens"].flatten(0, 1), 0, mask_indices_list)
         masked_after_head = self.student.ibot_head(masked_pre_head)
         g_cls, l_cls = global_out["x_norm_clstoken"], local_out["x_norm_clstoken"]
         after_head = self.student.dino_head(torch.cat([g_cls, l_cls]))
         g_after, l_after = torch.split_with_sizes(after_head, [len(g_cls), len(l_cls)])
-        student_global = {"cls_pre_head": g_cls.unflatten(0, (n_global, batch)),
-                          "cls_after_head": g_after.unflatten(0, (n_global, batch)),
-                          "masked_patch_after_head": masked_after_head}
+        student_global = {
+            "cls_pre_head": g_cls.unflatten(0, (n_global, batch)),
+            "cls_after_head": g_after.unflatten(0, (n_global, batch)),
+            "masked_patch_after_head": masked_after_head,
+        }
         student_local = {"cls_after_head": l_after.unflatten(0, (n_local, batch))}
         return student_global, student_local
 
-    def compute_losses(self, *, teacher_global, student_global, student_local, masks, mask_indices_list,
-                       masks_weight, iteration):
+    def compute_losses(
+        self, *, teacher_global, student_global, student_local, masks, mask_indices_list, masks_weight, iteration
+    ):
         n_global = student_global["cls_after_head"].shape[0]
         n_local = student_local["cls_after_head"].shape[0]
         global_terms = n_global * (n_global - 1) if self.dino_global_ignore_diagonal else n_global**2
         local_terms = n_global * n_local
-        local_loss = self.dino_loss(student_logits=student_local["cls_after_head"],
-                                    teacher_probs=teacher_global["cls_centered"])
-        global_loss = self.dino_loss(student_logits=student_global["cls_after_head"],
-                                     teacher_probs=teacher_global["cls_centered"],
-                                     ignore_diagonal=self.dino_global_ignore_diagonal)
+        local_loss = self.dino_loss(
+            student_logits=student_local["cls_after_head"], teacher_probs=teacher_global["cls_centered"]
+        )
+        global_loss = self.dino_loss(
+            student_logits=student_global["cls_after_head"],
+            teacher_probs=teacher_global["cls_centered"],
+            ignore_diagonal=self.dino_global_ignore_diagonal,
+        )
         koleo_loss = sum(self.koleo_loss(x) for x in student_global["cls_pre_head"]) / n_global
         ibot_loss = self.ibot_patch_loss.forward_masked(
-            student_global["masked_patch_after_head"], teacher_global["masked_patch_centered"],
-            student_masks_flat=masks, n_masked_patches=mask_indices_list.shape[0], masks_weight=masks_weight)
+            student_global["masked_patch_after_head"],
+            teacher_global["masked_patch_centered"],
+            student_masks_flat=masks,
+            n_masked_patches=mask_indices_list.shape[0],
+            masks_weight=masks_weight,
+        )
         dino_weight = self.cfg.dino.loss_weight
-        total = (dino_weight * local_terms / (global_terms + local_terms) * local_loss
-                 + dino_weight * global_terms / (global_terms + local_terms) * global_loss
-                 + self.cfg.dino.koleo_loss_weight * n_global * koleo_loss
-                 + self.cfg.ibot.loss_weight * ibot_loss)
-        return total, {"dino_local_crops_loss": local_loss, "dino_global_crops_loss": global_loss,
-                       "koleo_loss": koleo_loss, "ibot_loss": ibot_loss}
+        total = (
+            dino_weight * local_terms / (global_terms + local_terms) * local_loss
+            + dino_weight * global_terms / (global_terms + local_terms) * global_loss
+            + self.cfg.dino.koleo_loss_weight * n_global * koleo_loss
+            + self.cfg.ibot.loss_weight * ibot_loss
+        )
+        return total, {
+            "dino_local_crops_loss": local_loss,
+            "dino_global_crops_loss": global_loss,
+            "koleo_loss": koleo_loss,
+            "ibot_loss": ibot_loss,
+        }
 
     def update_ema(self, m):
         if self.ema_params_lists is None:
-            pairs = [(ps, pt) for k in self.student.keys()
-                     for ps, pt in zip(self.student[k].parameters(), self.model_ema[k].parameters())]
+            pairs = [
+                (ps, pt)
+                for k in self.student
+                for ps, pt in zip(self.student[k].parameters(), self.model_ema[k].parameters())
+            ]
             self.ema_params_lists = ([ps for ps, _ in pairs], [pt for _, pt in pairs])
         student_params, teacher_params = self.ema_params_lists
         with torch.no_grad():
@@ -402,9 +473,13 @@ def make_samples(n, *, n_local=2, n_tokens=16, seed=0, ratio=0.4):
         masks = [torch.rand(n_tokens, generator=g) < ratio for _ in range(2)]
         if i == 0:
             masks[0][:] = False
-        samples.append({"global_crops": [torch.randn(3, 16, 16, generator=g) for _ in range(2)],
-                        "local_crops": [torch.randn(3, 8, 8, generator=g) for _ in range(n_local)],
-                        "masks": masks})
+        samples.append(
+            {
+                "global_crops": [torch.randn(3, 16, 16, generator=g) for _ in range(2)],
+                "local_crops": [torch.randn(3, 8, 8, generator=g) for _ in range(n_local)],
+                "masks": masks,
+            }
+        )
     return samples
 
 

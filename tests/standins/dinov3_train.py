@@ -14,7 +14,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-
 from dinov3 import MultiDistillationMetaArch, SSLMetaArch, collate, default_cfg, make_samples, teacher_temp_schedule
 
 
@@ -50,15 +49,18 @@ def main(argv=None):
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     cfg = default_cfg(multidistillation=args.multi_distillation)
-    cfg.MODEL = SimpleNamespace(META_ARCHITECTURE="MultiDistillationMetaArch" if args.multi_distillation else "SSLMetaArch")
-    meta_arch = {"SSLMetaArch": SSLMetaArch, "MultiDistillationMetaArch": MultiDistillationMetaArch}.get(
-        cfg.MODEL.META_ARCHITECTURE, None)
+    cfg.MODEL = SimpleNamespace(
+        META_ARCHITECTURE="MultiDistillationMetaArch" if args.multi_distillation else "SSLMetaArch"
+    )
+    meta_archs = {"SSLMetaArch": SSLMetaArch, "MultiDistillationMetaArch": MultiDistillationMetaArch}
+    meta_arch = meta_archs.get(cfg.MODEL.META_ARCHITECTURE)
     with torch.device("meta"):
         model = meta_arch(cfg)
     model.prepare_for_distributed_training()
     model._apply(
         lambda t: torch.full_like(
-            t, fill_value=math.nan if t.dtype.is_floating_point else (2 ** (t.dtype.itemsize * 8 - 1)), device="cpu"),
+            t, fill_value=math.nan if t.dtype.is_floating_point else (2 ** (t.dtype.itemsize * 8 - 1)), device="cpu"
+        ),
         recurse=True,
     )
     do_train(cfg, model, args)

@@ -42,12 +42,32 @@ class iBOTHead(DINOHead):
     ``mlp`` (one norm module shared by the hidden layers), ``last_layer``, ``last_layer2`` (the same module
     when ``shared_head``), ``last_norm``/``last_norm2`` (None). A 2-D input gives the [CLS] logits alone."""
 
-    def __init__(self, in_dim, out_dim, patch_out_dim=8192, norm=None, act="gelu", nlayers=3, hidden_dim=2048,
-                 bottleneck_dim=256, norm_last_layer=True, shared_head=False):
+    def __init__(
+        self,
+        in_dim,
+        out_dim,
+        patch_out_dim=8192,
+        norm=None,
+        act="gelu",
+        nlayers=3,
+        hidden_dim=2048,
+        bottleneck_dim=256,
+        norm_last_layer=True,
+        shared_head=False,
+    ):
         norm_cls = {None: None, "bn": nn.BatchNorm1d, "ln": nn.LayerNorm}[norm]
         act_cls = {"gelu": nn.GELU, "relu": nn.ReLU}[act]
-        super().__init__(in_dim, out_dim, norm_last_layer=norm_last_layer, nlayers=nlayers, hidden_dim=hidden_dim,
-                         bottleneck_dim=bottleneck_dim, norm_cls=norm_cls, act_cls=act_cls, shared_norm=True)
+        super().__init__(
+            in_dim,
+            out_dim,
+            norm_last_layer=norm_last_layer,
+            nlayers=nlayers,
+            hidden_dim=hidden_dim,
+            bottleneck_dim=bottleneck_dim,
+            norm_cls=norm_cls,
+            act_cls=act_cls,
+            shared_norm=True,
+        )
         if shared_head:
             self.last_layer2 = self.last_layer
         else:
@@ -87,9 +107,25 @@ class iBOTLoss(nn.Module):
     """``main_ibot.iBOTLoss``: constructor, attributes (numpy schedules, ``center`` (1, K), ``center2``
     (1, 1, K2)), ``forward`` returning the dict ``cls``/``patch``/``loss``."""
 
-    def __init__(self, out_dim, patch_out_dim, ngcrops, nlcrops, warmup_teacher_temp, teacher_temp,
-                 warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, nepochs, student_temp=0.1,
-                 center_momentum=0.9, center_momentum2=0.9, lambda1=1.0, lambda2=1.0, mim_start_epoch=0):
+    def __init__(
+        self,
+        out_dim,
+        patch_out_dim,
+        ngcrops,
+        nlcrops,
+        warmup_teacher_temp,
+        teacher_temp,
+        warmup_teacher_temp2,
+        teacher_temp2,
+        warmup_teacher_temp_epochs,
+        nepochs,
+        student_temp=0.1,
+        center_momentum=0.9,
+        center_momentum2=0.9,
+        lambda1=1.0,
+        lambda2=1.0,
+        mim_start_epoch=0,
+    ):
         super().__init__()
         self.student_temp = student_temp
         self.center_momentum, self.center_momentum2 = center_momentum, center_momentum2
@@ -100,9 +136,13 @@ class iBOTLoss(nn.Module):
         warm = np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
         self.teacher_temp_schedule = np.concatenate((warm, np.full(nepochs - warmup_teacher_temp_epochs, teacher_temp)))
         warm2 = np.linspace(warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs)
-        self.teacher_temp2_schedule = np.concatenate((
-            np.full(mim_start_epoch, warmup_teacher_temp2), warm2,
-            np.full(nepochs - warmup_teacher_temp_epochs - mim_start_epoch, teacher_temp2)))
+        self.teacher_temp2_schedule = np.concatenate(
+            (
+                np.full(mim_start_epoch, warmup_teacher_temp2),
+                warm2,
+                np.full(nepochs - warmup_teacher_temp_epochs - mim_start_epoch, teacher_temp2),
+            )
+        )
 
     def forward(self, student_output, teacher_output, student_local_cls, student_mask, epoch):
         student_cls, student_patch = student_output
@@ -144,16 +184,43 @@ class iBOTLoss(nn.Module):
         self.center2 = self.center2 * m2 + patch_sum / (len(teacher_patch) * world) * (1 - m2)
 
 
-def build_networks(out_dim=32, patch_out_dim=32, *, norm_last_layer=False, shared_head=False, shared_head_teacher=True,
-                   embed_dim=16, bottleneck_dim=8, hidden_dim=24, seed=0):
+def build_networks(
+    out_dim=32,
+    patch_out_dim=32,
+    *,
+    norm_last_layer=False,
+    shared_head=False,
+    shared_head_teacher=True,
+    embed_dim=16,
+    bottleneck_dim=8,
+    hidden_dim=24,
+    seed=0,
+):
     """Student and teacher as ``main_ibot.train_ibot`` builds them (teacher head shared by default)."""
     torch.manual_seed(seed)
-    student = MultiCropWrapper(TinyTokenBackbone(embed_dim), iBOTHead(
-        embed_dim, out_dim, patch_out_dim=patch_out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
-        norm_last_layer=norm_last_layer, shared_head=shared_head))
-    teacher = MultiCropWrapper(TinyTokenBackbone(embed_dim), iBOTHead(
-        embed_dim, out_dim, patch_out_dim=patch_out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
-        shared_head=shared_head_teacher))
+    student = MultiCropWrapper(
+        TinyTokenBackbone(embed_dim),
+        iBOTHead(
+            embed_dim,
+            out_dim,
+            patch_out_dim=patch_out_dim,
+            hidden_dim=hidden_dim,
+            bottleneck_dim=bottleneck_dim,
+            norm_last_layer=norm_last_layer,
+            shared_head=shared_head,
+        ),
+    )
+    teacher = MultiCropWrapper(
+        TinyTokenBackbone(embed_dim),
+        iBOTHead(
+            embed_dim,
+            out_dim,
+            patch_out_dim=patch_out_dim,
+            hidden_dim=hidden_dim,
+            bottleneck_dim=bottleneck_dim,
+            shared_head=shared_head_teacher,
+        ),
+    )
     teacher.load_state_dict(student.state_dict(), strict=False)
     for param in teacher.parameters():
         param.requires_grad = False
@@ -170,8 +237,9 @@ def crops_and_masks(batch=3, n_local=2, seed=0, ratio=0.4):
     return images, masks
 
 
-def train_step(student, teacher, ibot_loss, images, masks, optimizer, epoch, momentum, freeze_last_layer=0,
-               observe=None):
+def train_step(
+    student, teacher, ibot_loss, images, masks, optimizer, epoch, momentum, freeze_last_layer=0, observe=None
+):
     """One iteration of ``main_ibot.train_one_epoch`` (fp32). Returns iBOT's loss dict.
     ``observe(student_output, teacher_output, student_local_cls)`` sees the outputs before the loss."""
     teacher_output = teacher(images[:2])

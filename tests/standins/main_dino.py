@@ -8,9 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 import dino as utils
+import torch
 
 
 def bool_flag(s):

@@ -29,12 +29,19 @@ CELLS: tuple[Method, ...] = (
     METHODS["dino"],
     Method("dino-prob", "DINO, probability centering", norm_last_layer=True, vmf=False, centering="probability"),
     METHODS["dino-free"],
-    Method("dino-free-prob", "free norms, probability centering", norm_last_layer=False, vmf=False,
-           centering="probability"),
+    Method(
+        "dino-free-prob", "free norms, probability centering", norm_last_layer=False, vmf=False, centering="probability"
+    ),
     Method("dino-vmf-logit", "DINO-vMF, logit centering", norm_last_layer=False, vmf=True, centering="logit"),
     METHODS["dino-vmf"],
-    Method("dino-vmf-approx", "DINO-vMF, approx. log C_p", norm_last_layer=False, vmf=True, centering="probability",
-           mode="approx"),
+    Method(
+        "dino-vmf-approx",
+        "DINO-vMF, approx. log C_p",
+        norm_last_layer=False,
+        vmf=True,
+        centering="probability",
+        mode="approx",
+    ),
 )
 BASELINE = "dino"
 # Each factor of the grid with the others held fixed, paired by seed: (what, cell, reference).
@@ -57,8 +64,20 @@ GRID = TrainConfig()
 # K = 8192 at lr 1e-2 did not). Its budget is a third of the grid's.
 PROBE = {"lr": 0.1, "epochs": 20}
 # --quick: a smoke test of every stage in seconds; its numbers mean nothing.
-QUICK = {"epochs": 2, "batch_size": 96, "n_local": 1, "out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 16,
-         "width": 4, "train_images": 192, "warmup_epochs": 0, "freeze_last_layer": 0, "eval_every": 2, "log_every": 1}
+QUICK = {
+    "epochs": 2,
+    "batch_size": 96,
+    "n_local": 1,
+    "out_dim": 32,
+    "hidden_dim": 32,
+    "bottleneck_dim": 16,
+    "width": 4,
+    "train_images": 192,
+    "warmup_epochs": 0,
+    "freeze_last_layer": 0,
+    "eval_every": 2,
+    "log_every": 1,
+}
 QUICK_SEEDS = 2  # two, so that the paired intervals are computed
 QUICK_PROBE_SEEDS = 1
 
@@ -81,23 +100,46 @@ test of a few seconds (10-30 s with start-up, depending on how busy the machine 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vmf-head ablation", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=None,
-                        help=f"paired seeds SEED .. SEED+N-1 for the grid (default 5; --quick: {QUICK_SEEDS})")
+    parser = argparse.ArgumentParser(
+        prog="vmf-head ablation", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help=f"paired seeds SEED .. SEED+N-1 for the grid (default 5; --quick: {QUICK_SEEDS})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    parser.add_argument("--probe-seeds", type=int, default=None,
-                        help="seeds of the stability probe, from SEED (default: as --seeds; --quick: "
-                             f"{QUICK_PROBE_SEEDS}; 0 skips the probe)")
+    parser.add_argument(
+        "--probe-seeds",
+        type=int,
+        default=None,
+        help="seeds of the stability probe, from SEED (default: as --seeds; --quick: "
+        f"{QUICK_PROBE_SEEDS}; 0 skips the probe)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny networks and budget: a smoke test of seconds")
-    parser.add_argument("--out", type=Path, default=Path("vmf_ablation_out"),
-                        help="output directory (default ./vmf_ablation_out); runs already in it are reused")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: these networks are too small to gain from more, "
-                             "and a second thread stalls when another job shares the cores)")
-    parser.add_argument("--data", type=Path, default=None,
-                        help="an ImageFolder directory (DIR/<class>/<image>) instead of the digits, as in the demo")
-    parser.add_argument("--image-size", type=int, default=32, help="side images from --data are resized to (default 32)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("vmf_ablation_out"),
+        help="output directory (default ./vmf_ablation_out); runs already in it are reused",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: these networks are too small to gain from more, "
+        "and a second thread stalls when another job shares the cores)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="an ImageFolder directory (DIR/<class>/<image>) instead of the digits, as in the demo",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=32, help="side images from --data are resized to (default 32)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -107,8 +149,9 @@ def _json_ready(x: object) -> object:
     return json.loads(json.dumps(x))
 
 
-def run_cell(directory: Path, cell: Method, data, cfg: TrainConfig, seed: int, dataset: dict,
-             progress: bool) -> tuple[dict, bool]:
+def run_cell(
+    directory: Path, cell: Method, data, cfg: TrainConfig, seed: int, dataset: dict, progress: bool
+) -> tuple[dict, bool]:
     """The run of ``cell`` with ``seed``: read from ``directory`` if it was trained there with the
     same configuration and data, else trained and written there. Returns ``(run, trained)``."""
     from .report import write_json
@@ -119,8 +162,10 @@ def run_cell(directory: Path, cell: Method, data, cfg: TrainConfig, seed: int, d
     if path.exists():
         stored = json.loads(path.read_text())
         if stored["config"] != config or stored["dataset"] != dataset or stored["cell"] != _json_ready(asdict(cell)):
-            raise ValueError(f"{path} was trained with another configuration, data set or cell definition; "
-                             "use another --out (or delete that file to retrain it)")
+            raise ValueError(
+                f"{path} was trained with another configuration, data set or cell definition; "
+                "use another --out (or delete that file to retrain it)"
+            )
         return stored["run"], False
     run = train_one(cell, data, cfg, seed, progress=progress)
     directory.mkdir(parents=True, exist_ok=True)
@@ -166,15 +211,23 @@ def main(argv: list[str] | None = None) -> int:
     from .report import environment, mean_std, write_json
     from .train import evaluate_pixels, evaluate_random_init
 
-    dataset = {"name": data.name, "train": len(data.train_labels), "test": len(data.test_labels),
-               "classes": data.class_names}
+    dataset = {
+        "name": data.name,
+        "train": len(data.train_labels),
+        "test": len(data.test_labels),
+        "classes": data.class_names,
+    }
     seeds = list(range(args.seed, args.seed + n_seeds))
     probe_seeds = list(range(args.seed, args.seed + n_probe))
-    jobs = [("runs", c, cfg, s) for s in seeds for c in CELLS] + [("probe", c, probe_cfg, s) for s in probe_seeds
-                                                                    for c in PROBE_CELLS]
-    print(f"vmf-head ablation: {data.name}, {dataset['train']} training / {dataset['test']} held-out images; "
-          f"{len(CELLS)} cells x {n_seeds} seed(s) + probe {len(PROBE_CELLS)} x {n_probe}; {cfg.epochs} epochs, "
-          f"K={cfg.out_dim}, p={cfg.bottleneck_dim}; {torch.get_num_threads()} thread(s); out {args.out}", flush=True)
+    jobs = [("runs", c, cfg, s) for s in seeds for c in CELLS] + [
+        ("probe", c, probe_cfg, s) for s in probe_seeds for c in PROBE_CELLS
+    ]
+    print(
+        f"vmf-head ablation: {data.name}, {dataset['train']} training / {dataset['test']} held-out images; "
+        f"{len(CELLS)} cells x {n_seeds} seed(s) + probe {len(PROBE_CELLS)} x {n_probe}; {cfg.epochs} epochs, "
+        f"K={cfg.out_dim}, p={cfg.bottleneck_dim}; {torch.get_num_threads()} thread(s); out {args.out}",
+        flush=True,
+    )
     start, start_cpu = time.perf_counter(), time.process_time()
     results: dict[str, list[dict]] = {"runs": [], "probe": []}
     trained = 0
@@ -186,9 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         trained += fresh
         results[kind].append(run)
         if fresh:
-            tqdm.write(f"  {kind:<5} {cell.label:<34} seed {seed}: k-NN {100 * run['knn']:.1f}%  linear "
-                       f"{100 * run['linear']:.1f}%  ({run['cpu_seconds']:.0f} CPU s, {run['seconds']:.0f} s wall)"
-                       + ("  DIVERGED" if run["diverged"] else ""))
+            tqdm.write(
+                f"  {kind:<5} {cell.label:<34} seed {seed}: k-NN {100 * run['knn']:.1f}%  linear "
+                f"{100 * run['linear']:.1f}%  ({run['cpu_seconds']:.0f} CPU s, {run['seconds']:.0f} s wall)"
+                + ("  DIVERGED" if run["diverged"] else "")
+            )
 
     summary = rep.summarize(results["runs"], list(CELLS), BASELINE, cfg.out_dim)
     probe_summary = rep.summarize(results["probe"], list(PROBE_CELLS), "", probe_cfg.out_dim) if n_probe else {}
@@ -223,11 +278,22 @@ def main(argv: list[str] | None = None) -> int:
         "probe_runs": [_compact(r, rep.divergence_flags(r, probe_cfg.out_dim)) for r in results["probe"]],
     }
     write_json(args.out / "ablation.json", payload)
-    rep.plot(args.out / "ablation.png", summary, results["runs"], probe_summary, results["probe"], BASELINE,
-             cfg.out_dim, probe_cfg.out_dim, probe_text)
+    rep.plot(
+        args.out / "ablation.png",
+        summary,
+        results["runs"],
+        probe_summary,
+        results["probe"],
+        BASELINE,
+        cfg.out_dim,
+        probe_cfg.out_dim,
+        probe_text,
+    )
     spread = f"mean ± sd over {n_seeds} seeds; Δ: paired difference, points, 95% t interval over seeds"
-    print(f"\nThe grid ({spread}); raw pixels: k-NN {100 * pixels['knn']:.1f}%, linear {100 * pixels['linear']:.1f}%; "
-          f"untrained backbone: k-NN {rep.pm(random_stats['knn'])}%, linear {rep.pm(random_stats['linear'])}%\n")
+    print(
+        f"\nThe grid ({spread}); raw pixels: k-NN {100 * pixels['knn']:.1f}%, linear {100 * pixels['linear']:.1f}%; "
+        f"untrained backbone: k-NN {rep.pm(random_stats['knn'])}%, linear {rep.pm(random_stats['linear'])}%\n"
+    )
     print(rep.format_table(summary, BASELINE, cfg.out_dim))
     print("\nOne factor at a time (paired by seed, points, 95% t interval)\n")
     print(rep.format_contrasts(factor_rows, {c.name: c.label for c in CELLS}))
@@ -236,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     if probe_summary:
         print(f"\nStability probe ({probe_text}; {n_probe} seeds)\n")
         print(rep.format_probe(probe_summary))
-    print(f"\n{trained} run(s) trained here in {payload['cpu_seconds']:.0f} CPU s ({payload['wall_seconds']:.0f} s wall); "
-          f"CPU s in the table: CPU time of each run's process (one thread unless --threads); "
-          f"wrote {args.out / 'ablation.json'} and {args.out / 'ablation.png'}")
+    print(
+        f"\n{trained} run(s) trained here in {payload['cpu_seconds']:.0f} CPU s "
+        f"({payload['wall_seconds']:.0f} s wall); "
+        f"CPU s in the table: CPU time of each run's process (one thread unless --threads); "
+        f"wrote {args.out / 'ablation.json'} and {args.out / 'ablation.png'}"
+    )
     return 0

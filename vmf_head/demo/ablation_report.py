@@ -67,8 +67,15 @@ def paired_difference(a: dict[int, float], b: dict[int, float], level: float = 0
     interval ``ci_low``/``ci_high`` at ``level`` (None for n < 2)."""
     seeds = sorted(s for s in a.keys() & b.keys() if math.isfinite(a[s]) and math.isfinite(b[s]))
     d = [a[s] - b[s] for s in seeds]
-    out: dict = {"n": len(d), "seeds": seeds, "mean": statistics.fmean(d) if d else None, "std": None,
-                 "ci_low": None, "ci_high": None, "level": level}
+    out: dict = {
+        "n": len(d),
+        "seeds": seeds,
+        "mean": statistics.fmean(d) if d else None,
+        "std": None,
+        "ci_low": None,
+        "ci_high": None,
+        "level": level,
+    }
     if len(d) >= 2:
         sd = statistics.stdev(d)
         half = t_quantile(level, len(d) - 1) * sd / math.sqrt(len(d))
@@ -81,7 +88,7 @@ def divergence_flags(run: dict, out_dim: int) -> dict[str, bool]:
     teacher's argmax for every training image; ``stuck``: the mean loss of the last 5% of steps is
     within 1% of log K (uniform targets, nothing learned by the head)."""
     loss = [v for v in run["history"]["loss"] if v is not None and math.isfinite(v)]
-    tail = loss[-max(1, len(loss) // 20):]
+    tail = loss[-max(1, len(loss) // 20) :]
     return {
         "nonfinite": bool(run["diverged"]),
         "collapsed": run["diagnostics"]["utilization"] <= 1,
@@ -100,8 +107,12 @@ def kappa_spread(kappa: list[float]) -> dict[str, float]:
         return k[i] if len(k) == 1 else k[i] + (x - i) * (k[i + 1] - k[i])
 
     p5, p95 = pct(0.05), pct(0.95)
-    return {"kappa_p5": p5, "kappa_p95": p95, "kappa_ratio": p95 / p5,
-            "kappa_cv": statistics.pstdev(k) / statistics.fmean(k)}
+    return {
+        "kappa_p5": p5,
+        "kappa_p95": p95,
+        "kappa_ratio": p95 / p5,
+        "kappa_cv": statistics.pstdev(k) / statistics.fmean(k),
+    }
 
 
 def norm_group_accuracy(heldout: dict, n_groups: int = NORM_GROUPS) -> dict[str, list[float]]:
@@ -139,8 +150,12 @@ def summarize(runs: list[dict], cells: list, baseline: str, out_dim: int) -> dic
             "seeds": [r["seed"] for r in mine],
             "flags": {k: sum(f[k] for f in flags) for k in ("nonfinite", "collapsed", "stuck")},
             "final_loss": mean_std([_final_loss(r) for r in mine]),
-            "peak_loss": mean_std([max((v for v in r["history"]["loss"] if v is not None and math.isfinite(v)),
-                                       default=math.nan) for r in mine]),
+            "peak_loss": mean_std(
+                [
+                    max((v for v in r["history"]["loss"] if v is not None and math.isfinite(v)), default=math.nan)
+                    for r in mine
+                ]
+            ),
             "cpu_seconds": mean_std([r["cpu_seconds"] for r in mine]),
             "seconds": mean_std([r["seconds"] for r in mine]),
         }
@@ -172,26 +187,35 @@ def summarize(runs: list[dict], cells: list, baseline: str, out_dim: int) -> dic
 def contrasts(runs: list[dict], pairs: tuple[tuple[str, str, str], ...]) -> list[dict]:
     """One factor of the grid at a time: for each ``(text, cell, reference)`` the paired
     difference ``cell - reference`` of k-NN and linear accuracy (see :func:`paired_difference`)."""
+
     def by_seed(name: str, key: str) -> dict[int, float]:
         return {r["seed"]: r[key] for r in runs if r["method"] == name}
 
-    return [{"text": text, "cell": cell, "reference": ref,
-             **{key: paired_difference(by_seed(cell, key), by_seed(ref, key)) for key in ("knn", "linear")}}
-            for text, cell, ref in pairs]
+    return [
+        {
+            "text": text,
+            "cell": cell,
+            "reference": ref,
+            **{key: paired_difference(by_seed(cell, key), by_seed(ref, key)) for key in ("knn", "linear")},
+        }
+        for text, cell, ref in pairs
+    ]
 
 
 def format_contrasts(rows: list[dict], labels: dict[str, str]) -> str:
     """Markdown table of :func:`contrasts`, points with 95% t intervals."""
     lines = ["| factor | cell − reference | Δ k-NN [95% CI] | Δ linear [95% CI] |", "|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['text']} | {labels[row['cell']]} − {labels[row['reference']]} | "
-                     f"{_ci(row['knn'])} | {_ci(row['linear'])} |")
+        lines.append(
+            f"| {row['text']} | {labels[row['cell']]} − {labels[row['reference']]} | "
+            f"{_ci(row['knn'])} | {_ci(row['linear'])} |"
+        )
     return "\n".join(lines)
 
 
 def _final_loss(run: dict) -> float:
     loss = [v for v in run["history"]["loss"] if v is not None and math.isfinite(v)]
-    tail = loss[-max(1, len(loss) // 20):]
+    tail = loss[-max(1, len(loss) // 20) :]
     return statistics.fmean(tail) if tail else math.nan
 
 
@@ -221,9 +245,24 @@ def _flags(row: dict) -> str:
 def format_table(summary: dict, baseline: str, out_dim: int) -> str:
     """Markdown table of every cell: accuracies in % (mean ± sample sd over seeds), paired
     difference against the baseline with its 95% t interval in points, diagnostics, flags."""
-    head = ["cell", "prototypes", "vMF", "centering", "k-NN %", "Δ k-NN vs DINO [95% CI]", "linear %",
-            "Δ linear vs DINO [95% CI]", f"used (of {out_dim})", "effective clusters", "distinct",
-            "κ median", "κ p95/p5", "final loss", "flags", "CPU s"]
+    head = [
+        "cell",
+        "prototypes",
+        "vMF",
+        "centering",
+        "k-NN %",
+        "Δ k-NN vs DINO [95% CI]",
+        "linear %",
+        "Δ linear vs DINO [95% CI]",
+        f"used (of {out_dim})",
+        "effective clusters",
+        "distinct",
+        "κ median",
+        "κ p95/p5",
+        "final loss",
+        "flags",
+        "CPU s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in summary.items():
         cells = [
@@ -252,27 +291,36 @@ def format_norm_groups(summary: dict) -> str:
     """Markdown table of the Figure 2 analysis: k-NN accuracy % per percentile range of the
     assigned prototype's norm (mean ± sd over seeds), free-norm cells."""
     ranges = [f"{100 * g // NORM_GROUPS}-{100 * (g + 1) // NORM_GROUPS}%" for g in range(NORM_GROUPS)]
-    lines = ["| cell | " + " | ".join(ranges) + " | highest − lowest range [95% CI] | mean norm, lowest → highest range |",
-             "|" + "---|" * (NORM_GROUPS + 3)]
+    lines = [
+        "| cell | " + " | ".join(ranges) + " | highest − lowest range [95% CI] | mean norm, lowest → highest range |",
+        "|" + "---|" * (NORM_GROUPS + 3),
+    ]
     for row in summary.values():
         if "norm_groups" not in row:
             continue
         acc = [pm(s) for s in row["norm_groups"]["accuracy"]]
         norm = row["norm_groups"]["mean_norm"]
-        lines.append(f"| {row['label']} | " + " | ".join(acc) + f" | {_ci(row['norm_groups']['top_minus_bottom'])} | "
-                     f"{norm[0]['mean']:.3f} → {norm[-1]['mean']:.3f} |")
+        lines.append(
+            f"| {row['label']} | " + " | ".join(acc) + f" | {_ci(row['norm_groups']['top_minus_bottom'])} | "
+            f"{norm[0]['mean']:.3f} → {norm[-1]['mean']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def format_probe(summary: dict) -> str:
     """Markdown table of the stability probe: per cell, flags over seeds, final loss, accuracies."""
-    lines = ["| cell | runs | non-finite loss | collapsed | stuck at log K | peak loss | final loss | k-NN % | linear % | κ p95/p5 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| cell | runs | non-finite loss | collapsed | stuck at log K | peak loss | final loss | k-NN % | linear % "
+        "| κ p95/p5 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in summary.values():
         f = row["flags"]
-        lines.append(f"| {row['label']} | {len(row['seeds'])} | {f['nonfinite']} | {f['collapsed']} | {f['stuck']} | "
-                     f"{pm(row['peak_loss'], 1, 2)} | {pm(row['final_loss'], 1, 2)} | {pm(row['knn'])} | {pm(row['linear'])} | "
-                     f"{pm(row['kappa_ratio'], 1, 3)} |")
+        lines.append(
+            f"| {row['label']} | {len(row['seeds'])} | {f['nonfinite']} | {f['collapsed']} | {f['stuck']} | "
+            f"{pm(row['peak_loss'], 1, 2)} | {pm(row['final_loss'], 1, 2)} | {pm(row['knn'])} | {pm(row['linear'])} | "
+            f"{pm(row['kappa_ratio'], 1, 3)} |"
+        )
     return "\n".join(lines)
 
 
@@ -298,22 +346,44 @@ def _grid_panel(ax, summary: dict, runs: list[dict], key: str, title: str) -> No
             stat = row[key]
             if stat["n"] == 0:
                 continue
-            ax.bar(g + offset, 100 * stat["mean"], 0.38, yerr=100 * (stat["std"] or 0.0), capsize=3,
-                   color="C0" if row["centering"] == "logit" else "C1", hatch=None if row["centering"] == "logit" else "//",
-                   edgecolor="black", alpha=0.8)
+            ax.bar(
+                g + offset,
+                100 * stat["mean"],
+                0.38,
+                yerr=100 * (stat["std"] or 0.0),
+                capsize=3,
+                color="C0" if row["centering"] == "logit" else "C1",
+                hatch=None if row["centering"] == "logit" else "//",
+                edgecolor="black",
+                alpha=0.8,
+            )
             seeds = [100 * r[key] for r in runs if r["method"] == name]
             ax.plot([g + offset] * len(seeds), seeds, "k.", markersize=4)
     lows = [100 * r[key] for r in runs]
     ax.set_ylim(max(0.0, min(lows) - 3), min(100.0, max(lows) + 2))
     ax.set_xticks(range(len(GRID_GROUPS)), [g[0] for g in GRID_GROUPS], fontsize=8)
-    ax.legend(handles=[Patch(facecolor="C0", edgecolor="black", label="logit centering"),
-                       Patch(facecolor="C1", hatch="//", edgecolor="black", label="probability centering"),
-                       Line2D([], [], color="black", marker=".", ls="", label="one seed")], fontsize=8)
+    ax.legend(
+        handles=[
+            Patch(facecolor="C0", edgecolor="black", label="logit centering"),
+            Patch(facecolor="C1", hatch="//", edgecolor="black", label="probability centering"),
+            Line2D([], [], color="black", marker=".", ls="", label="one seed"),
+        ],
+        fontsize=8,
+    )
     ax.set(title=title, ylabel="accuracy %")
 
 
-def plot(path: Path, summary: dict, runs: list[dict], probe_summary: dict, probe_runs: list[dict],
-         baseline: str, out_dim: int, probe_out_dim: int, probe_text: str) -> None:
+def plot(
+    path: Path,
+    summary: dict,
+    runs: list[dict],
+    probe_summary: dict,
+    probe_runs: list[dict],
+    baseline: str,
+    out_dim: int,
+    probe_out_dim: int,
+    probe_text: str,
+) -> None:
     """Six panels: the grid as the seed draws it (k-NN and linear; bars mean, whiskers sd, dots
     seeds), paired differences against DINO with 95% intervals, k-NN accuracy per percentile
     range of the assigned prototype's norm (the seed's Figure 2), and the stability probe's loss
@@ -337,35 +407,70 @@ def plot(path: Path, summary: dict, runs: list[dict], probe_summary: dict, probe
             y = i + (-0.15 if j == 0 else 0.15)
             lo = 100 * (d["mean"] - d["ci_low"]) if d["ci_low"] is not None else 0.0
             hi = 100 * (d["ci_high"] - d["mean"]) if d["ci_high"] is not None else 0.0
-            ax_diff.errorbar(100 * d["mean"], y, xerr=[[lo], [hi]], fmt=marker, color=f"C{j}", capsize=3,
-                             label=("k-NN" if key == "knn" else "linear probe") if i == 0 else None)
+            ax_diff.errorbar(
+                100 * d["mean"],
+                y,
+                xerr=[[lo], [hi]],
+                fmt=marker,
+                color=f"C{j}",
+                capsize=3,
+                label=("k-NN" if key == "knn" else "linear probe") if i == 0 else None,
+            )
     ax_diff.axvline(0, color="black", lw=1)
     ax_diff.set_yticks(range(len(others)), [textwrap.fill(summary[n]["label"], 18) for n in others], fontsize=8)
     ax_diff.invert_yaxis()
     ax_diff.set(title=f"paired difference vs {summary[baseline]['label']} (95% t interval)", xlabel="points")
 
-    for i, (name, row) in enumerate((n, r) for n, r in summary.items() if "norm_groups" in r):
+    for i, row in enumerate(r for r in summary.values() if "norm_groups" in r):
         acc = row["norm_groups"]["accuracy"]
-        ax_norm.errorbar([g + 0.06 * (i - 1.5) for g in range(len(acc))], [100 * a["mean"] for a in acc],
-                         yerr=[100 * (a["std"] or 0.0) for a in acc], marker=MARKERS[i % len(MARKERS)],
-                         ls=LINESTYLES[i % len(LINESTYLES)], capsize=2, label=row["label"])
-    ax_norm.set_xticks(range(NORM_GROUPS), [f"{100 * g // NORM_GROUPS}-{100 * (g + 1) // NORM_GROUPS}"
-                                            for g in range(NORM_GROUPS)])
-    ax_norm.set(title="k-NN accuracy by percentile range of the assigned\nprototype's norm (the seed's Figure 2)",
-                xlabel="percentile range of ||w_k|| over held-out images", ylabel="accuracy %")
+        ax_norm.errorbar(
+            [g + 0.06 * (i - 1.5) for g in range(len(acc))],
+            [100 * a["mean"] for a in acc],
+            yerr=[100 * (a["std"] or 0.0) for a in acc],
+            marker=MARKERS[i % len(MARKERS)],
+            ls=LINESTYLES[i % len(LINESTYLES)],
+            capsize=2,
+            label=row["label"],
+        )
+    ax_norm.set_xticks(
+        range(NORM_GROUPS), [f"{100 * g // NORM_GROUPS}-{100 * (g + 1) // NORM_GROUPS}" for g in range(NORM_GROUPS)]
+    )
+    ax_norm.set(
+        title="k-NN accuracy by percentile range of the assigned\nprototype's norm (the seed's Figure 2)",
+        xlabel="percentile range of ||w_k|| over held-out images",
+        ylabel="accuracy %",
+    )
 
     for i, name in enumerate(probe_summary):
         for j, run in enumerate(r for r in probe_runs if r["method"] == name):
             label = probe_summary[name]["label"] if j == 0 else None
-            ax_loss.plot(run["history"]["loss"], color=f"C{i + 2}", ls=LINESTYLES[i % len(LINESTYLES)], lw=0.8,
-                         alpha=0.8, label=label)
-            ax_eff.plot(run["history"]["diag_step"], [d["effective_clusters"] for d in run["history"]["diag"]],
-                        color=f"C{i + 2}", ls=LINESTYLES[i % len(LINESTYLES)], lw=0.8, alpha=0.8, label=label)
+            ax_loss.plot(
+                run["history"]["loss"],
+                color=f"C{i + 2}",
+                ls=LINESTYLES[i % len(LINESTYLES)],
+                lw=0.8,
+                alpha=0.8,
+                label=label,
+            )
+            ax_eff.plot(
+                run["history"]["diag_step"],
+                [d["effective_clusters"] for d in run["history"]["diag"]],
+                color=f"C{i + 2}",
+                ls=LINESTYLES[i % len(LINESTYLES)],
+                lw=0.8,
+                alpha=0.8,
+                label=label,
+            )
     ax_loss.axhline(math.log(probe_out_dim), color="grey", ls=":", label="log K")
-    ax_loss.set(title=f"stability probe: loss per step, one line per seed\n({probe_text})", xlabel="step", ylabel="loss")
+    ax_loss.set(
+        title=f"stability probe: loss per step, one line per seed\n({probe_text})", xlabel="step", ylabel="loss"
+    )
     ax_eff.set_yscale("log")
-    ax_eff.set(title="stability probe: effective clusters\nexp H(mean teacher probability), one line per seed",
-               xlabel="step", ylabel="clusters")
+    ax_eff.set(
+        title="stability probe: effective clusters\nexp H(mean teacher probability), one line per seed",
+        xlabel="step",
+        ylabel="clusters",
+    )
     for ax in axes.ravel():
         ax.grid(alpha=0.3)
         if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:

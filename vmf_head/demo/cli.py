@@ -38,8 +38,19 @@ table printed at the end. The default budget takes about 5 minutes on 2 CPU core
 --quick takes well under a minute."""
 
 # --quick: a smoke test of the whole pipeline, not a meaningful comparison.
-QUICK = {"epochs": 2, "batch_size": 128, "n_local": 2, "out_dim": 256, "hidden_dim": 128, "width": 8,
-         "train_images": 512, "warmup_epochs": 1, "warmup_teacher_temp_epochs": 1, "eval_every": 1, "log_every": 2}
+QUICK = {
+    "epochs": 2,
+    "batch_size": 128,
+    "n_local": 2,
+    "out_dim": 256,
+    "hidden_dim": 128,
+    "width": 8,
+    "train_images": 512,
+    "warmup_epochs": 1,
+    "warmup_teacher_temp_epochs": 1,
+    "eval_every": 1,
+    "log_every": 2,
+}
 
 # (option, TrainConfig field, type, help)
 OPTIONS = [
@@ -57,8 +68,13 @@ OPTIONS = [
     ("--teacher-temp", "teacher_temp", float, "teacher temperature after the warm-up"),
     ("--warmup-teacher-temp-epochs", "warmup_teacher_temp_epochs", int, "epochs of teacher temperature warm-up"),
     ("--student-temp", "student_temp", float, "student temperature"),
-    ("--train-images", "train_images", int, "self-supervise on only the first N training images, 0 for all "
-     "(for smoke tests; k-NN and probe still use the whole split)"),
+    (
+        "--train-images",
+        "train_images",
+        int,
+        "self-supervise on only the first N training images, 0 for all "
+        "(for smoke tests; k-NN and probe still use the whole split)",
+    ),
     ("--eval-every", "eval_every", int, "k-NN evaluation every this many epochs (for the curve)"),
     ("--log-every", "log_every", int, "diagnostics every this many steps"),
 ]
@@ -69,32 +85,67 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vmf-head demo", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     defaults = TrainConfig()
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny budget for a smoke test (well under a minute on 2 cores); options given "
-                             "explicitly still win")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated subset of {', '.join(METHODS)} (default: all, in that order)")
-    parser.add_argument("--seeds", type=int, default=1,
-                        help="independent repeats (seeds SEED, SEED+1, ...); the table reports mean ± std")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny budget for a smoke test (well under a minute on 2 cores); options given explicitly still win",
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {', '.join(METHODS)} (default: all, in that order)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="independent repeats (seeds SEED, SEED+1, ...); the table reports mean ± std",
+    )
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    parser.add_argument("--data", type=Path, default=None,
-                        help="an ImageFolder directory (DIR/<class>/<image>) of your own images instead of the "
-                             "digits; read with Pillow, resized to --image-size, classes used only for evaluation")
-    parser.add_argument("--image-size", type=int, default=32, help="side images from --data are resized to (default 32)")
-    parser.add_argument("--split-seed", type=int, default=0,
-                        help="seed of the held-out split, the same for every --seeds repeat (default 0)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="an ImageFolder directory (DIR/<class>/<image>) of your own images instead of the "
+        "digits; read with Pillow, resized to --image-size, classes used only for evaluation",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=32, help="side images from --data are resized to (default 32)"
+    )
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="seed of the held-out split, the same for every --seeds repeat (default 0)",
+    )
     parser.add_argument("--test-fraction", type=float, default=0.25, help="held-out fraction per class (default 0.25)")
-    parser.add_argument("--device", default="cpu",
-                        help="torch device: cpu (default), cuda, cuda:1, ...; 'cuda' needs a CUDA build and GPU")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: these networks are too small to gain from a second "
-                             "thread, which stalls the whole run when another job shares the cores)")
-    parser.add_argument("--out", type=Path, default=Path("vmf_demo_out"),
-                        help="output directory for results.json and demo.png (default ./vmf_demo_out)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device: cpu (default), cuda, cuda:1, ...; 'cuda' needs a CUDA build and GPU",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: these networks are too small to gain from a second "
+        "thread, which stalls the whole run when another job shares the cores)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("vmf_demo_out"),
+        help="output directory for results.json and demo.png (default ./vmf_demo_out)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     for flag, name, typ, text in OPTIONS:
-        parser.add_argument(flag, dest=name, type=typ, default=None,
-                            help=f"{text} (default {getattr(defaults, name)}; --quick: {QUICK.get(name, getattr(defaults, name))})")
+        parser.add_argument(
+            flag,
+            dest=name,
+            type=typ,
+            default=None,
+            help=f"{text} (default {getattr(defaults, name)}; --quick: {QUICK.get(name, getattr(defaults, name))})",
+        )
     return parser
 
 
@@ -137,8 +188,10 @@ def missing_extra(command: str) -> bool:
         import sklearn  # noqa: F401
         import tqdm  # noqa: F401
     except ImportError as err:
-        print(f"vmf-head {command} needs the demo extra ({err.name} is missing): pip install 'vmf-head[demo]'",
-              file=sys.stderr)
+        print(
+            f"vmf-head {command} needs the demo extra ({err.name} is missing): pip install 'vmf-head[demo]'",
+            file=sys.stderr,
+        )
         return True
     return False
 
@@ -183,18 +236,31 @@ def main(argv: list[str] | None = None) -> int:
             result = train_one(method, data, cfg, seed, progress=not args.no_progress)
             runs.append(result)
             status = "DIVERGED (non-finite loss)" if result["diverged"] else ""
-            print(f"  {method.label:<18} seed {seed}: k-NN {100 * result['knn']:.1f}%  linear "
-                  f"{100 * result['linear']:.1f}%  ({result['seconds']:.0f} s, {result['cpu_seconds']:.0f} CPU s) {status}", flush=True)
+            print(
+                f"  {method.label:<18} seed {seed}: k-NN {100 * result['knn']:.1f}%  linear "
+                f"{100 * result['linear']:.1f}%  ({result['seconds']:.0f} s, {result['cpu_seconds']:.0f} CPU s) "
+                f"{status}",
+                flush=True,
+            )
     pixels = evaluate_pixels(data)
-    references = {"pixels": ("raw pixels (no network)", [pixels]), "random-init": ("random init (untrained)", baselines)}
+    references = {
+        "pixels": ("raw pixels (no network)", [pixels]),
+        "random-init": ("random init (untrained)", baselines),
+    }
     summary = summarize(runs, references)
     table = format_table(summary, args.seeds, cfg.out_dim)
 
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {
         "command": "vmf-head demo " + " ".join(sys.argv[1:] if argv is None else argv),
-        "dataset": {"name": data.name, "train": len(data.train_labels), "test": len(data.test_labels),
-                    "classes": data.class_names, "flip": data.flip, "split_seed": args.split_seed},
+        "dataset": {
+            "name": data.name,
+            "train": len(data.train_labels),
+            "test": len(data.test_labels),
+            "classes": data.class_names,
+            "flip": data.flip,
+            "split_seed": args.split_seed,
+        },
         "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)},
         "seeds": list(range(args.seed, args.seed + args.seeds)),
         "environment": environment(),
@@ -210,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     print(f"\n{_verdict(summary)}")
-    print(f"total {payload['total_seconds']:.0f} s ({payload['total_cpu_seconds']:.0f} CPU s); wrote {args.out / 'results.json'} and {args.out / 'demo.png'}")
+    print(
+        f"total {payload['total_seconds']:.0f} s ({payload['total_cpu_seconds']:.0f} CPU s); "
+        f"wrote {args.out / 'results.json'} and {args.out / 'demo.png'}"
+    )
     return 0
 
 

@@ -54,7 +54,7 @@ def _split(images: torch.Tensor, labels: torch.Tensor, test_fraction: float, see
     for c in labels.unique():
         idx = (labels == c).nonzero().squeeze(1)
         idx = idx[torch.randperm(idx.numel(), generator=gen)]
-        n_test = int(round(test_fraction * idx.numel()))
+        n_test = round(test_fraction * idx.numel())
         if idx.numel() >= 2:
             n_test = min(max(n_test, 1), idx.numel() - 1)
         test_idx.append(idx[:n_test])

@@ -21,7 +21,9 @@ def extract_features(backbone: nn.Module, images: torch.Tensor, batch_size: int 
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
-    out = torch.cat([backbone(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)])
+    out = torch.cat(
+        [backbone(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    )
     backbone.train(was_training)
     return out
 

@@ -9,11 +9,22 @@ import statistics
 import textwrap
 from pathlib import Path
 
-CURVE_STYLES = ({"lw": 4.0, "alpha": 0.45, "ls": "-"}, {"lw": 1.4, "alpha": 1.0, "ls": "--"},
-                {"lw": 1.6, "alpha": 1.0, "ls": "-"}, {"lw": 1.4, "alpha": 1.0, "ls": ":"})
+CURVE_STYLES = (
+    {"lw": 4.0, "alpha": 0.45, "ls": "-"},
+    {"lw": 1.4, "alpha": 1.0, "ls": "--"},
+    {"lw": 1.6, "alpha": 1.0, "ls": "-"},
+    {"lw": 1.4, "alpha": 1.0, "ls": ":"},
+)
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 SUMMARY_KEYS = (
-    "knn", "linear", "utilization", "effective_clusters", "distinct_prototypes", "kappa_median", "seconds", "cpu_seconds"
+    "knn",
+    "linear",
+    "utilization",
+    "effective_clusters",
+    "distinct_prototypes",
+    "kappa_median",
+    "seconds",
+    "cpu_seconds",
 )
 
 
@@ -70,8 +81,10 @@ def format_table(summary: dict[str, dict], n_seeds: int, out_dim: int) -> str:
         "wall s",
         "CPU s",
     ]
-    note = ("wall s: elapsed seconds of the run, which include waiting for a core when the machine is shared; "
-            "CPU s: CPU seconds of the process over the run, all its threads summed.")
+    note = (
+        "wall s: elapsed seconds of the run, which include waiting for a core when the machine is shared; "
+        "CPU s: CPU seconds of the process over the run, all its threads summed."
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary.values():
         label = row["label"] + (f" ({row['diverged']} diverged)" if row.get("diverged") else "")
@@ -98,8 +111,12 @@ def environment() -> dict:
 
     from .. import __version__
 
-    return {"vmf_head": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads()}
+    return {
+        "vmf_head": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -157,17 +174,32 @@ def plot(path: Path, runs: list[dict], summary: dict[str, dict], out_dim: int) -
         if all(r["history"]["knn"] for r in mine):
             knn = _mean_curve([r["history"]["knn"] for r in mine])
             epochs = mine[0]["history"]["knn_epoch"][: len(knn)]
-            ax_knn.plot(epochs, [100 * v for v in knn], marker=MARKERS[methods.index(name) % len(MARKERS)],
-                        color=color, label=label, **style)
+            ax_knn.plot(
+                epochs,
+                [100 * v for v in knn],
+                marker=MARKERS[methods.index(name) % len(MARKERS)],
+                color=color,
+                label=label,
+                **style,
+            )
         steps = mine[0]["history"]["diag_step"]
         for key, ax in (("utilization", ax_util), ("effective_clusters", ax_eff)):
             curve = _mean_curve([[d[key] for d in r["history"]["diag"]] for r in mine])
             ax.plot(steps[: len(curve)], curve, color=color, label=label, **style)
         kappa = [k for r in mine for k in r["kappa"]]
-        ax_kappa.hist(kappa, bins=40, histtype="step", color=color, label=label, ls=style["ls"],
-                      linewidth=max(1.5, style["lw"] / 2))
+        ax_kappa.hist(
+            kappa,
+            bins=40,
+            histtype="step",
+            color=color,
+            label=label,
+            ls=style["ls"],
+            linewidth=max(1.5, style["lw"] / 2),
+        )
     for i, name in enumerate(n for n in summary if n not in methods):
-        ax_knn.axhline(100 * summary[name]["knn"]["mean"], color="grey", ls=("--", ":")[i % 2], label=summary[name]["label"])
+        ax_knn.axhline(
+            100 * summary[name]["knn"]["mean"], color="grey", ls=("--", ":")[i % 2], label=summary[name]["label"]
+        )
     ax_loss.set(title="training loss (smoothed)", xlabel="step", ylabel="loss")
     ax_knn.set(title="k-NN top-1 (k=20, T=0.07), held-out", xlabel="epoch", ylabel="accuracy %")
     ax_util.set(title="prototypes used in a batch (argmax)", xlabel="step", ylabel="count")
@@ -179,9 +211,17 @@ def plot(path: Path, runs: list[dict], summary: dict[str, dict], out_dim: int) -
     for offset, key, hatch in ((-0.2, "knn", None), (0.2, "linear", "//")):
         means = [100 * summary[n][key]["mean"] for n in names]
         stds = [100 * (summary[n][key]["std"] or 0.0) for n in names]
-        ax_bar.bar([i + offset for i in x], means, 0.4, yerr=stds, capsize=3, hatch=hatch,
-                   color=[colors.get(n, "lightgrey") for n in names], edgecolor="black",
-                   label="k-NN" if key == "knn" else "linear probe")
+        ax_bar.bar(
+            [i + offset for i in x],
+            means,
+            0.4,
+            yerr=stds,
+            capsize=3,
+            hatch=hatch,
+            color=[colors.get(n, "lightgrey") for n in names],
+            edgecolor="black",
+            label="k-NN" if key == "knn" else "linear probe",
+        )
     lo = min(100 * summary[n][k]["mean"] for n in names for k in ("knn", "linear") if summary[n][k]["n"])
     ax_bar.set_ylim(max(0, lo - 10), 100)
     ax_bar.set_xticks(list(x), [textwrap.fill(summary[n]["label"], 12) for n in names], fontsize=8)

@@ -186,8 +186,8 @@ def train_one(method: Method, data: Dataset, cfg: TrainConfig, seed: int, progre
     [0, 1]), ``diverged`` (a non-finite loss stopped the run), ``seconds`` (wall) and ``cpu_seconds``, the final
     ``diagnostics`` on the whole training split, the final teacher ``kappa`` of every prototype,
     ``heldout`` (per held-out image: its assigned prototype, that prototype's norm, whether
-    k-NN classified it correctly), and ``history`` (per-step ``loss``; per-``log_every`` step diagnostics; per-``eval_every``
-    epoch k-NN accuracy).
+    k-NN classified it correctly), and ``history`` (per-step ``loss``; per-``log_every`` step
+    diagnostics; per-``eval_every`` epoch k-NN accuracy).
     """
     from vmf_head import DINOvMFLoss, VMFPrototypeHead
 

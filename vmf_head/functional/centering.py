@@ -72,7 +72,11 @@ def _check_teacher(teacher_output: object, teacher_correction: object) -> torch.
 def _check_center(center: object, teacher_output: torch.Tensor) -> torch.Tensor:
     center = check_tensor("center", center, shape="broadcastable to teacher_output, e.g. (1, K)")
     k = teacher_output.shape[-1]
-    if center.dim() == 0 or tuple(center.shape) != (1,) * (center.dim() - 1) + (k,) or center.dim() > teacher_output.dim():
+    if (
+        center.dim() == 0
+        or tuple(center.shape) != (1,) * (center.dim() - 1) + (k,)
+        or center.dim() > teacher_output.dim()
+    ):
         raise ValueError(
             f"center must have shape (1, ..., 1, K) with K = {teacher_output.shape[-1]} (the prototypes of "
             f"teacher_output {tuple(teacher_output.shape)}), got {tuple(center.shape)}"
@@ -81,9 +85,7 @@ def _check_center(center: object, teacher_output: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_vmf_logits(
-    teacher_output: torch.Tensor,
-    teacher_temp: float | torch.Tensor,
-    teacher_correction: torch.Tensor | None = None,
+    teacher_output: torch.Tensor, teacher_temp: float | torch.Tensor, teacher_correction: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``l_t = teacher_output / teacher_temp + teacher_correction`` (detached), float32 (float64 for
     float64 outputs), up to a constant (the correction enters shifted by its maximum, see
@@ -246,11 +248,12 @@ def global_batch_sums(*stats: tuple[torch.Tensor, int]) -> tuple[list[torch.Tens
     stats = _check_stats(stats)
     dtype = compute_dtype(*(stat for stat, _ in stats))
     device = stats[0][0].device
-    parts = [stat.detach().reshape(-1).to(dtype) * n if n else stat.new_zeros(stat.numel(), dtype=dtype)
-             for stat, n in stats]
+    parts = [
+        stat.detach().reshape(-1).to(dtype) * n if n else stat.new_zeros(stat.numel(), dtype=dtype) for stat, n in stats
+    ]
     # filled on the device: torch.tensor of Python numbers would be a host-to-device copy
     counts = torch.cat([torch.full((1,), float(n), dtype=dtype, device=device) for _, n in stats])
-    buf = all_reduce_sum_(torch.cat(parts + [counts]))
+    buf = all_reduce_sum_(torch.cat([*parts, counts]))
     sums, start = [], 0
     for stat, _ in stats:
         sums.append(buf[start : start + stat.numel()].view(stat.shape))

@@ -65,8 +65,10 @@ class _MultiCropCrossEntropy(torch.autograd.Function):
             logits = student.to(dtype).mul_(inv_temp)
         log_p = torch.log_softmax(logits, dim=-1, out=logits).view(n_views, batch, k)
 
-        weight = row_weight.to(dtype) if row_weight is not None else torch.full(
-            (batch,), 1.0 / max(batch, 1), dtype=dtype, device=student.device
+        weight = (
+            row_weight.to(dtype)
+            if row_weight is not None
+            else torch.full((batch,), 1.0 / max(batch, 1), dtype=dtype, device=student.device)
         )
         # (targets from vmf_head's centerings hold no subnormal numbers: see centering.softmax_flushed)
         weighted = targets.to(dtype).view(n_targets, batch, k) * weight[None, :, None]
@@ -75,7 +77,9 @@ class _MultiCropCrossEntropy(torch.autograd.Function):
         # entries would lose about 5e-5 of the loss in float32 at DINO's sizes.
         cross = torch.bmm(log_p.transpose(0, 1), total.unsqueeze(-1)).sum()
         if n_same:
-            same = torch.bmm(log_p[:n_same].reshape(n_same * batch, 1, k), weighted[:n_same].reshape(n_same * batch, k, 1))
+            same = torch.bmm(
+                log_p[:n_same].reshape(n_same * batch, 1, k), weighted[:n_same].reshape(n_same * batch, k, 1)
+            )
             cross = cross - same.sum()
         loss = -cross / n_pairs
 
@@ -165,15 +169,27 @@ def multicrop_cross_entropy(
         if row_weight.shape[0] != rows:
             raise ValueError(f"row_weight must have shape ({rows},), got {tuple(row_weight.shape)}")
     student_correction = _check_correction("student_correction", student_correction, k)
-    _check_devices(student_output=student_output, targets=targets, student_correction=student_correction,
-                   row_weight=row_weight)
+    _check_devices(
+        student_output=student_output, targets=targets, student_correction=student_correction, row_weight=row_weight
+    )
     with no_autocast(student_output.device):
         if _dispatch.use_triton(backend, "cross_entropy", student_output.device, "" if rows else "an empty batch"):
             return _dispatch.kernels("cross_entropy").multicrop_cross_entropy(
-                student_output, targets.detach(), n_views=n_views, student_temp=student_temp,
-                student_correction=student_correction, skip_same_view=bool(skip_same_view), row_weight=row_weight)
+                student_output,
+                targets.detach(),
+                n_views=n_views,
+                student_temp=student_temp,
+                student_correction=student_correction,
+                skip_same_view=bool(skip_same_view),
+                row_weight=row_weight,
+            )
         return _MultiCropCrossEntropy.apply(
-            student_output, student_correction, targets.detach(), row_weight, n_views, bool(skip_same_view),
+            student_output,
+            student_correction,
+            targets.detach(),
+            row_weight,
+            n_views,
+            bool(skip_same_view),
             _inverse(student_temp),
         )
 
@@ -197,14 +213,14 @@ def check_dino_inputs(
     n_views = check_int("n_views", n_views, minimum=1)
     n_global = check_int("n_global", n_global, minimum=1)
     if n_views * n_global - min(n_views, n_global) < 1:
-        raise ValueError(f"n_views = {n_views} student and n_global = {n_global} teacher views leave no pair of different views")
+        raise ValueError(
+            f"n_views = {n_views} student and n_global = {n_global} teacher views leave no pair of different views"
+        )
     k = student_output.shape[1]
     if teacher_output.shape[1] != k:
         raise ValueError(f"student_output has K={k} prototypes but teacher_output has K={teacher_output.shape[1]}")
     if student_output.shape[0] % n_views:
-        raise ValueError(
-            f"student_output has {student_output.shape[0]} rows, not divisible by n_views={n_views}"
-        )
+        raise ValueError(f"student_output has {student_output.shape[0]} rows, not divisible by n_views={n_views}")
     batch = student_output.shape[0] // n_views
     if teacher_output.shape[0] != n_global * batch:
         raise ValueError(
@@ -259,15 +275,30 @@ def dino_vmf_loss(
     teacher_correction = _check_correction("teacher_correction", teacher_correction, k)
     student_temp = check_temperature("student_temp", student_temp)
     teacher_temp = check_temperature("teacher_temp", teacher_temp)
-    unsupported = "Sinkhorn centering has no fused kernel" if centering == "sinkhorn" else "" if batch else "an empty batch"
+    unsupported = (
+        "Sinkhorn centering has no fused kernel" if centering == "sinkhorn" else "" if batch else "an empty batch"
+    )
     if _dispatch.use_triton(backend, "cross_entropy", student_output.device, unsupported):
-        _check_devices(student_output=student_output, teacher_output=teacher_output, center=center,
-                       student_correction=student_correction, teacher_correction=teacher_correction)
+        _check_devices(
+            student_output=student_output,
+            teacher_output=teacher_output,
+            center=center,
+            student_correction=student_correction,
+            teacher_correction=teacher_correction,
+        )
         with no_autocast(student_output.device):
             return _dispatch.kernels("cross_entropy").dino_vmf_loss(
-                student_output, teacher_output, _check_center(center, k, (1, k)), n_views=n_views, n_global=n_global,
-                student_temp=student_temp, teacher_temp=teacher_temp, student_correction=student_correction,
-                teacher_correction=teacher_correction, centering=centering)
+                student_output,
+                teacher_output,
+                _check_center(center, k, (1, k)),
+                n_views=n_views,
+                n_global=n_global,
+                student_temp=student_temp,
+                teacher_temp=teacher_temp,
+                student_correction=student_correction,
+                teacher_correction=teacher_correction,
+                centering=centering,
+            )
     q, stat = center_teacher(
         teacher_output,
         center,
@@ -277,7 +308,11 @@ def dino_vmf_loss(
         sinkhorn_iterations=sinkhorn_iterations,
     )
     loss = multicrop_cross_entropy(
-        student_output, q, n_views=n_views, student_temp=student_temp, student_correction=student_correction,
+        student_output,
+        q,
+        n_views=n_views,
+        student_temp=student_temp,
+        student_correction=student_correction,
         backend="reference",
     )
     return loss, stat
@@ -290,7 +325,9 @@ def _check_center(center: object, k: int, shape: tuple[int, ...]) -> torch.Tenso
     return center
 
 
-def check_patch_inputs(student_patch: torch.Tensor, teacher_patch: torch.Tensor, mask: torch.Tensor) -> tuple[int, int, int]:
+def check_patch_inputs(
+    student_patch: torch.Tensor, teacher_patch: torch.Tensor, mask: torch.Tensor
+) -> tuple[int, int, int]:
     """Check the shapes of iBOT's patch outputs and mask; return ``(images, tokens, K)``."""
     for name, x in (("student_patch", student_patch), ("teacher_patch", teacher_patch)):
         check_tensor(name, x, dims=3, shape="(images, tokens, K)")
@@ -300,7 +337,9 @@ def check_patch_inputs(student_patch: torch.Tensor, teacher_patch: torch.Tensor,
         )
     check_tensor("mask", mask, floating=False, shape=f"(images, tokens) = {tuple(student_patch.shape[:2])}")
     if tuple(mask.shape) != tuple(student_patch.shape[:2]):
-        raise ValueError(f"mask must have shape (images, tokens) = {tuple(student_patch.shape[:2])}, got {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must have shape (images, tokens) = {tuple(student_patch.shape[:2])}, got {tuple(mask.shape)}"
+        )
     images, tokens, k = student_patch.shape
     return images, tokens, k
 
@@ -355,15 +394,30 @@ def ibot_patch_vmf_loss(
     student_temp = check_temperature("student_temp", student_temp)
     teacher_temp = check_temperature("teacher_temp", teacher_temp)
     rows = images * tokens
-    unsupported = "Sinkhorn centering has no fused kernel" if centering == "sinkhorn" else "" if rows else "an empty batch"
+    unsupported = (
+        "Sinkhorn centering has no fused kernel" if centering == "sinkhorn" else "" if rows else "an empty batch"
+    )
     if _dispatch.use_triton(backend, "cross_entropy", student_patch.device, unsupported):
-        _check_devices(student_patch=student_patch, teacher_patch=teacher_patch, mask=mask, center=center,
-                       student_correction=student_correction, teacher_correction=teacher_correction)
+        _check_devices(
+            student_patch=student_patch,
+            teacher_patch=teacher_patch,
+            mask=mask,
+            center=center,
+            student_correction=student_correction,
+            teacher_correction=teacher_correction,
+        )
         with no_autocast(student_patch.device):
             return _dispatch.kernels("cross_entropy").ibot_patch_vmf_loss(
-                student_patch, teacher_patch, mask.to(torch.bool), _check_center(center, k, (1, 1, k)),
-                student_temp=student_temp, teacher_temp=teacher_temp, student_correction=student_correction,
-                teacher_correction=teacher_correction, centering=centering)
+                student_patch,
+                teacher_patch,
+                mask.to(torch.bool),
+                _check_center(center, k, (1, 1, k)),
+                student_temp=student_temp,
+                teacher_temp=teacher_temp,
+                student_correction=student_correction,
+                teacher_correction=teacher_correction,
+                centering=centering,
+            )
     selected = mask.to(torch.bool).reshape(rows)
     if centering == "sinkhorn":
         iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, minimum=0)
@@ -371,14 +425,21 @@ def ibot_patch_vmf_loss(
             log_q = teacher_vmf_logits(teacher_patch, teacher_temp, teacher_correction).reshape(rows, k)
             q, stat = flush_exp_(sinkhorn_log_targets(log_q, iterations, rows=selected)), None
     else:
-        q, stat = center_teacher(teacher_patch, center, teacher_temp=teacher_temp,
-                                 teacher_correction=teacher_correction, centering=centering)
+        q, stat = center_teacher(
+            teacher_patch, center, teacher_temp=teacher_temp, teacher_correction=teacher_correction, centering=centering
+        )
         q = q.reshape(rows, k)
     dtype = compute_dtype(student_patch, teacher_patch)
     weight = mask.to(dtype)
     weight = (weight / (weight.sum(1, keepdim=True).clamp(min=1.0) * max(images, 1))).reshape(rows)
     loss = multicrop_cross_entropy(
-        student_patch.reshape(rows, k), q, n_views=1, student_temp=student_temp,
-        student_correction=student_correction, skip_same_view=False, row_weight=weight, backend="reference",
+        student_patch.reshape(rows, k),
+        q,
+        n_views=1,
+        student_temp=student_temp,
+        student_correction=student_correction,
+        skip_same_view=False,
+        row_weight=weight,
+        backend="reference",
     )
     return loss, stat

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .._validation import check_tensor, check_temperature
+from .._validation import check_temperature, check_tensor
 from ..normalizer import log_vmf_normalizer
+
 
 def compute_dtype(*logits: torch.Tensor | None) -> torch.dtype:
     """The dtype of the B x K work: float64 if a B x K input (logits, targets) is float64, else

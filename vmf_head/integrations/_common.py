@@ -17,23 +17,22 @@ Sharded heads are read while they run (:class:`CapturedNorms`), when their param
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 from torch import nn
 
 __all__ = [
+    "CapturedNorms",
     "FrozenNormsWarning",
-    "unwrap",
+    "copy_schedule",
+    "device_of",
     "find_head",
     "prototype_norms",
-    "CapturedNorms",
     "prototype_shape",
-    "warn_if_frozen",
-    "copy_schedule",
     "require_attributes",
     "schedule_arguments",
-    "device_of",
+    "unwrap",
+    "warn_if_frozen",
 ]
 
 
@@ -85,7 +84,9 @@ def find_head(model: nn.Module, layer_names: tuple[str, ...] = ("last_layer",), 
         )
     if len(found) > 1:
         names = ", ".join(repr(name or "<the model itself>") for name, _ in found)
-        raise ValueError(f"{role}: {type(inner).__name__} holds several heads with {wanted} ({names}); pass the {role}'s head itself")
+        raise ValueError(
+            f"{role}: {type(inner).__name__} holds several heads with {wanted} ({names}); pass the {role}'s head itself"
+        )
     return found[0][1]
 
 
@@ -94,7 +95,9 @@ def prototype_shape(layer: nn.Module) -> tuple[int, int]:
     try:
         return int(layer.out_features), int(layer.in_features)
     except AttributeError:
-        raise TypeError(f"prototype layer {type(layer).__name__} has no in_features/out_features; expected a linear layer") from None
+        raise TypeError(
+            f"prototype layer {type(layer).__name__} has no in_features/out_features; expected a linear layer"
+        ) from None
 
 
 def _norm_source(layer: nn.Module) -> tuple[torch.Tensor, bool]:
@@ -110,7 +113,9 @@ def _norm_source(layer: nn.Module) -> tuple[torch.Tensor, bool]:
         return original.original0, False
     if isinstance(getattr(layer, "weight", None), torch.Tensor) and layer.weight.dim() == 2:
         return layer.weight, True
-    raise TypeError(f"cannot read prototype norms from {type(layer).__name__}: expected a (weight-normalised) linear layer")
+    raise TypeError(
+        f"cannot read prototype norms from {type(layer).__name__}: expected a (weight-normalised) linear layer"
+    )
 
 
 def _norms_of(source: torch.Tensor, rows: bool) -> torch.Tensor:
@@ -253,12 +258,11 @@ def require_attributes(name: str, obj: object, attrs: tuple[str, ...], what: str
     missing = [a for a in attrs if not hasattr(obj, a)]
     if missing:
         raise TypeError(
-            f"{name} must be {what} (with {', '.join(attrs)}), got {type(obj).__name__} without "
-            f"{', '.join(missing)}"
+            f"{name} must be {what} (with {', '.join(attrs)}), got {type(obj).__name__} without {', '.join(missing)}"
         )
 
 
-def device_of(module: nn.Module, default: Optional[torch.device] = None) -> torch.device:
+def device_of(module: nn.Module, default: torch.device | None = None) -> torch.device:
     """Device of the first buffer or parameter of ``module`` (``default`` / CPU when it has none)."""
     for tensor in (*module.buffers(), *module.parameters()):
         return tensor.device

@@ -55,7 +55,9 @@ class PatchedDINOLoss(DINOvMFLoss):
         # state dict and under its .cuda()/.to().
         self._prototype_layers = (student_layer, teacher_layer)
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int | torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int | torch.Tensor
+    ) -> torch.Tensor:
         student_layer, teacher_layer = self._prototype_layers
         student_norms = prototype_norms(student_layer)
         with torch.no_grad():
@@ -97,8 +99,12 @@ def patch(
         TypeError, ValueError: no unique head in ``student``/``teacher``, or K/p disagree between the
             heads and the loss.
     """
-    require_attributes("dino_loss", dino_loss, ("ncrops", "student_temp", "center_momentum", "teacher_temp_schedule", "center"),
-                       "facebookresearch/dino's DINOLoss")
+    require_attributes(
+        "dino_loss",
+        dino_loss,
+        ("ncrops", "student_temp", "center_momentum", "teacher_temp_schedule", "center"),
+        "facebookresearch/dino's DINOLoss",
+    )
     student_layer = find_head(student, role="student").last_layer
     teacher_layer = find_head(teacher, role="teacher").last_layer
     shape = prototype_shape(student_layer)
@@ -106,7 +112,9 @@ def patch(
         raise ValueError(f"student prototypes (K, p) = {shape} but teacher prototypes {prototype_shape(teacher_layer)}")
     n_prototypes, p = shape
     if dino_loss.center.shape[-1] != n_prototypes:
-        raise ValueError(f"dino_loss has out_dim {dino_loss.center.shape[-1]} but the heads have K = {n_prototypes} prototypes")
+        raise ValueError(
+            f"dino_loss has out_dim {dino_loss.center.shape[-1]} but the heads have K = {n_prototypes} prototypes"
+        )
     warn_if_frozen(student_layer, flag="--norm_last_layer false")
     warmup_temp, final_temp, warmup_epochs, nepochs = schedule_arguments(dino_loss.teacher_temp_schedule)
     loss = PatchedDINOLoss(

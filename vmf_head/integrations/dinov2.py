@@ -35,7 +35,7 @@ DINOv2's with a few changes of protocol.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ from ..functional.centering import check_centering
 from ..nn._loss_common import ProbabilityCenterCheck
 from ._common import CapturedNorms, device_of, find_head, prototype_shape, warn_if_frozen
 
-__all__ = ["DINOv2vMFLoss", "DINOv2iBOTPatchvMFLoss", "patch"]
+__all__ = ["DINOv2iBOTPatchvMFLoss", "DINOv2vMFLoss", "patch"]
 
 
 def _layout(x: torch.Tensor) -> tuple:
@@ -93,8 +93,8 @@ class _VMFCenteredLoss(ProbabilityCenterCheck, nn.Module):
         self.register_buffer("center", torch.empty(center_shape))
         self.center.fill_(self._center_start())
         self._student_norms, self._teacher_norms = student_norms, teacher_norms
-        self._centred: Optional[tuple[tuple, Optional[torch.Tensor]]] = None  # (layout, stat) of the last targets
-        self._pending: Optional[tuple[torch.Tensor, int]] = None  # (stat, rows) awaiting apply_center_update
+        self._centred: tuple[tuple, torch.Tensor | None] | None = None  # (layout, stat) of the last targets
+        self._pending: tuple[torch.Tensor, int] | None = None  # (stat, rows) awaiting apply_center_update
 
     def _center_start(self) -> float:
         # The probability center starts at the uniform distribution (SPEC 3), the logit center at 0.
@@ -103,12 +103,16 @@ class _VMFCenteredLoss(ProbabilityCenterCheck, nn.Module):
     def _teacher_correction(self, teacher_temp: float) -> torch.Tensor:
         return vmf_correction(self._teacher_norms(), teacher_temp, self.p_teacher, mode=self.mode)
 
-    def _targets(self, teacher_output: torch.Tensor, teacher_temp: float,
-                 n_iterations: int = 3) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _targets(
+        self, teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(q, stat)`` under ``centering`` with the current center; ``stat`` None for Sinkhorn."""
         return center_teacher(
-            teacher_output, self.center.view(-1), teacher_temp=teacher_temp,
-            teacher_correction=self._teacher_correction(teacher_temp), centering=self.centering,
+            teacher_output,
+            self.center.view(-1),
+            teacher_temp=teacher_temp,
+            teacher_correction=self._teacher_correction(teacher_temp),
+            centering=self.centering,
             sinkhorn_iterations=n_iterations,
         )
 
@@ -117,8 +121,9 @@ class _VMFCenteredLoss(ProbabilityCenterCheck, nn.Module):
         return sinkhorn_centering(teacher_output, teacher_temp, self._teacher_correction(teacher_temp), n_iterations)
 
     @torch.no_grad()
-    def softmax_center_teacher(self, teacher_output: torch.Tensor, teacher_temp: float,
-                               update_centers: bool = True) -> torch.Tensor:
+    def softmax_center_teacher(
+        self, teacher_output: torch.Tensor, teacher_temp: float, update_centers: bool = True
+    ) -> torch.Tensor:
         """Teacher targets (like ``teacher_output``, float32) under this loss's ``centering``, after applying
         the update recorded by the previous ``update_center`` (unless ``update_centers=False``). The
         center statistic of ``teacher_output`` comes out of the same pass, for ``update_center``."""
@@ -153,16 +158,30 @@ class _VMFCenteredLoss(ProbabilityCenterCheck, nn.Module):
     def _move_center(self, stat: torch.Tensor, n_rows: int) -> None:
         """``center <- m center + (1 - m) mean_global_batch(stat)`` for a local mean ``stat`` over ``n_rows``."""
         (mean,) = global_batch_means((stat, n_rows))
-        self.center.mul_(self.center_momentum).add_(mean.view_as(self.center).to(self.center.dtype),
-                                                    alpha=1 - self.center_momentum)
+        self.center.mul_(self.center_momentum).add_(
+            mean.view_as(self.center).to(self.center.dtype), alpha=1 - self.center_momentum
+        )
 
-    def _cross_entropy(self, student: torch.Tensor, targets: torch.Tensor, *, n_views: int, skip_same_view: bool,
-                       row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """:func:`~vmf_head.functional.multicrop_cross_entropy` with ``l_s = s / student_temp + log C_p(||w_s|| / student_temp)``."""
+    def _cross_entropy(
+        self,
+        student: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        n_views: int,
+        skip_same_view: bool,
+        row_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:func:`~vmf_head.functional.multicrop_cross_entropy` with
+        ``l_s = s / student_temp + log C_p(||w_s|| / student_temp)``."""
         correction = vmf_correction(self._student_norms(), self.student_temp, self.p_student, mode=self.mode)
         return multicrop_cross_entropy(
-            student, targets, n_views=n_views, student_temp=self.student_temp, student_correction=correction,
-            skip_same_view=skip_same_view, row_weight=row_weight,
+            student,
+            targets,
+            n_views=n_views,
+            student_temp=self.student_temp,
+            student_correction=correction,
+            skip_same_view=skip_same_view,
+            row_weight=row_weight,
         )
 
 
@@ -178,18 +197,29 @@ class _MaskedPatchTerms:
 
     _cross_entropy: Callable[..., torch.Tensor]
 
-    def forward(self, student_patch_tokens: torch.Tensor, teacher_patch_tokens: torch.Tensor,
-                student_masks_flat: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student_patch_tokens: torch.Tensor, teacher_patch_tokens: torch.Tensor, student_masks_flat: torch.Tensor
+    ) -> torch.Tensor:
         """Tokens (B, N, K), masks (B, N): per image the mean cross-entropy over its masked tokens, then
         the mean over images (0 for an image without masked tokens)."""
         masks = student_masks_flat.to(torch.float32)
         weight = (masks / masks.sum(-1, keepdim=True).clamp(min=1.0) / masks.shape[0]).flatten()
-        return self._cross_entropy(student_patch_tokens.flatten(0, 1), teacher_patch_tokens.flatten(0, 1),
-                                   n_views=1, skip_same_view=False, row_weight=weight)
+        return self._cross_entropy(
+            student_patch_tokens.flatten(0, 1),
+            teacher_patch_tokens.flatten(0, 1),
+            n_views=1,
+            skip_same_view=False,
+            row_weight=weight,
+        )
 
-    def forward_masked(self, student_patch_tokens_masked: torch.Tensor, teacher_patch_tokens_masked: torch.Tensor,
-                       student_masks_flat: torch.Tensor, n_masked_patches: Optional[int] = None,
-                       masks_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward_masked(
+        self,
+        student_patch_tokens_masked: torch.Tensor,
+        teacher_patch_tokens_masked: torch.Tensor,
+        student_masks_flat: torch.Tensor,
+        n_masked_patches: int | None = None,
+        masks_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Masked tokens only (M, K): ``sum_m w_m CE_m / n_images`` with ``w_m`` = 1 / (masked tokens of
         the token's image), the codebase's ``masks_weight``; the first ``n_masked_patches`` rows count."""
         student, teacher = student_patch_tokens_masked, teacher_patch_tokens_masked
@@ -208,7 +238,9 @@ class DINOv2vMFLoss(_VMFCenteredLoss):
         super().__init__((1, out_dim), student_norms, teacher_norms, **kwargs)
 
     @torch.no_grad()
-    def sinkhorn_knopp_teacher(self, teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
+    def sinkhorn_knopp_teacher(
+        self, teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3
+    ) -> torch.Tensor:
         """Sinkhorn-Knopp targets (B, K) on ``exp(t / teacher_temp + log C_p(||w_t|| / teacher_temp))``."""
         return self._sinkhorn(teacher_output, teacher_temp, n_iterations)
 
@@ -227,19 +259,27 @@ class DINOv2vMFLoss(_VMFCenteredLoss):
 class DINOv2iBOTPatchvMFLoss(_MaskedPatchTerms, _VMFCenteredLoss):
     """iBOT-vMF replacement of ``dinov2.loss.iBOTPatchLoss`` (same methods, ``center`` (1, 1, K))."""
 
-    def __init__(self, patch_out_dim: int, student_norms: CapturedNorms, teacher_norms: CapturedNorms, **kwargs) -> None:
+    def __init__(
+        self, patch_out_dim: int, student_norms: CapturedNorms, teacher_norms: CapturedNorms, **kwargs
+    ) -> None:
         super().__init__((1, 1, patch_out_dim), student_norms, teacher_norms, **kwargs)
 
     @torch.no_grad()
-    def sinkhorn_knopp_teacher(self, teacher_output: torch.Tensor, teacher_temp: float,
-                               n_masked_patches_tensor: Optional[torch.Tensor] = None, n_iterations: int = 3) -> torch.Tensor:
+    def sinkhorn_knopp_teacher(
+        self,
+        teacher_output: torch.Tensor,
+        teacher_temp: float,
+        n_masked_patches_tensor: torch.Tensor | None = None,
+        n_iterations: int = 3,
+    ) -> torch.Tensor:
         """Sinkhorn-Knopp targets for the masked patches (rows of ``teacher_output``). The codebase passes
         the number of masked patches, a constant factor that cancels in the normalisation: unused."""
         return self._sinkhorn(teacher_output, teacher_temp, n_iterations)
 
 
-def replace_losses(model: nn.Module, losses: dict[str, tuple[type, str]], *, centering: str, mode: str,
-                   frozen_flag: str) -> nn.Module:
+def replace_losses(
+    model: nn.Module, losses: dict[str, tuple[type, str]], *, centering: str, mode: str, frozen_flag: str
+) -> nn.Module:
     """Replace the losses of a DINOv2/DINOv3 ``SSLMetaArch`` by vMF losses reading its heads' norms.
 
     Args:
@@ -265,7 +305,10 @@ def replace_losses(model: nn.Module, losses: dict[str, tuple[type, str]], *, cen
     built = {}
     for name, (cls, head_key) in losses.items():
         old = getattr(model, name)
-        heads = {role: find_head(getattr(model, role)[head_key], role=f"{role} {head_key}") for role in ("student", "teacher")}
+        heads = {
+            role: find_head(getattr(model, role)[head_key], role=f"{role} {head_key}")
+            for role in ("student", "teacher")
+        }
         for role, head in heads.items():
             if getattr(head, "_compiled_call_impl", None) is not None:
                 raise RuntimeError(
@@ -276,12 +319,22 @@ def replace_losses(model: nn.Module, losses: dict[str, tuple[type, str]], *, cen
         student_layer, teacher_layer = heads["student"].last_layer, heads["teacher"].last_layer
         (k_student, p_student), (k_teacher, p_teacher) = prototype_shape(student_layer), prototype_shape(teacher_layer)
         if k_student != k_teacher or old.center.shape[-1] != k_student:
-            raise ValueError(f"model.{name}: {old.center.shape[-1]} prototypes in its center, {k_student} in the student "
-                             f"{head_key}, {k_teacher} in the teacher's")
+            raise ValueError(
+                f"model.{name}: {old.center.shape[-1]} prototypes in its center, {k_student} in the student "
+                f"{head_key}, {k_teacher} in the teacher's"
+            )
         warn_if_frozen(student_layer, flag=frozen_flag, stacklevel=4)
-        new = cls(k_student, reader(student_layer, f"student {head_key}", False),
-                  reader(teacher_layer, f"teacher {head_key}", True), p_student=p_student, p_teacher=p_teacher,
-                  student_temp=old.student_temp, center_momentum=old.center_momentum, centering=centering, mode=mode)
+        new = cls(
+            k_student,
+            reader(student_layer, f"student {head_key}", False),
+            reader(teacher_layer, f"teacher {head_key}", True),
+            p_student=p_student,
+            p_teacher=p_teacher,
+            student_temp=old.student_temp,
+            center_momentum=old.center_momentum,
+            centering=centering,
+            mode=mode,
+        )
         if centering == "logit":
             new.center.copy_(old.center)
         built[name] = new.to(device_of(old))
@@ -311,5 +364,7 @@ def patch(model: nn.Module, *, centering: str = "probability", mode: str = "exac
         patch_head = "ibot_head" if getattr(model, "ibot_separate_head", False) else "dino_head"
         losses["ibot_patch_loss"] = (DINOv2iBOTPatchvMFLoss, patch_head)
     if not losses:
-        raise TypeError(f"model must be DINOv2's SSLMetaArch; {type(model).__name__} has neither dino_loss nor ibot_patch_loss")
+        raise TypeError(
+            f"model must be DINOv2's SSLMetaArch; {type(model).__name__} has neither dino_loss nor ibot_patch_loss"
+        )
     return replace_losses(model, losses, centering=centering, mode=mode, frozen_flag="a trainable last_layer.weight_g")

@@ -41,7 +41,6 @@ process subgroups) is refused: these losses reduce their statistics over the def
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -49,7 +48,7 @@ from torch import nn
 from ..functional.centering import check_centering
 from .dinov2 import _MaskedPatchTerms, _rows, _VMFCenteredLoss, replace_losses
 
-__all__ = ["DINOv3vMFLoss", "DINOv3iBOTPatchvMFLoss", "patch"]
+__all__ = ["DINOv3iBOTPatchvMFLoss", "DINOv3vMFLoss", "patch"]
 
 
 class _DINOv3Loss(_VMFCenteredLoss):
@@ -83,17 +82,25 @@ class DINOv3vMFLoss(_DINOv3Loss):
     def __init__(self, out_dim: int, student_norms, teacher_norms, **kwargs) -> None:
         super().__init__((1, out_dim), student_norms, teacher_norms, **kwargs)
 
-    def sinkhorn_knopp_teacher(self, teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
+    def sinkhorn_knopp_teacher(
+        self, teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3
+    ) -> torch.Tensor:
         """Targets (crops * B, K), float32, under ``centering`` (see the module docstring); the center
         moves after the targets are computed."""
         return self._sinkhorn_knopp(teacher_output, teacher_temp, n_iterations)
 
-    def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, ignore_diagonal: bool = False) -> torch.Tensor:
+    def forward(
+        self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, ignore_diagonal: bool = False
+    ) -> torch.Tensor:
         """Mean over (student crop s, teacher crop t) pairs, ``s != t`` when ``ignore_diagonal``, of
         ``mean_b -teacher_probs[t, b] . log_softmax(l_s[s, b])``, ``l_s = student_logits / student_temp +
         log C_p(||w_s|| / student_temp)``; student_logits (S, B, K), teacher_probs (T, B, K)."""
-        return self._cross_entropy(student_logits.flatten(0, 1), teacher_probs.flatten(0, 1),
-                                   n_views=student_logits.shape[0], skip_same_view=ignore_diagonal)
+        return self._cross_entropy(
+            student_logits.flatten(0, 1),
+            teacher_probs.flatten(0, 1),
+            n_views=student_logits.shape[0],
+            skip_same_view=ignore_diagonal,
+        )
 
 
 class DINOv3iBOTPatchvMFLoss(_MaskedPatchTerms, _DINOv3Loss):
@@ -102,8 +109,13 @@ class DINOv3iBOTPatchvMFLoss(_MaskedPatchTerms, _DINOv3Loss):
     def __init__(self, patch_out_dim: int, student_norms, teacher_norms, **kwargs) -> None:
         super().__init__((1, 1, patch_out_dim), student_norms, teacher_norms, **kwargs)
 
-    def sinkhorn_knopp_teacher(self, teacher_output: torch.Tensor, teacher_temp: float,
-                               n_masked_patches_tensor: Optional[torch.Tensor] = None, n_iterations: int = 3) -> torch.Tensor:
+    def sinkhorn_knopp_teacher(
+        self,
+        teacher_output: torch.Tensor,
+        teacher_temp: float,
+        n_masked_patches_tensor: torch.Tensor | None = None,
+        n_iterations: int = 3,
+    ) -> torch.Tensor:
         """Targets (M, K) for the masked patches under ``centering``. DINOv3 passes the number of masked
         patches and all-reduces it in place; the log-space Sinkhorn does not need it (a constant factor),
         so it is neither used nor modified."""
@@ -146,8 +158,11 @@ def patch(model: nn.Module, *, centering: str = "sinkhorn", mode: str = "exact")
             raise TypeError(f"model must be DINOv3's SSLMetaArch (with .{name}), got {type(model).__name__}")
     old_centers = {name: getattr(model, name).center for name in ("dino_loss", "ibot_patch_loss")}
     replace_losses(
-        model, {"dino_loss": (DINOv3vMFLoss, "dino_head"), "ibot_patch_loss": (DINOv3iBOTPatchvMFLoss, "ibot_head")},
-        centering=centering, mode=mode, frozen_flag="a trainable last_layer.weight",
+        model,
+        {"dino_loss": (DINOv3vMFLoss, "dino_head"), "ibot_patch_loss": (DINOv3iBOTPatchvMFLoss, "ibot_head")},
+        centering=centering,
+        mode=mode,
+        frozen_flag="a trainable last_layer.weight",
     )
     if centering != "logit":
         for name, center in old_centers.items():

@@ -16,8 +16,6 @@ student (``--shared_head false``); reading ``last_layer2`` gives the right norms
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -55,20 +53,26 @@ class PatchediBOTLoss(iBOTvMFLoss):
     (B, H, W). Returns iBOT's dict (``cls``, ``patch``, ``loss``). State dict keys ``center``/``center2``.
     """
 
-    def __init__(self, student_layers: tuple[nn.Module, nn.Module], teacher_layers: tuple[nn.Module, nn.Module],
-                 *args, **kwargs) -> None:
+    def __init__(
+        self, student_layers: tuple[nn.Module, nn.Module], teacher_layers: tuple[nn.Module, nn.Module], *args, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         # A tuple, not attributes: see PatchedDINOLoss.
         self._prototype_layers = (student_layers, teacher_layers)
 
-    def forward(self, student_output, teacher_output, student_local_cls: Optional[torch.Tensor], student_mask, epoch: int):
+    def forward(self, student_output, teacher_output, student_local_cls: torch.Tensor | None, student_mask, epoch: int):
         (student_cls, student_patch), (teacher_cls, teacher_patch) = self._prototype_layers
         student_norms = (prototype_norms(student_cls), prototype_norms(student_patch))
         with torch.no_grad():
             teacher_norms = (prototype_norms(teacher_cls), prototype_norms(teacher_patch))
         return super().forward(
-            student_output, teacher_output, student_local_cls, student_mask, epoch,
-            student_norms=student_norms, teacher_norms=teacher_norms,
+            student_output,
+            teacher_output,
+            student_local_cls,
+            student_mask,
+            epoch,
+            student_norms=student_norms,
+            teacher_norms=teacher_norms,
         )
 
 
@@ -99,10 +103,23 @@ def patch(
         FrozenNormsWarning: the student's [CLS] or patch norms are frozen (``--norm_last_layer true``).
     """
     require_attributes(
-        "ibot_loss", ibot_loss,
-        ("ngcrops", "nlcrops", "student_temp", "center_momentum", "center_momentum2", "lambda1", "lambda2",
-         "teacher_temp_schedule", "teacher_temp2_schedule", "center", "center2"),
-        "bytedance/ibot's iBOTLoss")
+        "ibot_loss",
+        ibot_loss,
+        (
+            "ngcrops",
+            "nlcrops",
+            "student_temp",
+            "center_momentum",
+            "center_momentum2",
+            "lambda1",
+            "lambda2",
+            "teacher_temp_schedule",
+            "teacher_temp2_schedule",
+            "center",
+            "center2",
+        ),
+        "bytedance/ibot's iBOTLoss",
+    )
     student_layers = _layers(student, "student")
     teacher_layers = _layers(teacher, "teacher")
     n_cls, n_patch = ibot_loss.center.shape[-1], ibot_loss.center2.shape[-1]

@@ -19,12 +19,12 @@ with gradient.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .._validation import check_int, check_tensor, check_temperature
+from .._validation import check_int, check_temperature, check_tensor
 from ..functional.centering import teacher_vmf_logits
 from ..functional.dino_loss import dino_vmf_loss
 from ..functional.vmf import vmf_correction
@@ -79,15 +79,19 @@ class PatchedLightlyDINOLoss(common.ProbabilityCenterCheck, nn.Module):
         self.center_momentum = float(center_momentum)
         self.centering, self.mode, self.backend = centering, mode, backend
         self.check_finite = bool(check_finite)
-        self.register_buffer("teacher_temp_schedule", torch.as_tensor(teacher_temp_schedule, dtype=torch.float64).clone(),
-                             persistent=False)
-        self.register_buffer("_final_teacher_temp", torch.tensor(float(teacher_temp), dtype=torch.float64),
-                             persistent=False)
+        self.register_buffer(
+            "teacher_temp_schedule",
+            torch.as_tensor(teacher_temp_schedule, dtype=torch.float64).clone(),
+            persistent=False,
+        )
+        self.register_buffer(
+            "_final_teacher_temp", torch.tensor(float(teacher_temp), dtype=torch.float64), persistent=False
+        )
         self.register_buffer("center", common.initial_center(centering, (1, 1, self.output_dim)))
         # A tuple, not attributes: see vmf_head.integrations.dino.PatchedDINOLoss.
         self._prototype_layers = (student_layer, teacher_layer)
 
-    def temperature(self, teacher_temp: Optional[float | torch.Tensor] = None, epoch: Optional[int] = None):
+    def temperature(self, teacher_temp: float | torch.Tensor | None = None, epoch: int | None = None):
         """lightly's choice: ``teacher_temp`` if given, else the warm-up value at ``epoch``, else the
         final; a number as given, otherwise a 0-d tensor on the loss's device (no host sync)."""
         if teacher_temp is not None:
@@ -109,8 +113,8 @@ class PatchedLightlyDINOLoss(common.ProbabilityCenterCheck, nn.Module):
         self,
         teacher_out: Sequence[torch.Tensor],
         student_out: Sequence[torch.Tensor],
-        teacher_temp: Optional[float | torch.Tensor] = None,
-        epoch: Optional[int] = None,
+        teacher_temp: float | torch.Tensor | None = None,
+        epoch: int | None = None,
     ) -> torch.Tensor:
         """Mean over view pairs (teacher view i, student view j, i != j) of the batch-mean cross-entropy
         between the centred teacher posterior and the student's vMF posterior; updates the center.
@@ -120,8 +124,10 @@ class PatchedLightlyDINOLoss(common.ProbabilityCenterCheck, nn.Module):
             student_out: list of (B, K) student outputs, one per view (the first ones are the teacher's).
         """
         temp = self.temperature(teacher_temp, epoch)
-        teacher, student = _stack_views("teacher_out", teacher_out, self.output_dim), _stack_views(
-            "student_out", student_out, self.output_dim)
+        teacher, student = (
+            _stack_views("teacher_out", teacher_out, self.output_dim),
+            _stack_views("student_out", student_out, self.output_dim),
+        )
         n_teacher, n_student = len(teacher_out), len(student_out)
         if n_teacher * n_student - min(n_teacher, n_student) == 0:
             raise ValueError(
@@ -135,25 +141,45 @@ class PatchedLightlyDINOLoss(common.ProbabilityCenterCheck, nn.Module):
             )
         student_norms, teacher_norms = self._norms()
         student_correction, teacher_correction = common.corrections(
-            student_norms, teacher_norms, self.output_dim, student_temp=self.student_temp, teacher_temp=temp,
-            p=self.p, mode=self.mode,
+            student_norms,
+            teacher_norms,
+            self.output_dim,
+            student_temp=self.student_temp,
+            teacher_temp=temp,
+            p=self.p,
+            mode=self.mode,
         )
         loss, stat = dino_vmf_loss(
-            student, teacher, self.center.view(1, self.output_dim), n_views=n_student, n_global=n_teacher,
-            student_temp=self.student_temp, teacher_temp=temp, student_correction=student_correction,
-            teacher_correction=teacher_correction, centering=self.centering, backend=self.backend,
+            student,
+            teacher,
+            self.center.view(1, self.output_dim),
+            n_views=n_student,
+            n_global=n_teacher,
+            student_temp=self.student_temp,
+            teacher_temp=temp,
+            student_correction=student_correction,
+            teacher_correction=teacher_correction,
+            centering=self.centering,
+            backend=self.backend,
         )
         if self.check_finite:
             temps = {"teacher_temp": temp} if isinstance(temp, torch.Tensor) else {}
-            common.assert_finite(loss, temps, lambda: common.diagnose_nonfinite(
-                {"teacher_out": teacher, "student_out": student, "center": self.center},
-                {"student last_layer norms": student_norms, "teacher last_layer norms": teacher_norms}, temps))
+            common.assert_finite(
+                loss,
+                temps,
+                lambda: common.diagnose_nonfinite(
+                    {"teacher_out": teacher, "student_out": student, "center": self.center},
+                    {"student last_layer norms": student_norms, "teacher last_layer norms": teacher_norms},
+                    temps,
+                ),
+            )
         common.update_centers_((self.center, stat, teacher.shape[0], self.center_momentum))
         return loss
 
     @torch.no_grad()
-    def update_center(self, teacher_out: torch.Tensor, teacher_temp: Optional[float | torch.Tensor] = None,
-                      epoch: Optional[int] = None) -> None:
+    def update_center(
+        self, teacher_out: torch.Tensor, teacher_temp: float | torch.Tensor | None = None, epoch: int | None = None
+    ) -> None:
         """lightly's moving-average update of the center from ``teacher_out`` ``(views, B, K)``, averaged
         over its dims 0 and 1 as lightly does (a 2-D tensor is averaged over every entry, as lightly's
         own ``update_center`` does). Logit centering averages the raw outputs (lightly's update);
@@ -211,9 +237,18 @@ def patch(
         FrozenNormsWarning: the student head was built with ``norm_last_layer=True`` (lightly's default).
     """
     require_attributes(
-        "dino_loss", dino_loss,
-        ("teacher_temp", "student_temp", "center_momentum", "warmup_teacher_temp_epochs", "teacher_temp_schedule",
-         "center"), "lightly's DINOLoss")
+        "dino_loss",
+        dino_loss,
+        (
+            "teacher_temp",
+            "student_temp",
+            "center_momentum",
+            "warmup_teacher_temp_epochs",
+            "teacher_temp_schedule",
+            "center",
+        ),
+        "lightly's DINOLoss",
+    )
     student_layer = find_head(student, role="student").last_layer
     teacher_layer = find_head(teacher, role="teacher").last_layer
     shape = prototype_shape(student_layer)

@@ -6,4 +6,11 @@ from .ibot_head import iBOTvMFHead
 from .ibot_loss import iBOTvMFLoss
 from .weight_norm import WeightNormLinear
 
-__all__ = ["DINOvMFLoss", "VMFLinearPrototypeHead", "VMFPrototypeHead", "WeightNormLinear", "iBOTvMFHead", "iBOTvMFLoss"]
+__all__ = [
+    "DINOvMFLoss",
+    "VMFLinearPrototypeHead",
+    "VMFPrototypeHead",
+    "WeightNormLinear",
+    "iBOTvMFHead",
+    "iBOTvMFLoss",
+]

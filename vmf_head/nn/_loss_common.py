@@ -62,12 +62,17 @@ def scheduled(schedule: torch.Tensor, epoch: object, name: str = "teacher_temp")
     """
     if isinstance(epoch, torch.Tensor):
         if epoch.dim() != 0 or epoch.is_floating_point() or epoch.is_complex() or epoch.dtype == torch.bool:
-            raise TypeError(f"epoch must be an int or a 0-d integer tensor, got a {epoch.dtype} tensor of shape {tuple(epoch.shape)}")
+            raise TypeError(
+                f"epoch must be an int or a 0-d integer tensor, got a {epoch.dtype} tensor of shape "
+                f"{tuple(epoch.shape)}"
+            )
         # index_select, not schedule[epoch]: indexing with a 0-d tensor reads it on the host
         return schedule.index_select(0, epoch.reshape(1).to(schedule.device)).reshape(())
     epoch = check_int("epoch", epoch, minimum=0, what=f"an index into the {name} schedule")
     if epoch >= len(schedule):
-        raise ValueError(f"epoch must be in [0, nepochs) = [0, {len(schedule)}) to look up the {name} schedule, got {epoch}")
+        raise ValueError(
+            f"epoch must be in [0, nepochs) = [0, {len(schedule)}) to look up the {name} schedule, got {epoch}"
+        )
     return schedule[epoch]
 
 
@@ -78,7 +83,9 @@ def initial_center(centering: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.full(shape, 1.0 / k) if centering == "probability" else torch.zeros(shape)
 
 
-def check_config(p: object, mode: object, centering: object, backend: object, momentum: dict[str, object]) -> int | None:
+def check_config(
+    p: object, mode: object, centering: object, backend: object, momentum: dict[str, object]
+) -> int | None:
     """Check the constructor arguments shared by the losses; ``p`` (None or an int >= 2) returned."""
     if p is not None:
         p = check_int("p", p, minimum=2, what="the head's bottleneck dim")
@@ -116,7 +123,9 @@ def corrections(
         check_tensor(f"{name}{what}", norms, dims=1, shape=f"(K,) = ({k},)")
         if norms.shape[0] != k:
             raise ValueError(f"{name}{what} must have shape (K,) = ({k},), got {tuple(norms.shape)}")
-    student, teacher = vmf_corrections([(student_norms, student_temp), (teacher_norms.detach(), teacher_temp)], p, mode=mode)
+    student, teacher = vmf_corrections(
+        [(student_norms, student_temp), (teacher_norms.detach(), teacher_temp)], p, mode=mode
+    )
     return student, teacher.detach()
 
 
@@ -140,9 +149,7 @@ def update_centers_(*updates: tuple[torch.Tensor, torch.Tensor | None, int, floa
         center.copy_(torch.where(count > 0, center * m + mean * (1 - m), center))
 
 
-def assert_finite(
-    loss: torch.Tensor, temperatures: dict[str, torch.Tensor], diagnose: Callable[[], None]
-) -> None:
+def assert_finite(loss: torch.Tensor, temperatures: dict[str, torch.Tensor], diagnose: Callable[[], None]) -> None:
     """Check on the device that ``loss`` is finite and the temperatures positive, without a host sync.
 
     ``torch._assert_async``: on the CPU a failure raises at once, and ``diagnose`` (which may read
@@ -165,9 +172,7 @@ def assert_finite(
 
 
 def diagnose_nonfinite(
-    inputs: dict[str, torch.Tensor | None],
-    norms: dict[str, torch.Tensor | None],
-    temperatures: dict[str, torch.Tensor],
+    inputs: dict[str, torch.Tensor | None], norms: dict[str, torch.Tensor | None], temperatures: dict[str, torch.Tensor]
 ) -> None:
     """Raise a ValueError naming the first bad input: a non-finite output, norm or center, a negative
     norm, a non-positive temperature; else say that the logits overflow. Reads the data: for the
@@ -199,18 +204,22 @@ class ProbabilityCenterCheck:
 
     _CENTERS = ("center", "center2")
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         if getattr(self, "centering", None) == "probability":
             for name in self._CENTERS:
                 value = state_dict.get(prefix + name)
                 if isinstance(value, torch.Tensor) and value.numel() and not _is_distribution(value):
                     raise ValueError(
                         f"the checkpoint's {prefix + name} is not a probability vector (min {float(value.min()):.3g}, "
-                        f"sum {float(value.double().sum()):.6g}): it was written by a run without probability centering "
-                        "(plain DINO/iBOT, or centering='logit'). Start the vMF run from scratch, or build the loss "
-                        "with centering='logit'."
+                        f"sum {float(value.double().sum()):.6g}): it was written by a run without probability "
+                        "centering (plain DINO/iBOT, or centering='logit'). Start the vMF run from scratch, or build "
+                        "the loss with centering='logit'."
                     )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 def _is_distribution(center: torch.Tensor) -> bool:

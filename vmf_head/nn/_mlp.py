@@ -9,7 +9,7 @@ consumes the random stream in the same way, so a seeded head starts from the sam
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ def build_mlp(
     *,
     nlayers: int,
     hidden_dim: int,
-    norm: Optional[Callable[[], nn.Module]],
+    norm: Callable[[], nn.Module] | None,
     act: Callable[[], nn.Module],
     bias: bool = True,
 ) -> nn.Module:
@@ -63,8 +63,12 @@ def build_mlp(
         act: called once per hidden layer for the activation.
         bias: whether the Linear layers have biases (DINOv3's ``mlp_bias``).
     """
-    for name, value in (("in_dim", in_dim), ("bottleneck_dim", bottleneck_dim), ("nlayers", nlayers),
-                        ("hidden_dim", hidden_dim)):
+    for name, value in (
+        ("in_dim", in_dim),
+        ("bottleneck_dim", bottleneck_dim),
+        ("nlayers", nlayers),
+        ("hidden_dim", hidden_dim),
+    ):
         check_int(name, value, minimum=1)
     if nlayers == 1:
         mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim, bias=bias)

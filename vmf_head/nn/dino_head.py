@@ -22,7 +22,7 @@ from .._validation import check_int
 from ._mlp import build_mlp, init_linear
 from .weight_norm import WeightNormLinear
 
-__all__ = ["VMFPrototypeHead", "VMFLinearPrototypeHead"]
+__all__ = ["VMFLinearPrototypeHead", "VMFPrototypeHead"]
 
 
 class VMFPrototypeHead(nn.Module):
@@ -107,8 +107,15 @@ class VMFLinearPrototypeHead(nn.Module):
         super().__init__()
         check_int("out_dim", out_dim, minimum=1)
         norm = (lambda: nn.BatchNorm1d(hidden_dim)) if use_bn else None
-        self.mlp = build_mlp(in_dim, bottleneck_dim, nlayers=max(nlayers, 1), hidden_dim=hidden_dim, norm=norm,
-                             act=nn.GELU, bias=mlp_bias)
+        self.mlp = build_mlp(
+            in_dim,
+            bottleneck_dim,
+            nlayers=max(nlayers, 1),
+            hidden_dim=hidden_dim,
+            norm=norm,
+            act=nn.GELU,
+            bias=mlp_bias,
+        )
         self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
         init_linear(self.last_layer)
 

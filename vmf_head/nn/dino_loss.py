@@ -105,15 +105,29 @@ class DINOvMFLoss(common.ProbabilityCenterCheck, nn.Module):
             student_norms, teacher_norms, k, student_temp=self.student_temp, teacher_temp=temp, p=self.p, mode=self.mode
         )
         loss, stat = dino_vmf_loss(
-            student_output, teacher_output, self.center, n_views=self.ncrops, n_global=2,
-            student_temp=self.student_temp, teacher_temp=temp, student_correction=student_correction,
-            teacher_correction=teacher_correction, centering=self.centering,
-            sinkhorn_iterations=self.sinkhorn_iterations, backend=self.backend,
+            student_output,
+            teacher_output,
+            self.center,
+            n_views=self.ncrops,
+            n_global=2,
+            student_temp=self.student_temp,
+            teacher_temp=temp,
+            student_correction=student_correction,
+            teacher_correction=teacher_correction,
+            centering=self.centering,
+            sinkhorn_iterations=self.sinkhorn_iterations,
+            backend=self.backend,
         )
         if self.check_finite:
-            common.assert_finite(loss, {"teacher_temp": temp}, lambda: common.diagnose_nonfinite(
-                {"student_output": student_output, "teacher_output": teacher_output, "center": self.center},
-                {"student_norms": student_norms, "teacher_norms": teacher_norms}, {"teacher_temp": temp}))
+            common.assert_finite(
+                loss,
+                {"teacher_temp": temp},
+                lambda: common.diagnose_nonfinite(
+                    {"student_output": student_output, "teacher_output": teacher_output, "center": self.center},
+                    {"student_norms": student_norms, "teacher_norms": teacher_norms},
+                    {"teacher_temp": temp},
+                ),
+            )
         common.update_centers_((self.center, stat, teacher_output.shape[0], self.center_momentum))
         return loss
 

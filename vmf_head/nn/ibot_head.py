@@ -12,14 +12,12 @@ for the options listed below, same attribute and state-dict names, same initiali
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._mlp import build_mlp
 from .._validation import check_int, check_tensor
+from ._mlp import build_mlp
 from .weight_norm import WeightNormLinear
 
 __all__ = ["iBOTvMFHead"]
@@ -57,9 +55,9 @@ class iBOTvMFHead(nn.Module):
         out_dim: int,
         *,
         patch_out_dim: int = 8192,
-        norm: Optional[str] = None,
+        norm: str | None = None,
         act: str = "gelu",
-        last_norm: Optional[str] = None,
+        last_norm: str | None = None,
         nlayers: int = 3,
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
@@ -103,7 +101,7 @@ class iBOTvMFHead(nn.Module):
         """Backbone tokens (..., in_dim) -> points ``y`` on S^{p-1}, shape (..., p)."""
         return F.normalize(self.mlp(x), dim=-1, p=2)
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Raw logits ``w_k^T y``, as iBOT's head returns them.
 
         - ``x`` of shape (B, in_dim) (e.g. [CLS] features of local crops): the [CLS] logits (B, K).

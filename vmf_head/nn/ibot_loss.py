@@ -18,7 +18,9 @@ from ..functional.dino_loss import check_dino_inputs, check_patch_inputs, dino_v
 from . import _loss_common as common
 
 
-def _stack_masks(student_mask: Sequence[torch.Tensor] | torch.Tensor, ngcrops: int, images: int, tokens: int) -> torch.Tensor:
+def _stack_masks(
+    student_mask: Sequence[torch.Tensor] | torch.Tensor, ngcrops: int, images: int, tokens: int
+) -> torch.Tensor:
     """iBOT's masks (a sequence with one ``(B, H, W)`` or ``(B, N)`` bool mask per crop, of which the
     first ``ngcrops`` belong to the global views; or one tensor for the stacked global views) as
     ``(ngcrops * B, N)``."""
@@ -114,7 +116,11 @@ class iBOTvMFLoss(common.ProbabilityCenterCheck, nn.Module):
         self.check_finite = bool(check_finite)
         schedule = common.temperature_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
         schedule2 = common.temperature_schedule(
-            warmup_teacher_temp2, teacher_temp2, warmup_teacher_temp_epochs, nepochs, hold_epochs=mim_start_epoch,
+            warmup_teacher_temp2,
+            teacher_temp2,
+            warmup_teacher_temp_epochs,
+            nepochs,
+            hold_epochs=mim_start_epoch,
             names=("warmup_teacher_temp2", "teacher_temp2"),
         )
         self.register_buffer("teacher_temp_schedule", schedule, persistent=False)
@@ -162,14 +168,18 @@ class iBOTvMFLoss(common.ProbabilityCenterCheck, nn.Module):
             for name, x in (("student_output[0]", student_cls), ("student_local_cls", student_local_cls)):
                 check_tensor(name, x, dims=2, shape=f"(crops * B, out_dim={self.out_dim})")
                 if x.shape[1] != self.out_dim:
-                    raise ValueError(f"{name} must be a (crops * B, out_dim={self.out_dim}) tensor, got shape {tuple(x.shape)}")
+                    raise ValueError(
+                        f"{name} must be a (crops * B, out_dim={self.out_dim}) tensor, got shape {tuple(x.shape)}"
+                    )
             student_cls = torch.cat([student_cls, student_local_cls])
         _, k = check_dino_inputs(student_cls, teacher_cls, n_views=self.ncrops, n_global=self.ngcrops)
         check_tensor("student_output[1]", student_patch, dims=3, shape="(ngcrops * B, N, K2)")
         mask = _stack_masks(student_mask, self.ngcrops, student_patch.shape[0], student_patch.shape[1])
         images, tokens, k2 = check_patch_inputs(student_patch, teacher_patch, mask)
         if teacher_cls.shape[0] != images:
-            raise ValueError(f"the [CLS] outputs cover {teacher_cls.shape[0]} global images but the patch outputs {images}")
+            raise ValueError(
+                f"the [CLS] outputs cover {teacher_cls.shape[0]} global images but the patch outputs {images}"
+            )
         if (k, k2) != (self.out_dim, self.patch_out_dim):
             raise ValueError(
                 f"the outputs have K={k}, K2={k2} prototypes but the loss was built with "
@@ -178,31 +188,77 @@ class iBOTvMFLoss(common.ProbabilityCenterCheck, nn.Module):
         s_norms = _pair("student_norms", student_norms) if student_norms is not None else (None, None)
         t_norms = _pair("teacher_norms", teacher_norms) if teacher_norms is not None else (None, None)
         corr = common.corrections(
-            s_norms[0], t_norms[0], k, student_temp=self.student_temp, teacher_temp=temp, p=self.p, mode=self.mode, what="[0] (cls)"
+            s_norms[0],
+            t_norms[0],
+            k,
+            student_temp=self.student_temp,
+            teacher_temp=temp,
+            p=self.p,
+            mode=self.mode,
+            what="[0] (cls)",
         )
         corr2 = common.corrections(
-            s_norms[1], t_norms[1], k2, student_temp=self.student_temp, teacher_temp=temp2, p=self.p, mode=self.mode, what="[1] (patch)"
+            s_norms[1],
+            t_norms[1],
+            k2,
+            student_temp=self.student_temp,
+            teacher_temp=temp2,
+            p=self.p,
+            mode=self.mode,
+            what="[1] (patch)",
         )
-        shared = dict(student_temp=self.student_temp, centering=self.centering,
-                      sinkhorn_iterations=self.sinkhorn_iterations, backend=self.backend)
+        shared = dict(
+            student_temp=self.student_temp,
+            centering=self.centering,
+            sinkhorn_iterations=self.sinkhorn_iterations,
+            backend=self.backend,
+        )
         loss_cls, stat = dino_vmf_loss(
-            student_cls, teacher_cls, self.center, n_views=self.ncrops, n_global=self.ngcrops, teacher_temp=temp,
-            student_correction=corr[0], teacher_correction=corr[1], **shared,
+            student_cls,
+            teacher_cls,
+            self.center,
+            n_views=self.ncrops,
+            n_global=self.ngcrops,
+            teacher_temp=temp,
+            student_correction=corr[0],
+            teacher_correction=corr[1],
+            **shared,
         )
         loss_patch, stat2 = ibot_patch_vmf_loss(
-            student_patch, teacher_patch, mask, self.center2, teacher_temp=temp2,
-            student_correction=corr2[0], teacher_correction=corr2[1], **shared,
+            student_patch,
+            teacher_patch,
+            mask,
+            self.center2,
+            teacher_temp=temp2,
+            student_correction=corr2[0],
+            teacher_correction=corr2[1],
+            **shared,
         )
         loss_cls, loss_patch = loss_cls * self.lambda1, loss_patch * self.lambda2
         total = loss_cls + loss_patch
         if self.check_finite:
             temps = {"teacher_temp": temp, "teacher_temp2": temp2}
-            common.assert_finite(total, temps, lambda: common.diagnose_nonfinite(
-                {"student_output[0] (cls)": student_cls, "student_output[1] (patch)": student_patch,
-                 "teacher_output[0] (cls)": teacher_cls, "teacher_output[1] (patch)": teacher_patch,
-                 "center": self.center, "center2": self.center2},
-                {"student_norms[0]": s_norms[0], "student_norms[1]": s_norms[1],
-                 "teacher_norms[0]": t_norms[0], "teacher_norms[1]": t_norms[1]}, temps))
+            common.assert_finite(
+                total,
+                temps,
+                lambda: common.diagnose_nonfinite(
+                    {
+                        "student_output[0] (cls)": student_cls,
+                        "student_output[1] (patch)": student_patch,
+                        "teacher_output[0] (cls)": teacher_cls,
+                        "teacher_output[1] (patch)": teacher_patch,
+                        "center": self.center,
+                        "center2": self.center2,
+                    },
+                    {
+                        "student_norms[0]": s_norms[0],
+                        "student_norms[1]": s_norms[1],
+                        "teacher_norms[0]": t_norms[0],
+                        "teacher_norms[1]": t_norms[1],
+                    },
+                    temps,
+                ),
+            )
         common.update_centers_(
             (self.center, stat, teacher_cls.shape[0], self.center_momentum),
             (self.center2, stat2, images * tokens, self.center_momentum2),
@@ -212,7 +268,8 @@ class iBOTvMFLoss(common.ProbabilityCenterCheck, nn.Module):
     def extra_repr(self) -> str:
         return (
             f"out_dim={self.out_dim}, patch_out_dim={self.patch_out_dim}, ngcrops={self.ngcrops}, "
-            f"nlcrops={self.nlcrops}, p={self.p}, centering={self.centering!r}, mode={self.mode!r}, backend={self.backend!r}"
+            f"nlcrops={self.nlcrops}, p={self.p}, centering={self.centering!r}, mode={self.mode!r}, "
+            f"backend={self.backend!r}"
         )
 
 

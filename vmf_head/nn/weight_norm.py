@@ -28,10 +28,7 @@ from .._validation import check_int
 __all__ = ["WeightNormLinear"]
 
 # Key suffixes written by torch.nn.utils.parametrizations.weight_norm(module, "weight", dim=0).
-_PARAMETRIZED_KEYS = {
-    "parametrizations.weight.original0": "weight_g",
-    "parametrizations.weight.original1": "weight_v",
-}
+_PARAMETRIZED_KEYS = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
 
 
 class WeightNormLinear(nn.Module):

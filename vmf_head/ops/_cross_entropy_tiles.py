@@ -34,16 +34,16 @@ def centered(z, offs, k_ok, center_ptr):
 
 
 @triton.jit
-def online_lse(m, l, x, ok):
+def online_lse(m, sum_exp, x, ok):
     """One step of the online (single-pass) log-sum-exp over axis 1 of x [rows, BLOCK_K].
 
-    m, l [rows]: running max and sum of exp(x - m). m starts at a finite -3e38 instead of -inf so a
+    m, sum_exp [rows]: running max and sum of exp(x - m). m starts at a finite -3e38 instead of -inf so a
     row with nothing valid yet keeps exp(m - m_new) = 1 instead of NaN.
     """
     x = tl.where(ok, x, float("-inf"))
     m_new = tl.maximum(m, tl.max(x, axis=1))
-    l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
-    return m_new, l
+    sum_exp = sum_exp * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+    return m_new, sum_exp
 
 
 @triton.jit
@@ -62,8 +62,9 @@ def group_rows(g, n_rows, n_views, view_stride, group_stride, w_ptr, VIEWS: tl.c
 
 
 @triton.jit
-def teacher_q(t_ptr, t_stride, rows, t_ok, offs, k_ok, center_ptr, tcorr_ptr, mq_ptr, lq_ptr, inv_tt,
-              ACC: tl.constexpr):
+def teacher_q(
+    t_ptr, t_stride, rows, t_ok, offs, k_ok, center_ptr, tcorr_ptr, mq_ptr, lq_ptr, inv_tt, ACC: tl.constexpr
+):
     """q on the tile [len(rows), BLOCK_K] of teacher rows (0 where not t_ok).
 
     With ``center_ptr`` None the teacher rows hold the targets q themselves (precomputed by the
@@ -83,10 +84,31 @@ def teacher_q(t_ptr, t_stride, rows, t_ok, offs, k_ok, center_ptr, tcorr_ptr, mq
 
 
 @triton.jit
-def pair_tile(s_ptr, s_stride, t_ptr, t_stride, row0, rows, s_ok, view_stride, offs, k_ok,
-              scorr_ptr, center_ptr, tcorr_ptr, mq_ptr, lq_ptr, inv_ts, inv_tt,
-              PAIR_SELF: tl.constexpr, N_TEACHER: tl.constexpr, SKIP_SAME: tl.constexpr,
-              ACC: tl.constexpr, VIEWS: tl.constexpr, BLOCK_K: tl.constexpr):
+def pair_tile(
+    s_ptr,
+    s_stride,
+    t_ptr,
+    t_stride,
+    row0,
+    rows,
+    s_ok,
+    view_stride,
+    offs,
+    k_ok,
+    scorr_ptr,
+    center_ptr,
+    tcorr_ptr,
+    mq_ptr,
+    lq_ptr,
+    inv_ts,
+    inv_tt,
+    PAIR_SELF: tl.constexpr,
+    N_TEACHER: tl.constexpr,
+    SKIP_SAME: tl.constexpr,
+    ACC: tl.constexpr,
+    VIEWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Student logits l_s and teacher weights Qsum on the tile [VIEWS, BLOCK_K] of one group.
 
     PAIR_SELF (iBOT patches, row-to-row targets): Qsum_j = q_j, teacher row = student row.
@@ -99,16 +121,27 @@ def pair_tile(s_ptr, s_stride, t_ptr, t_stride, row0, rows, s_ok, view_stride, o
     s = tl.load(s_ptr + rows[:, None] * s_stride + offs[None, :], mask=ok, other=0.0).to(ACC)
     ls = vmf_logits(s, offs, k_ok, scorr_ptr, inv_ts)
     if PAIR_SELF:
-        qsum = teacher_q(t_ptr, t_stride, rows, s_ok, offs, k_ok, center_ptr, tcorr_ptr, mq_ptr, lq_ptr, inv_tt,
-                         ACC)
+        qsum = teacher_q(t_ptr, t_stride, rows, s_ok, offs, k_ok, center_ptr, tcorr_ptr, mq_ptr, lq_ptr, inv_tt, ACC)
     else:
         j = tl.arange(0, VIEWS)
         one = tl.arange(0, 1)
         q_total = tl.zeros([1, BLOCK_K], ACC)
         q_self = tl.zeros([VIEWS, BLOCK_K], ACC)
         for i in tl.static_range(N_TEACHER):
-            q_i = teacher_q(t_ptr, t_stride, row0 + i * view_stride + one, one == 0, offs, k_ok, center_ptr,
-                            tcorr_ptr, mq_ptr, lq_ptr, inv_tt, ACC)
+            q_i = teacher_q(
+                t_ptr,
+                t_stride,
+                row0 + i * view_stride + one,
+                one == 0,
+                offs,
+                k_ok,
+                center_ptr,
+                tcorr_ptr,
+                mq_ptr,
+                lq_ptr,
+                inv_tt,
+                ACC,
+            )
             q_total += q_i
             if SKIP_SAME:
                 q_self += tl.where((j == i)[:, None], q_i, 0.0)

@@ -46,8 +46,14 @@ from ._launch import is_interpreted, on_device
 from .cross_entropy_backward import student_backward
 from .cross_entropy_forward import _student_forward_kernel, student_pass, teacher_statistics
 
-__all__ = ["INTERPRETED", "PairLayout", "cross_entropy", "dino_vmf_loss", "ibot_patch_vmf_loss",
-           "multicrop_cross_entropy"]
+__all__ = [
+    "INTERPRETED",
+    "PairLayout",
+    "cross_entropy",
+    "dino_vmf_loss",
+    "ibot_patch_vmf_loss",
+    "multicrop_cross_entropy",
+]
 
 INTERPRETED: bool = is_interpreted(_student_forward_kernel)
 """True when the kernels were built under ``TRITON_INTERPRET=1``: they then run on CPU tensors."""
@@ -82,22 +88,42 @@ class PairLayout:
     skip_same: bool = True
 
     @staticmethod
-    def multicrop(batch: int, n_views: int, n_teacher_views: int, skip_same: bool) -> "PairLayout":
-        return PairLayout(n_groups=batch, n_views=n_views, n_teacher_views=n_teacher_views, view_stride=batch,
-                          group_stride=1, pair_self=False, skip_same=skip_same)
+    def multicrop(batch: int, n_views: int, n_teacher_views: int, skip_same: bool) -> PairLayout:
+        return PairLayout(
+            n_groups=batch,
+            n_views=n_views,
+            n_teacher_views=n_teacher_views,
+            view_stride=batch,
+            group_stride=1,
+            pair_self=False,
+            skip_same=skip_same,
+        )
 
     @staticmethod
-    def row_to_row(rows: int) -> "PairLayout":
-        return PairLayout(n_groups=triton.cdiv(rows, TOKENS_PER_TILE), n_views=TOKENS_PER_TILE,
-                          n_teacher_views=TOKENS_PER_TILE, view_stride=1, group_stride=TOKENS_PER_TILE,
-                          pair_self=True, skip_same=False)
+    def row_to_row(rows: int) -> PairLayout:
+        return PairLayout(
+            n_groups=triton.cdiv(rows, TOKENS_PER_TILE),
+            n_views=TOKENS_PER_TILE,
+            n_teacher_views=TOKENS_PER_TILE,
+            view_stride=1,
+            group_stride=TOKENS_PER_TILE,
+            pair_self=True,
+            skip_same=False,
+        )
 
     def ints(self) -> list[int]:
-        return [self.n_groups, self.n_views, self.n_teacher_views, self.view_stride, self.group_stride,
-                int(self.pair_self), int(self.skip_same)]
+        return [
+            self.n_groups,
+            self.n_views,
+            self.n_teacher_views,
+            self.view_stride,
+            self.group_stride,
+            int(self.pair_self),
+            int(self.skip_same),
+        ]
 
     @staticmethod
-    def of(ints: list[int]) -> "PairLayout":
+    def of(ints: list[int]) -> PairLayout:
         *sizes, pair_self, skip_same = ints
         return PairLayout(*sizes, pair_self=bool(pair_self), skip_same=bool(skip_same))
 
@@ -109,8 +135,14 @@ class PairLayout:
 
 @torch.library.custom_op("vmf_head::fused_cross_entropy", mutates_args=())
 def _forward_op(
-    student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, center: torch.Tensor | None,
-    scorr: torch.Tensor | None, tcorr: torch.Tensor | None, inv_temps: torch.Tensor, layout: list[int],
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weights: torch.Tensor,
+    center: torch.Tensor | None,
+    scorr: torch.Tensor | None,
+    tcorr: torch.Tensor | None,
+    inv_temps: torch.Tensor,
+    layout: list[int],
     probability: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, stat, mq, lq, ms, ls, qs): the loss, the centre statistic (K,) (empty with
@@ -122,9 +154,19 @@ def _forward_op(
             stat, mq, lq = (weights.new_empty(0) for _ in range(3))  # (outputs must not alias)
         else:
             mq, lq, stat = teacher_statistics(teacher, center, tcorr, inv_temps, probability=probability, ACC=acc)
-        loss, ms, ls, qs = student_pass(student, teacher, weights, center, scorr, tcorr,
-                                        None if center is None else mq, None if center is None else lq,
-                                        inv_temps, PairLayout.of(layout), acc)
+        loss, ms, ls, qs = student_pass(
+            student,
+            teacher,
+            weights,
+            center,
+            scorr,
+            tcorr,
+            None if center is None else mq,
+            None if center is None else lq,
+            inv_temps,
+            PairLayout.of(layout),
+            acc,
+        )
         return loss, stat, mq, lq, ms, ls, qs
 
 
@@ -138,29 +180,59 @@ def _(student, teacher, weights, center, scorr, tcorr, inv_temps, layout, probab
 
 @torch.library.custom_op("vmf_head::fused_cross_entropy_backward", mutates_args=())
 def _backward_op(
-    grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor,
-    center: torch.Tensor | None, scorr: torch.Tensor | None, tcorr: torch.Tensor | None, mq: torch.Tensor,
-    lq: torch.Tensor, ms: torch.Tensor, ls: torch.Tensor, qs: torch.Tensor, inv_temps: torch.Tensor,
-    layout: list[int], want_ds: bool, want_dscorr: bool,
+    grad: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weights: torch.Tensor,
+    center: torch.Tensor | None,
+    scorr: torch.Tensor | None,
+    tcorr: torch.Tensor | None,
+    mq: torch.Tensor,
+    lq: torch.Tensor,
+    ms: torch.Tensor,
+    ls: torch.Tensor,
+    qs: torch.Tensor,
+    inv_temps: torch.Tensor,
+    layout: list[int],
+    want_ds: bool,
+    want_dscorr: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d loss / d student in the student's dtype, d loss / d scorr (K,)); one not wanted is empty."""
     with on_device(student.device):
         ds, dscorr = student_backward(
-            grad, student, teacher, weights, center, scorr, tcorr, None if center is None else mq,
-            None if center is None else lq, ms, ls, qs, inv_temps, PairLayout.of(layout),
-            want_ds=want_ds, want_dscorr=want_dscorr, ACC=_TL_DTYPES[weights.dtype])
+            grad,
+            student,
+            teacher,
+            weights,
+            center,
+            scorr,
+            tcorr,
+            None if center is None else mq,
+            None if center is None else lq,
+            ms,
+            ls,
+            qs,
+            inv_temps,
+            PairLayout.of(layout),
+            want_ds=want_ds,
+            want_dscorr=want_dscorr,
+            ACC=_TL_DTYPES[weights.dtype],
+        )
     return (student.new_empty(0) if ds is None else ds), (weights.new_empty(0) if dscorr is None else dscorr)
 
 
 @_backward_op.register_fake
-def _(grad, student, teacher, weights, center, scorr, tcorr, mq, lq, ms, ls, qs, inv_temps, layout, want_ds,
-      want_dscorr):
-    return (torch.empty_like(student) if want_ds else student.new_empty(0),
-            weights.new_empty(student.shape[1]) if want_dscorr else weights.new_empty(0))
+def _(
+    grad, student, teacher, weights, center, scorr, tcorr, mq, lq, ms, ls, qs, inv_temps, layout, want_ds, want_dscorr
+):
+    return (
+        torch.empty_like(student) if want_ds else student.new_empty(0),
+        weights.new_empty(student.shape[1]) if want_dscorr else weights.new_empty(0),
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    student, teacher, weights, center, scorr, tcorr, inv_temps, layout, probability = inputs
+    student, teacher, weights, center, scorr, tcorr, inv_temps, layout, _probability = inputs
     _, stat, mq, lq, ms, ls, qs = output
     ctx.save_for_backward(student, teacher, weights, center, scorr, tcorr, mq, lq, ms, ls, qs, inv_temps)
     ctx.layout = layout
@@ -247,8 +319,16 @@ def cross_entropy(
         c = center.detach().reshape(-1).to(acc)
         center_logits = c.clamp_min(torch.finfo(acc).tiny).log() if centering == "probability" else c * inv_temps[1]
     loss, stat, *_ = _forward_op(
-        student, teacher, weights.contiguous(), center_logits, _shifted(student_correction, acc),
-        _shifted(teacher_correction, acc, detach=True), inv_temps, layout.ints(), centering == "probability")
+        student,
+        teacher,
+        weights.contiguous(),
+        center_logits,
+        _shifted(student_correction, acc),
+        _shifted(teacher_correction, acc, detach=True),
+        inv_temps,
+        layout.ints(),
+        centering == "probability",
+    )
     return loss, None if centering is None else stat
 
 
@@ -278,9 +358,17 @@ def dino_vmf_loss(
     dtype = arithmetic_dtype(student_output, teacher_output)
     weights = torch.full((rows,), 1.0 / (n_pairs * batch), device=student_output.device, dtype=dtype)
     loss, stat = cross_entropy(
-        student_output, teacher_output, weights, PairLayout.multicrop(batch, n_views, n_global, skip_same=True),
-        student_temp=student_temp, student_correction=student_correction, teacher_temp=teacher_temp,
-        teacher_correction=teacher_correction, center=center, centering=centering)
+        student_output,
+        teacher_output,
+        weights,
+        PairLayout.multicrop(batch, n_views, n_global, skip_same=True),
+        student_temp=student_temp,
+        student_correction=student_correction,
+        teacher_temp=teacher_temp,
+        teacher_correction=teacher_correction,
+        center=center,
+        centering=centering,
+    )
     return loss, stat.reshape(1, K)
 
 
@@ -305,9 +393,17 @@ def ibot_patch_vmf_loss(
     selected = mask.to(dtype)
     weights = (selected / (selected.sum(dim=1, keepdim=True).clamp(min=1.0) * images)).reshape(-1)
     loss, stat = cross_entropy(
-        student_patch.reshape(images * tokens, K), teacher_patch.reshape(images * tokens, K), weights,
-        PairLayout.row_to_row(images * tokens), student_temp=student_temp, student_correction=student_correction,
-        teacher_temp=teacher_temp, teacher_correction=teacher_correction, center=center, centering=centering)
+        student_patch.reshape(images * tokens, K),
+        teacher_patch.reshape(images * tokens, K),
+        weights,
+        PairLayout.row_to_row(images * tokens),
+        student_temp=student_temp,
+        student_correction=student_correction,
+        teacher_temp=teacher_temp,
+        teacher_correction=teacher_correction,
+        center=center,
+        centering=centering,
+    )
     return loss, stat.reshape(1, 1, K)
 
 
@@ -323,18 +419,22 @@ def multicrop_cross_entropy(
 ) -> torch.Tensor:
     """The cross-entropy against given targets (contract: ``vmf_head.functional.multicrop_cross_entropy``),
     fused. One student view against one target view pairs row to row (tiled like iBOT's tokens)."""
-    rows, K = student_output.shape
+    rows, _K = student_output.shape
     batch = rows // n_views
     n_targets = targets.shape[0] // batch
     n_pairs = n_views * n_targets - (min(n_targets, n_views) if skip_same_view else 0)
     dtype = arithmetic_dtype(student_output, targets)
-    per_row = (torch.full((batch,), 1.0 / batch, dtype=dtype, device=student_output.device) if row_weight is None
-               else row_weight.to(dtype))
+    per_row = (
+        torch.full((batch,), 1.0 / batch, dtype=dtype, device=student_output.device)
+        if row_weight is None
+        else row_weight.to(dtype)
+    )
     weights = (per_row / n_pairs).repeat(n_views)
     if n_views == 1 and n_targets == 1:
         layout = PairLayout.row_to_row(rows)
     else:
         layout = PairLayout.multicrop(batch, n_views, n_targets, skip_same=skip_same_view)
-    loss, _ = cross_entropy(student_output, targets, weights, layout, student_temp=student_temp,
-                            student_correction=student_correction)
+    loss, _ = cross_entropy(
+        student_output, targets, weights, layout, student_temp=student_temp, student_correction=student_correction
+    )
     return loss

@@ -198,19 +198,13 @@ def _scaled_derivative_approx(x, params):
 
 @triton.jit
 def _log_normalizer(x, params, EXACT: tl.constexpr):
-    if EXACT:
-        out = _log_normalizer_exact(x, params)
-    else:
-        out = _log_normalizer_approx(x, params)
+    out = _log_normalizer_exact(x, params) if EXACT else _log_normalizer_approx(x, params)
     return out
 
 
 @triton.jit
 def _scaled_derivative(x, params, EXACT: tl.constexpr):
-    if EXACT:
-        out = _scaled_derivative_exact(x, params)
-    else:
-        out = _scaled_derivative_approx(x, params)
+    out = _scaled_derivative_exact(x, params) if EXACT else _scaled_derivative_approx(x, params)
     return out
 
 
@@ -224,8 +218,7 @@ def _finish(out, x, at_large, params):
 
 @triton.jit
 def _elementwise_kernel(
-    kappa_ptr, out_ptr, params, n,
-    DERIVATIVE: tl.constexpr, EXACT: tl.constexpr, BLOCK: tl.constexpr,
+    kappa_ptr, out_ptr, params, n, DERIVATIVE: tl.constexpr, EXACT: tl.constexpr, BLOCK: tl.constexpr
 ):
     """out = log C_p(kappa), or its derivative -A_p(kappa) when DERIVATIVE, over n flat elements."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -253,8 +246,17 @@ def _row_norms(w_ptr, rows, row_mask, n_cols, stride_r, stride_c, BLOCK_K: tl.co
 
 @triton.jit
 def _prototype_forward_kernel(
-    w_ptr, out_ptr, params, n_rows, n_cols, stride_r, stride_c, tau_ptr,
-    EXACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    w_ptr,
+    out_ptr,
+    params,
+    n_rows,
+    n_cols,
+    stride_r,
+    stride_c,
+    tau_ptr,
+    EXACT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """out_k = log C_p(||w_k|| / tau) for the rows of W (K x D); D = 1 gives |g_k| / tau."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -267,8 +269,20 @@ def _prototype_forward_kernel(
 
 @triton.jit
 def _prototype_backward_kernel(
-    grad_ptr, w_ptr, gw_ptr, params, n_rows, n_cols, stride_r, stride_c, gstride_r, gstride_c, tau_ptr,
-    EXACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    grad_ptr,
+    w_ptr,
+    gw_ptr,
+    params,
+    n_rows,
+    n_cols,
+    stride_r,
+    stride_c,
+    gstride_r,
+    gstride_c,
+    tau_ptr,
+    EXACT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dL/dw_k = dL/dout_k * (d log C_p/dkappa)(kappa_k) / tau * w_k / ||w_k||.
 
@@ -304,7 +318,17 @@ def _plan(p: int, mode: str, tol: float) -> tuple[float, ...]:
     else:
         shift, cu, cw = 0, (), ()
     mu = nu + shift
-    header = (mu, nu, 1.0 / mu**2, log_order_constant(mu) - 0.5 * p * _LOG_2PI, (nu + 0.5) * _LOG_2PI, len(cu), len(cw), shift, math.nan)
+    header = (
+        mu,
+        nu,
+        1.0 / mu**2,
+        log_order_constant(mu) - 0.5 * p * _LOG_2PI,
+        (nu + 0.5) * _LOG_2PI,
+        len(cu),
+        len(cw),
+        shift,
+        math.nan,
+    )
     if anchored is None:
         header += (0.0, 0.0, 0.0, 0.0, 0.0)
     else:
@@ -335,8 +359,13 @@ def log_normalizer(kappa: torch.Tensor, *, p: int, mode: str, derivative: bool) 
     dst = out if flat_ok else torch.empty_like(src)
     with on_device(kappa.device):
         _elementwise_kernel[(triton.cdiv(n, _BLOCK),)](
-            kappa_ptr=src, out_ptr=dst, params=_constants(p, mode, kappa.dtype, kappa.device), n=n,
-            DERIVATIVE=derivative, EXACT=mode == "exact", BLOCK=_BLOCK,
+            kappa_ptr=src,
+            out_ptr=dst,
+            params=_constants(p, mode, kappa.dtype, kappa.device),
+            n=n,
+            DERIVATIVE=derivative,
+            EXACT=mode == "exact",
+            BLOCK=_BLOCK,
         )
     if not flat_ok:
         out.copy_(dst)
@@ -368,9 +397,17 @@ def prototype_log_normalizer(
     block_k, block_d = _blocks(n_cols)
     with on_device(weight.device):
         _prototype_forward_kernel[(triton.cdiv(n_rows, block_k),)](
-            w_ptr=w, out_ptr=out, params=_constants(p, mode, weight.dtype, weight.device), n_rows=n_rows,
-            n_cols=n_cols, stride_r=w.stride(0), stride_c=w.stride(1), tau_ptr=tau,
-            EXACT=mode == "exact", BLOCK_K=block_k, BLOCK_D=block_d,
+            w_ptr=w,
+            out_ptr=out,
+            params=_constants(p, mode, weight.dtype, weight.device),
+            n_rows=n_rows,
+            n_cols=n_cols,
+            stride_r=w.stride(0),
+            stride_c=w.stride(1),
+            tau_ptr=tau,
+            EXACT=mode == "exact",
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
         )
     return out
 
@@ -389,9 +426,19 @@ def prototype_log_normalizer_backward(
     block_k, block_d = _blocks(n_cols)
     with on_device(weight.device):
         _prototype_backward_kernel[(triton.cdiv(n_rows, block_k),)](
-            grad_ptr=grad.contiguous(), w_ptr=w, gw_ptr=gw, params=_constants(p, mode, weight.dtype, weight.device),
-            n_rows=n_rows, n_cols=n_cols, stride_r=w.stride(0), stride_c=w.stride(1),
-            gstride_r=gw.stride(0), gstride_c=gw.stride(1), tau_ptr=tau,
-            EXACT=mode == "exact", BLOCK_K=block_k, BLOCK_D=block_d,
+            grad_ptr=grad.contiguous(),
+            w_ptr=w,
+            gw_ptr=gw,
+            params=_constants(p, mode, weight.dtype, weight.device),
+            n_rows=n_rows,
+            n_cols=n_cols,
+            stride_r=w.stride(0),
+            stride_c=w.stride(1),
+            gstride_r=gw.stride(0),
+            gstride_c=gw.stride(1),
+            tau_ptr=tau,
+            EXACT=mode == "exact",
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
         )
     return grad_weight

@@ -6,4 +6,4 @@ the module ``vmf_head.special.vmf`` holds the float64 kernels they are built fro
 
 from .bessel import bessel_iv_ratio, log_bessel_iv
 
-__all__ = ["log_bessel_iv", "bessel_iv_ratio"]
+__all__ = ["bessel_iv_ratio", "log_bessel_iv"]

@@ -26,12 +26,56 @@ from fractions import Fraction
 # evaluated on a 401-point grid in 60-digit arithmetic and rounded up. They decide how many terms
 # an order needs: the first omitted term bounds the truncation error.
 _U_MAX = (
-    0.084, 0.033, 0.017, 0.021, 0.021, 0.041, 0.066, 0.171, 0.382, 1.24, 3.56, 13.8, 48.2, 218.0,
-    898.0, 4624.0, 22005.0, 1.28e5, 6.86e5, 4.41e6, 2.66e7, 1.88e8, 1.25e9, 9.61e9,
+    0.084,
+    0.033,
+    0.017,
+    0.021,
+    0.021,
+    0.041,
+    0.066,
+    0.171,
+    0.382,
+    1.24,
+    3.56,
+    13.8,
+    48.2,
+    218.0,
+    898.0,
+    4624.0,
+    22005.0,
+    1.28e5,
+    6.86e5,
+    4.41e6,
+    2.66e7,
+    1.88e8,
+    1.25e9,
+    9.61e9,
 )
 _W_MAX = (
-    0.5, 0.542, 0.544, 0.543, 0.542, 0.543, 0.666, 1.46, 3.50, 9.76, 30.5, 104.0, 397.0, 1588.0,
-    7154.0, 33131.0, 1.71e5, 9.00e5, 5.25e6, 3.08e7, 2.01e8, 1.31e9, 9.28e9, 6.62e10,
+    0.5,
+    0.542,
+    0.544,
+    0.543,
+    0.542,
+    0.543,
+    0.666,
+    1.46,
+    3.50,
+    9.76,
+    30.5,
+    104.0,
+    397.0,
+    1588.0,
+    7154.0,
+    33131.0,
+    1.71e5,
+    9.00e5,
+    5.25e6,
+    3.08e7,
+    2.01e8,
+    1.31e9,
+    9.28e9,
+    6.62e10,
 )
 MAX_TERMS = len(_U_MAX) - 1
 
@@ -44,7 +88,7 @@ _STEP_COST, _TERM_COST = 3, 6
 _MAX_SHIFT = 64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _u_polys(n: int) -> tuple[tuple[Fraction, ...], ...]:
     """Exact coefficients (ascending powers of t) of u_0 .. u_n."""
     polys = [(Fraction(1),)]
@@ -82,7 +126,7 @@ def terms_needed(nu: float, tol: float) -> int | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shifted_order(nu: float, tol: float) -> tuple[int, int]:
     """(M, K): the cheapest integer shift M >= 0 and term count K such that the expansion at order
     nu + M reaches ``tol`` with K terms. Small orders cannot be reached by the expansion itself;
@@ -96,7 +140,7 @@ def shifted_order(nu: float, tol: float) -> tuple[int, int]:
     return best[1], best[2]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shifted_chebyshev(n: int) -> tuple[tuple[int, ...], ...]:
     """Integer coefficients (ascending) of T_0(2t-1) .. T_n(2t-1), the Chebyshev basis on [0, 1]."""
     polys = [(1,), (-1, 2)]

@@ -70,14 +70,14 @@ def sign_change(f, p: int) -> float | None:
     return hi
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def zero(p: int, tol: float = TOL_FLOAT64) -> float | None:
     """The kappa > 0 at which log C_p changes sign (None where it has none), by bisection on the
     plain form: accurate to its rounding there (about 1e-16 kappa_0 in log C_p, the same in kappa)."""
     return sign_change(lambda k: _plain(torch.tensor([k], dtype=torch.float64), p, tol).item(), p)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def anchor(p: int, tol: float) -> tuple[float, float, float] | None:
     """(kappa_0, r_0, b_p) for the anchored form of log C_p, or None where the plain form suffices.
 
