@@ -32,6 +32,8 @@ from triton.runtime.jit import JITFunction
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kernel_registers.py compiles kernels: run it without TRITON_INTERPRET=1")
 
+from vmf_head.functional.cross_entropy import Pairing
+from vmf_head.functional.vmf import compute_dtype
 from vmf_head.ops import cross_entropy as ce
 from vmf_head.ops import cross_entropy_backward, cross_entropy_forward
 from vmf_head.ops import log_normalizer as lcp
@@ -134,48 +136,38 @@ def _log_normalizer_launches(dtype: torch.dtype) -> list:
 def _loss_launches(dtype: torch.dtype) -> list:
     """The launches of the DINO layout (2 + 8 views), iBOT's patches and DINOv2's targets, K = 65,536."""
     K, B = 65536, 2
-    acc = ce.arithmetic_dtype(torch.empty(0, dtype=dtype))
+    acc = compute_dtype(torch.empty(0, dtype=dtype))
     inv_temps = torch.tensor([10.0, 25.0], dtype=acc)
     corr = torch.zeros(K, dtype=acc)
     launches = []
-    for layout, rows, t_rows in (
-        (ce.PairLayout.multicrop(B, 10, 2, True), 10 * B, 2 * B),
-        (ce.PairLayout.row_to_row(8 * B), 8 * B, 8 * B),
-    ):
+    for pairing, rows, t_rows in ((Pairing(10, 2), 10 * B, 2 * B), (Pairing(1, 1, skip_same=False), 8 * B, 8 * B)):
+        layout = ce.PairLayout.of(pairing, rows)
         student, teacher = torch.randn(rows, K, dtype=dtype), torch.randn(t_rows, K, dtype=dtype)
         weights, stat = torch.ones(rows, dtype=acc), torch.ones(t_rows, dtype=acc)
         for centering in ("logit", "probability", None):  # None: precomputed targets
-            center = None if centering is None else corr
-            if centering is not None:
-                launches += capture(
-                    lambda: cross_entropy_forward.teacher_statistics(
-                        teacher, center, corr, inv_temps, probability=centering == "probability", ACC=ce._TL_DTYPES[acc]
-                    )
-                )
-            mq = None if centering is None else stat
-            launches += capture(
-                lambda: cross_entropy_forward.student_pass(
-                    student, teacher, weights, center, corr, corr, mq, mq, inv_temps, layout, ce._TL_DTYPES[acc]
-                )
+            x = cross_entropy_forward.Inputs(
+                student, teacher, weights, None if centering is None else corr, corr, corr, inv_temps
             )
+            teacher_stats = None
+            if centering is not None:
+                probability = centering == "probability"
+                launches += capture(
+                    lambda: cross_entropy_forward.teacher_statistics(x, probability=probability, ACC=ce._TL_DTYPES[acc])
+                )
+                teacher_stats = cross_entropy_forward.TeacherRowStats(stat, stat)
+            launches += capture(
+                lambda: cross_entropy_forward.student_pass(x, teacher_stats, layout, ce._TL_DTYPES[acc])
+            )
+            student_stats = cross_entropy_forward.StudentRowStats(weights, weights, weights)
             launches += capture(
                 lambda: cross_entropy_backward.student_backward(
                     torch.ones((), dtype=acc),
-                    student,
-                    teacher,
-                    weights,
-                    center,
-                    corr,
-                    corr,
-                    mq,
-                    mq,
-                    weights,
-                    weights,
-                    weights,
-                    inv_temps,
+                    x,
+                    teacher_stats,
+                    student_stats,
                     layout,
-                    want_ds=True,
-                    want_dscorr=True,
+                    want_grad_student=True,
+                    want_grad_correction=True,
                     ACC=ce._TL_DTYPES[acc],
                 )
             )

@@ -57,6 +57,17 @@ class Candidate:
     name: str
     make: Callable[[Inputs], Step]
     devices: tuple[str, ...] = ("cpu", "cuda")
+    compiled: bool = False
+
+
+def compiled(candidate: Candidate) -> Candidate:
+    """``candidate`` under ``torch.compile`` (Inductor, default options), as a user would try it first:
+    the loss call is compiled, its backward through AOTAutograd; the warm-up steps compile."""
+
+    def make(x: Inputs) -> Step:
+        return torch.compile(candidate.make(x))
+
+    return Candidate(f"{candidate.name}, torch.compile", make, candidate.devices, compiled=True)
 
 
 class EagerDINOLoss(torch.nn.Module):
@@ -110,13 +121,15 @@ def _vmf(centering: str, norms: bool, backend: str = "reference") -> Callable[[I
     return make
 
 
-CANDIDATES: list[Candidate] = [
+_EAGER = [
     Candidate("DINO eager", _dino_eager),
     Candidate("lightly DINOLoss", _lightly),
     Candidate("vmf-head reference, DINO (logit, no norms)", _vmf("logit", False)),
     Candidate("vmf-head reference, DINO-vMF (probability + vMF)", _vmf("probability", True)),
 ]
+CANDIDATES: list[Candidate] = _EAGER + [compiled(c) for c in _EAGER]
 BASELINE = "DINO eager"
+COMPILED_BASELINE = "DINO eager, torch.compile"
 
 
 def make_inputs(args: argparse.Namespace) -> Inputs:
@@ -207,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--only", nargs="*", help="names of the candidates to run (default: all for the device)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile candidates")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
@@ -219,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         print(peak_memory_mib(args.memory_of, args))
         return 0
 
-    candidates = [c for c in CANDIDATES if args.device in c.devices and (not args.only or c.name in args.only)]
+    candidates = [
+        c
+        for c in CANDIDATES
+        if args.device in c.devices and (not args.only or c.name in args.only) and not (args.no_compile and c.compiled)
+    ]
     x = make_inputs(args)
     steps = {c.name: c.make(x) for c in candidates}
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -232,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     memory_argv = [a for a in raw if a != "--no-memory"]
     memory = {} if args.no_memory else {name: _memory_in_subprocess(name, memory_argv) for name in steps}
 
-    base = statistics.median(times[BASELINE]) if BASELINE in times else None
+    bases = {b: statistics.median(times[b]) for b in (BASELINE, COMPILED_BASELINE) if b in times}
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"loss fwd+bwd, B={args.batch}, 2+{args.local_crops} crops, K={args.out_dim}, {str(args.dtype)[6:]}, "
@@ -240,16 +258,27 @@ def main(argv: list[str] | None = None) -> int:
         f"{device}, torch {torch.__version__}, {args.repeats} repeats after {args.warmup} warm-up"
     )
     mem_what = "CUDA max_memory_allocated" if args.device == "cuda" else "peak RSS growth, VmHWM"
-    print(f"| candidate | median ms | min-max ms | vs {BASELINE} | peak MiB ({mem_what}) | loss |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    versus = " | ".join(f"vs {b}" for b in bases)
+    print(f"| candidate | median ms | min-max ms | {versus} | peak MiB ({mem_what}) | loss |")
+    print("| --- | ---: | ---: | " + "---: | " * len(bases) + "---: | ---: |")
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        ratio = f"{med / base:.2f}x" if base else "-"
+        ratios = {b: med / base for b, base in bases.items()}
         mem = f"{memory[name]:.0f}" if name in memory else "-"
         spread = f"{min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f}"
-        print(f"| {name} | {med * 1e3:.0f} | {spread} | {ratio} | {mem} | {losses[name]:.6f} |")
-        rows.append({"name": name, "times_s": ts, "median_s": med, "peak_mib": memory.get(name), "loss": losses[name]})
+        cells = " | ".join(f"{r:.2f}x" for r in ratios.values())
+        print(f"| {name} | {med * 1e3:.0f} | {spread} | {cells} | {mem} | {losses[name]:.6f} |")
+        rows.append(
+            {
+                "name": name,
+                "times_s": ts,
+                "median_s": med,
+                "ratios": ratios,
+                "peak_mib": memory.get(name),
+                "loss": losses[name],
+            }
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": {k: str(v) for k, v in vars(args).items()}, "device": device, "rows": rows}, f, indent=1)

@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 import functools
 
 from vmf_head import functional as reference
+from vmf_head.functional.cross_entropy import Pairing
 from vmf_head.nn import DINOvMFLoss, iBOTvMFLoss
 from vmf_head.ops import cross_entropy as fused
 from vmf_head.ops import cross_entropy_forward
@@ -626,7 +627,7 @@ def test_custom_ops_pass_opcheck(centering):
         _to(x, torch.float32) for x in dino_inputs(7, 3, 2, 1, "probability", True)
     )
     weights = torch.full((9,), 1.0 / 12, device=DEVICE)
-    layout = fused.PairLayout.multicrop(3, 3, 2, skip_same=True).ints()
+    layout = fused.PairLayout.of(Pairing(n_views=3, n_teacher_views=2), rows=9).ints()
     inv_temps = torch.tensor([1 / STUDENT_TEMP, 1 / TEACHER_TEMP], device=DEVICE)
     if centering is None:
         args = (

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vmf_head
-from vmf_head import _dispatch, log_vmf_normalizer, normalizer, prototype_log_normalizer, vmf_mean_resultant_length
+from vmf_head import log_vmf_normalizer, normalizer, prototype_log_normalizer, vmf_mean_resultant_length
 
 
 def _triton_device() -> str | None:
@@ -112,7 +112,8 @@ def test_autograd_and_mean_resultant_length_through_the_kernel():
 @needs_triton
 def test_triton_backend_really_runs_the_kernel(monkeypatch):
     # Guards every comparison above: "triton" must not quietly fall back to the reference.
-    kernels = _dispatch.kernels("log_normalizer")
+    from vmf_head.ops import log_normalizer as kernels
+
     calls = []
     real = kernels.log_normalizer
     monkeypatch.setattr(kernels, "log_normalizer", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
@@ -422,7 +423,8 @@ def test_torch_compile_fullgraph_forward_and_backward():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_auto_takes_the_kernel_and_never_syncs(dtype, monkeypatch):
-    kernels = _dispatch.kernels("log_normalizer")
+    from vmf_head.ops import log_normalizer as kernels
+
     calls = []
     for name in ("log_normalizer", "prototype_log_normalizer", "prototype_log_normalizer_backward"):
         real = getattr(kernels, name)

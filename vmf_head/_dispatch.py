@@ -10,13 +10,13 @@ functions) asks :func:`use_triton`:
   call, ``"reference"`` otherwise.
 
 Kernel modules (``vmf_head.ops.*``) are imported on first use, so ``import vmf_head`` loads neither
-Triton nor ``torch._dynamo``. Triton decides when a kernel module is imported whether its kernels
+Triton nor ``torch._dynamo``; callers import the kernel functions they run once ``use_triton`` said
+yes. Triton decides when a kernel module is imported whether its kernels
 are compiled or interpreted; each module records that in its ``INTERPRETED`` flag.
 """
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 import torch
@@ -25,8 +25,21 @@ from ._validation import check_choice
 
 BACKENDS = ("auto", "triton", "reference")
 
-# The kernel module of each op.
-_MODULES = {"log_normalizer": "vmf_head.ops.log_normalizer", "cross_entropy": "vmf_head.ops.cross_entropy"}
+
+def _log_normalizer_kernels() -> ModuleType:
+    from .ops import log_normalizer
+
+    return log_normalizer
+
+
+def _cross_entropy_kernels() -> ModuleType:
+    from .ops import cross_entropy
+
+    return cross_entropy
+
+
+# How to import the kernel module of each op (which imports Triton).
+_IMPORTS = {"log_normalizer": _log_normalizer_kernels, "cross_entropy": _cross_entropy_kernels}
 _imported: dict[str, ModuleType | ImportError] = {}
 
 
@@ -34,11 +47,11 @@ def check_backend(backend: object) -> str:
     return check_choice("backend", backend, BACKENDS)
 
 
-def kernels(op: str) -> ModuleType | ImportError:
+def _kernels(op: str) -> ModuleType | ImportError:
     """The kernel module of ``op``, or the ImportError that importing it (hence Triton) raised; cached."""
     if op not in _imported:
         try:
-            _imported[op] = importlib.import_module(_MODULES[op])
+            _imported[op] = _IMPORTS[op]()
         except ImportError as exc:
             _imported[op] = exc
     return _imported[op]
@@ -46,9 +59,9 @@ def kernels(op: str) -> ModuleType | ImportError:
 
 def problem(op: str, device: torch.device) -> str:
     """Why ``op``'s Triton kernels cannot run on tensors of ``device`` here ('' if they can)."""
-    module = kernels(op)
+    module = _kernels(op)
     if isinstance(module, ImportError):
-        return f"Triton is not available (importing {_MODULES[op]} failed: {module})"
+        return f"Triton is not available (importing the {op} kernels failed: {module})"
     if device.type == "cuda" or (device.type == "cpu" and module.INTERPRETED):
         return ""
     if device.type == "cpu":

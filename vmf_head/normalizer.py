@@ -95,8 +95,9 @@ def _reference(k64: torch.Tensor, p: int, mode: str, tol: float, derivative: boo
 
 def _elementwise(kappa: torch.Tensor, p: int, mode: str, backend: str, derivative: bool) -> torch.Tensor:
     if _dispatch.use_triton(backend, "log_normalizer", kappa.device):
-        kernels = _dispatch.kernels("log_normalizer")
-        return kernels.log_normalizer(kappa, p=p, mode=mode, derivative=derivative)
+        from .ops.log_normalizer import log_normalizer
+
+        return log_normalizer(kappa, p=p, mode=mode, derivative=derivative)
     return _reference(kappa.to(torch.float64), p, mode, tolerance(kappa.dtype), derivative).to(kappa.dtype)
 
 
@@ -105,13 +106,14 @@ def _correction_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _reference_norms(weight: torch.Tensor) -> torch.Tensor:
-    """||w_k|| as float64 (K,), accumulated in float32 (float64 for float64 weights) like torch's
-    own norms, so a large W is not copied to float64."""
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    if weight.dim() == 1:
-        return weight.abs().to(torch.float64)
-    return torch.linalg.vector_norm(weight, dim=1, dtype=acc).to(torch.float64)
+def row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """``||w_k||`` of the rows of ``weight`` (K, p), or ``|g_k|`` of weight-norm magnitudes (K,) or
+    (K, 1): a (K,) tensor accumulated and returned in float32 (float64 for float64 weights), so a
+    half-precision layer (FSDP mixed precision) gives concentrations of full precision."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    if weight.dim() == 2 and weight.shape[1] > 1:
+        return torch.linalg.vector_norm(weight, dim=1, dtype=dtype)
+    return weight.abs().reshape(-1).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,10 +160,10 @@ _log_vmf_normalizer_op.register_autograd(_backward, setup_context=_setup_context
 def _prototype_op(weight: torch.Tensor, tau: torch.Tensor, p: int, mode: str, backend: str) -> torch.Tensor:
     out_dtype = _correction_dtype(weight.dtype)
     if _dispatch.use_triton(backend, "log_normalizer", weight.device):
-        return _dispatch.kernels("log_normalizer").prototype_log_normalizer(
-            weight, tau=tau, p=p, mode=mode, out_dtype=out_dtype
-        )
-    kappa = _reference_norms(weight) / tau
+        from .ops.log_normalizer import prototype_log_normalizer
+
+        return prototype_log_normalizer(weight, tau=tau, p=p, mode=mode, out_dtype=out_dtype)
+    kappa = row_norms(weight).to(torch.float64) / tau
     return _reference(kappa, p, mode, tolerance(weight.dtype), derivative=False).to(out_dtype)
 
 
@@ -170,10 +172,10 @@ def _prototype_backward_op(
     grad: torch.Tensor, weight: torch.Tensor, tau: torch.Tensor, p: int, mode: str, backend: str
 ) -> torch.Tensor:
     if _dispatch.use_triton(backend, "log_normalizer", weight.device):
-        return _dispatch.kernels("log_normalizer").prototype_log_normalizer_backward(
-            grad, weight, tau=tau, p=p, mode=mode
-        )
-    norms = _reference_norms(weight)
+        from .ops.log_normalizer import prototype_log_normalizer_backward
+
+        return prototype_log_normalizer_backward(grad, weight, tau=tau, p=p, mode=mode)
+    norms = row_norms(weight).to(torch.float64)
     slope = _reference(norms / tau, p, mode, tolerance(weight.dtype), derivative=True)
     # d/dw_k log C_p(||w_k||/tau) = slope / tau * w_k / ||w_k||, and 0 at w_k = 0 (slope(0) = 0).
     scale = torch.where(norms > 0, grad.to(torch.float64) * slope / (tau * norms), 0.0)

@@ -1,14 +1,8 @@
 """Pure functions (no state) behind the DINO-vMF / iBOT-vMF modules, like ``torch.nn.functional``."""
 
-from .centering import (
-    CENTERINGS,
-    center_teacher,
-    global_batch_means,
-    logit_centering,
-    probability_centering,
-    sinkhorn_centering,
-)
-from .dino_loss import dino_vmf_loss, ibot_patch_vmf_loss, multicrop_cross_entropy
+from ._distributed import global_batch_means
+from .centering import CENTERINGS, center_teacher, logit_centering, probability_centering, sinkhorn_centering
+from .dino_loss import dino_vmf_loss, ibot_patch_vmf_loss, masked_token_weights, multicrop_cross_entropy
 from .vmf import vmf_correction, vmf_corrections, vmf_logits
 
 __all__ = [
@@ -18,6 +12,7 @@ __all__ = [
     "global_batch_means",
     "ibot_patch_vmf_loss",
     "logit_centering",
+    "masked_token_weights",
     "multicrop_cross_entropy",
     "probability_centering",
     "sinkhorn_centering",

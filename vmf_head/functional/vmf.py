@@ -1,4 +1,4 @@
-"""vMF logits of a prototype head: DINO's logits plus the missing log-normaliser (SPEC 2).
+"""vMF logits of a prototype head: DINO's logits plus the missing log-normaliser (docs/design.md).
 
 DINO's logits ``w_k^T y / tau`` are the log-posterior of a uniform mixture of von Mises-Fisher
 components with means ``mu_k = w_k/||w_k||`` and concentrations ``kappa_k = ||w_k||/tau`` only if every
@@ -7,7 +7,8 @@ normaliser ``C_p(kappa_k)`` is the same. DINO-vMF (Govindarajan et al., ICLR 202
     l_k = w_k^T y / tau + log C_p(||w_k|| / tau)  =  kappa_k mu_k^T y + log C_p(kappa_k).
 
 Temperatures are positive numbers or 0-d tensors (a schedule kept on the device, so that a new
-temperature is new data, not a new compiled graph).
+temperature is new data, not a new compiled graph). This module also holds the conventions every
+loss shares: the dtype of the B x K work, autocast off, and corrections shifted to a maximum of 0.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..normalizer import log_vmf_normalizer
 def compute_dtype(*logits: torch.Tensor | None) -> torch.dtype:
     """The dtype of the B x K work: float64 if a B x K input (logits, targets) is float64, else
     float32 (float16 and bfloat16 are promoted, so softmax and log-sum-exp never run in half). The
-    K-vectors (corrections, centres) never decide it: they are cast after their own arithmetic."""
+    K-vectors (corrections, centers) never decide it: they are cast after their own arithmetic."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in logits) else torch.float32
 
 
@@ -35,7 +36,7 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def softmax_shifted(correction: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def shifted(correction: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``correction - max(correction)``, computed in the correction's dtype, then cast to ``dtype``,
     for logits that only enter softmaxes over K.
 
@@ -44,10 +45,6 @@ def softmax_shifted(correction: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     the shift keeps them near 0. The maximum is taken without gradient, so the gradient with respect
     to ``correction`` is that of the unshifted logits."""
     return (correction - correction.detach().max()).to(dtype)
-
-
-def _check_norms(name: str, norms: object) -> torch.Tensor:
-    return check_tensor(name, norms, dims=1, shape="(K,) of prototype norms ||w_k||")
 
 
 def vmf_correction(
@@ -89,16 +86,23 @@ def vmf_corrections(
         raise ValueError(
             f"branches must be a non-empty sequence of (prototype_norms, temperature) pairs, got {branches!r}"
         )
-    kappas = []
+    checked = []
     for i, branch in enumerate(branches):
         if not isinstance(branch, (tuple, list)) or len(branch) != 2:
             raise TypeError(f"branches[{i}] must be a pair (prototype_norms, temperature), got {type(branch).__name__}")
         norms, temperature = branch
-        kappas.append((_check_norms("prototype_norms", norms), check_temperature("temperature", temperature)))
-    dtype = torch.float64 if any(norms.dtype == torch.float64 for norms, _ in kappas) else torch.float32
-    with no_autocast(kappas[0][0].device):
-        kappa = torch.cat([norms.to(dtype) / temperature for norms, temperature in kappas])
-        return list(log_vmf_normalizer(kappa, p, mode=mode).split([len(norms) for norms, _ in kappas]))
+        checked.append((_check_norms("prototype_norms", norms), check_temperature("temperature", temperature)))
+    return corrections(checked, p, mode=mode)
+
+
+def corrections(
+    branches: Sequence[tuple[torch.Tensor, float | torch.Tensor]], p: int, *, mode: str
+) -> list[torch.Tensor]:
+    """:func:`vmf_corrections` on arguments already checked (the losses' path)."""
+    dtype = torch.float64 if any(norms.dtype == torch.float64 for norms, _ in branches) else torch.float32
+    with no_autocast(branches[0][0].device):
+        kappa = torch.cat([norms.to(dtype) / temperature for norms, temperature in branches])
+        return list(log_vmf_normalizer(kappa, p, mode=mode).split([len(norms) for norms, _ in branches]))
 
 
 def vmf_logits(
@@ -138,3 +142,7 @@ def vmf_logits(
     with no_autocast(logits.device):
         dtype = compute_dtype(logits)
         return logits.to(dtype) / temperature + correction.to(dtype)
+
+
+def _check_norms(name: str, norms: object) -> torch.Tensor:
+    return check_tensor(name, norms, dims=1, shape="(K,) of prototype norms ||w_k||")

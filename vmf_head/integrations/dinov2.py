@@ -40,9 +40,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..functional import center_teacher, global_batch_means, multicrop_cross_entropy, sinkhorn_centering, vmf_correction
 from ..functional.centering import check_centering
-from ..nn._loss_common import ProbabilityCenterCheck
+from ..functional.cross_entropy import Pairing
+from ..functional.dino_loss import masked_token_weights
+from ..functional.vmf import corrections
+from ..nn.centered_loss import CenteredLoss
 from ._common import CapturedNorms, device_of, find_head, prototype_shape, warn_if_frozen
 
 __all__ = ["DINOv2iBOTPatchvMFLoss", "DINOv2vMFLoss", "patch"]
@@ -58,8 +60,10 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
-class _VMFCenteredLoss(ProbabilityCenterCheck, nn.Module):
-    """What the DINOv2 and DINOv3 losses share: vMF corrections, teacher targets, the center.
+class _VMFCenteredLoss(CenteredLoss):
+    """What the DINOv2 and DINOv3 losses add to :class:`~vmf_head.nn.centered_loss.CenteredLoss`:
+    prototype norms captured from the heads, and DINOv2's split protocol (targets first, center
+    update recorded, student terms later).
 
     Args:
         center_shape: shape of the ``center`` buffer, ``(1, K)`` or ``(1, 1, K)``.
@@ -67,8 +71,7 @@ class _VMFCenteredLoss(ProbabilityCenterCheck, nn.Module):
         p_student, p_teacher: the heads' bottleneck dimensions (equal unless the teacher is another
             network, as in DINOv3's distillation).
         student_temp, center_momentum: as the codebase's loss.
-        centering: ``"probability"``, ``"logit"`` or ``"sinkhorn"`` (SPEC 3).
-        mode: ``"exact"`` or ``"approx"`` log-normaliser.
+        centering, mode: see :class:`~vmf_head.nn.centered_loss.CenteredLoss`.
     """
 
     def __init__(
@@ -84,41 +87,29 @@ class _VMFCenteredLoss(ProbabilityCenterCheck, nn.Module):
         centering: str = "probability",
         mode: str = "exact",
     ) -> None:
-        super().__init__()
-        self.centering = check_centering(centering)
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.p_student, self.p_teacher = p_student, p_teacher
-        self.mode = mode
-        self.register_buffer("center", torch.empty(center_shape))
-        self.center.fill_(self._center_start())
+        super().__init__(p=p_student, student_temp=student_temp, centering=centering, mode=mode, backend="auto",
+                         check_finite=False)  # fmt: skip
+        self.p_teacher = p_teacher
+        self._register_center("center", center_shape, center_momentum, "center_momentum")
         self._student_norms, self._teacher_norms = student_norms, teacher_norms
-        self._centred: tuple[tuple, torch.Tensor | None] | None = None  # (layout, stat) of the last targets
+        self._centered: tuple[tuple, torch.Tensor | None] | None = None  # (layout, stat) of the last targets
         self._pending: tuple[torch.Tensor, int] | None = None  # (stat, rows) awaiting apply_center_update
 
-    def _center_start(self) -> float:
-        # The probability center starts at the uniform distribution (SPEC 3), the logit center at 0.
-        return 1.0 / self.center.shape[-1] if self.centering == "probability" else 0.0
+    def _correction(self, norms: CapturedNorms, temperature, p: int) -> torch.Tensor:
+        return corrections([(norms(), temperature)], p, mode=self.mode)[0]
 
-    def _teacher_correction(self, teacher_temp: float) -> torch.Tensor:
-        return vmf_correction(self._teacher_norms(), teacher_temp, self.p_teacher, mode=self.mode)
-
-    def _targets(
-        self, teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3
+    def _centered_targets(
+        self, teacher_output: torch.Tensor, teacher_temp: float, centering: str, n_iterations: int = 3
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(q, stat)`` under ``centering`` with the current center; ``stat`` None for Sinkhorn."""
-        return center_teacher(
+        """``(q, stat)`` with the current center; ``stat`` None for Sinkhorn."""
+        return self._targets(
+            "center",
             teacher_output,
-            self.center.view(-1),
-            teacher_temp=teacher_temp,
-            teacher_correction=self._teacher_correction(teacher_temp),
-            centering=self.centering,
+            teacher_temp,
+            self._correction(self._teacher_norms, teacher_temp, self.p_teacher),
+            centering=centering,
             sinkhorn_iterations=n_iterations,
         )
-
-    def _sinkhorn(self, teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int) -> torch.Tensor:
-        """Sinkhorn-Knopp targets on ``exp(t / teacher_temp + log C_p(||w_t|| / teacher_temp))``, in log space."""
-        return sinkhorn_centering(teacher_output, teacher_temp, self._teacher_correction(teacher_temp), n_iterations)
 
     @torch.no_grad()
     def softmax_center_teacher(
@@ -129,87 +120,66 @@ class _VMFCenteredLoss(ProbabilityCenterCheck, nn.Module):
         center statistic of ``teacher_output`` comes out of the same pass, for ``update_center``."""
         if update_centers:
             self.apply_center_update()
-        q, stat = self._targets(teacher_output, teacher_temp)
-        self._centred = (_layout(teacher_output), stat)
+        q, stat = self._centered_targets(teacher_output, teacher_temp, self.centering)
+        self._centered = (_layout(teacher_output), stat)
         return q
+
+    def _sinkhorn(self, teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int) -> torch.Tensor:
+        """Sinkhorn-Knopp targets on ``exp(t / teacher_temp + log C_p(||w_t|| / teacher_temp))``, in log space."""
+        return self._centered_targets(teacher_output, teacher_temp, "sinkhorn", n_iterations)[0]
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
         """Record the center statistic of ``teacher_output``, the tensor the preceding
-        ``softmax_center_teacher`` centred (mean of it for logit centering, of the uncentred teacher
+        ``softmax_center_teacher`` centered (mean of it for logit centering, of the uncentered teacher
         posterior for probability centering); ``apply_center_update`` applies it."""
         if self.centering == "sinkhorn":
             return
-        if self._centred is None or self._centred[0] != _layout(teacher_output):
+        if self._centered is None or self._centered[0] != _layout(teacher_output):
             raise ValueError(
                 "update_center(teacher_output) takes the tensor just passed to softmax_center_teacher (DINOv2's "
                 "order), whose center statistic that call computed; call softmax_center_teacher on it first"
             )
-        self._pending = (self._centred[1], _rows(teacher_output))
-        self._centred = None
+        self._pending = (self._centered[1], _rows(teacher_output))
+        self._centered = None
 
     @torch.no_grad()
     def apply_center_update(self) -> None:
-        """Apply the statistic recorded by ``update_center``, if any (see :meth:`_move_center`)."""
+        """Apply the statistic recorded by ``update_center``, if any."""
         if self._pending is not None:
-            self._move_center(*self._pending)
+            self._update_centers({"center": self._pending})
             self._pending = None
 
-    def _move_center(self, stat: torch.Tensor, n_rows: int) -> None:
-        """``center <- m center + (1 - m) mean_global_batch(stat)`` for a local mean ``stat`` over ``n_rows``."""
-        (mean,) = global_batch_means((stat, n_rows))
-        self.center.mul_(self.center_momentum).add_(
-            mean.view_as(self.center).to(self.center.dtype), alpha=1 - self.center_momentum
-        )
-
-    def _cross_entropy(
-        self,
-        student: torch.Tensor,
-        targets: torch.Tensor,
-        *,
-        n_views: int,
-        skip_same_view: bool,
-        row_weight: torch.Tensor | None = None,
+    def _student_cross_entropy(
+        self, student: torch.Tensor, targets: torch.Tensor, pairing: Pairing, row_weight: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """:func:`~vmf_head.functional.multicrop_cross_entropy` with
-        ``l_s = s / student_temp + log C_p(||w_s|| / student_temp)``."""
-        correction = vmf_correction(self._student_norms(), self.student_temp, self.p_student, mode=self.mode)
-        return multicrop_cross_entropy(
-            student,
-            targets,
-            n_views=n_views,
-            student_temp=self.student_temp,
-            student_correction=correction,
-            skip_same_view=skip_same_view,
-            row_weight=row_weight,
-        )
+        """The cross-entropy with ``l_s = s / student_temp + log C_p(||w_s|| / student_temp)``."""
+        correction = self._correction(self._student_norms, self.student_temp, self.p)
+        return self._cross_entropy(student, targets, pairing, correction, row_weight)
 
 
 def _masked_token_weights(masks: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """``1 / (masked tokens of its image)`` for the first ``n_tokens`` masked tokens of ``masks`` (B, N), in
-    row-major order: DINOv2's ``masks_weight``, found by a fixed-size ``nonzero`` (no host sync)."""
-    per_token = (1.0 / masks.sum(-1, keepdim=True).clamp(min=1.0)).expand(masks.shape).reshape(-1)
+    """The weights of the first ``n_tokens`` masked tokens of ``masks`` (B, N), in row-major order, times
+    the number of images: DINOv2's ``masks_weight``, found by a fixed-size ``nonzero`` (no host sync)."""
+    per_token = masked_token_weights(masks).reshape(-1) * masks.shape[0]
     return per_token[torch.nonzero_static(masks.reshape(-1), size=n_tokens).squeeze(1)]
 
 
 class _MaskedPatchTerms:
     """The iBOT patch terms of DINOv2's and DINOv3's ``iBOTPatchLoss`` (same signatures in both)."""
 
-    _cross_entropy: Callable[..., torch.Tensor]
+    _student_cross_entropy: Callable[..., torch.Tensor]
 
     def forward(
         self, student_patch_tokens: torch.Tensor, teacher_patch_tokens: torch.Tensor, student_masks_flat: torch.Tensor
     ) -> torch.Tensor:
         """Tokens (B, N, K), masks (B, N): per image the mean cross-entropy over its masked tokens, then
         the mean over images (0 for an image without masked tokens)."""
-        masks = student_masks_flat.to(torch.float32)
-        weight = (masks / masks.sum(-1, keepdim=True).clamp(min=1.0) / masks.shape[0]).flatten()
-        return self._cross_entropy(
+        return self._student_cross_entropy(
             student_patch_tokens.flatten(0, 1),
             teacher_patch_tokens.flatten(0, 1),
-            n_views=1,
-            skip_same_view=False,
-            row_weight=weight,
+            _ROW_TO_ROW,
+            masked_token_weights(student_masks_flat).flatten(),
         )
 
     def forward_masked(
@@ -227,8 +197,11 @@ class _MaskedPatchTerms:
             student, teacher = student[:n_masked_patches], teacher[:n_masked_patches]
         if masks_weight is None:
             masks_weight = _masked_token_weights(student_masks_flat, student.shape[0])
-        total = self._cross_entropy(student, teacher, n_views=1, skip_same_view=False, row_weight=masks_weight)
+        total = self._student_cross_entropy(student, teacher, _ROW_TO_ROW, masks_weight)
         return total / student_masks_flat.shape[0]
+
+
+_ROW_TO_ROW = Pairing(1, 1, skip_same=False)
 
 
 class DINOv2vMFLoss(_VMFCenteredLoss):
@@ -250,9 +223,10 @@ class DINOv2vMFLoss(_VMFCenteredLoss):
         targets = torch.cat(list(teacher_out_softmaxed_centered_list))
         total = 0
         for student in student_output_list:
-            # multicrop_cross_entropy averages over the target views; DINOv2 sums them
+            # the cross-entropy averages over the target views; DINOv2 sums them
             n_targets = targets.shape[0] // student.shape[0]
-            total = total + n_targets * self._cross_entropy(student, targets, n_views=1, skip_same_view=False)
+            pairing = Pairing(1, n_targets, skip_same=False)
+            total = total + n_targets * self._student_cross_entropy(student, targets, pairing)
         return total
 
 

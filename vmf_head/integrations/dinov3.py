@@ -45,7 +45,8 @@ import math
 import torch
 from torch import nn
 
-from ..functional.centering import check_centering
+from ..functional.centering import check_centering, initial_center
+from ..functional.cross_entropy import Pairing
 from .dinov2 import _MaskedPatchTerms, _rows, _VMFCenteredLoss, replace_losses
 
 __all__ = ["DINOv3iBOTPatchvMFLoss", "DINOv3vMFLoss", "patch"]
@@ -61,8 +62,8 @@ class _DINOv3Loss(_VMFCenteredLoss):
 
     def init_weights(self) -> None:
         """The center's start: 1/K (the uniform distribution) for probability centering, else 0 (DINOv3's)."""
-        self.center.fill_(self._center_start())
-        self._centred = self._pending = None
+        self.center.copy_(initial_center(self.centering, self.center.shape))
+        self._centered = self._pending = None
 
     def reduce_center_update(self, teacher_output: torch.Tensor) -> None:
         """DINOv3's name for ``update_center``."""
@@ -70,9 +71,8 @@ class _DINOv3Loss(_VMFCenteredLoss):
 
     @torch.no_grad()
     def _sinkhorn_knopp(self, teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int) -> torch.Tensor:
-        q, stat = self._targets(teacher_output, teacher_temp, n_iterations)
-        if stat is not None:
-            self._move_center(stat, _rows(teacher_output))
+        q, stat = self._centered_targets(teacher_output, teacher_temp, self.centering, n_iterations)
+        self._update_centers({"center": (stat, _rows(teacher_output))})
         return q
 
 
@@ -95,12 +95,8 @@ class DINOv3vMFLoss(_DINOv3Loss):
         """Mean over (student crop s, teacher crop t) pairs, ``s != t`` when ``ignore_diagonal``, of
         ``mean_b -teacher_probs[t, b] . log_softmax(l_s[s, b])``, ``l_s = student_logits / student_temp +
         log C_p(||w_s|| / student_temp)``; student_logits (S, B, K), teacher_probs (T, B, K)."""
-        return self._cross_entropy(
-            student_logits.flatten(0, 1),
-            teacher_probs.flatten(0, 1),
-            n_views=student_logits.shape[0],
-            skip_same_view=ignore_diagonal,
-        )
+        pairing = Pairing(student_logits.shape[0], teacher_probs.shape[0], skip_same=ignore_diagonal)
+        return self._student_cross_entropy(student_logits.flatten(0, 1), teacher_probs.flatten(0, 1), pairing)
 
 
 class DINOv3iBOTPatchvMFLoss(_MaskedPatchTerms, _DINOv3Loss):

@@ -25,17 +25,16 @@ import torch
 from torch import nn
 
 from .._validation import check_int, check_temperature, check_tensor
-from ..functional.centering import teacher_vmf_logits
-from ..functional.dino_loss import dino_vmf_loss
-from ..functional.vmf import vmf_correction
-from ..nn import _loss_common as common
+from ..functional.centering import teacher_logits
+from ..nn import DINOvMFLoss
+from ..nn.centered_loss import scheduled
 from ._common import find_head, prototype_norms, prototype_shape, require_attributes, warn_if_frozen
 
 __all__ = ["PatchedLightlyDINOLoss", "patch"]
 
 
-class PatchedLightlyDINOLoss(common.ProbabilityCenterCheck, nn.Module):
-    """DINO-vMF loss with lightly's ``DINOLoss`` call signature, bound to lightly's prototype layers.
+class PatchedLightlyDINOLoss(DINOvMFLoss):
+    """:class:`vmf_head.DINOvMFLoss` adapted to lightly's ``DINOLoss`` call, bound to lightly's prototype layers.
 
     Args:
         student_layer, teacher_layer: the heads' ``last_layer`` modules.
@@ -47,11 +46,8 @@ class PatchedLightlyDINOLoss(common.ProbabilityCenterCheck, nn.Module):
 
     Buffers:
         center: ``(1, 1, K)`` (lightly's shape); ``1/K`` at the start for probability centering.
-        teacher_temp_schedule (warm-up values) and the final teacher temperature, float64, not saved.
+        teacher_temp_schedule: lightly's warm-up values followed by the final temperature, float64, not saved.
     """
-
-    center: torch.Tensor
-    teacher_temp_schedule: torch.Tensor
 
     def __init__(
         self,
@@ -70,24 +66,28 @@ class PatchedLightlyDINOLoss(common.ProbabilityCenterCheck, nn.Module):
         backend: str = "auto",
         check_finite: bool = True,
     ) -> None:
-        super().__init__()
-        self.p = common.check_config(p, mode, centering, backend, {"center_momentum": center_momentum})
-        self.output_dim = check_int("output_dim", output_dim, minimum=1)
-        self.teacher_temp = check_temperature("teacher_temp", teacher_temp)
-        self.student_temp = check_temperature("student_temp", student_temp)
-        self.warmup_teacher_temp_epochs = check_int("warmup_teacher_temp_epochs", warmup_teacher_temp_epochs, minimum=0)
-        self.center_momentum = float(center_momentum)
-        self.centering, self.mode, self.backend = centering, mode, backend
-        self.check_finite = bool(check_finite)
-        self.register_buffer(
-            "teacher_temp_schedule",
-            torch.as_tensor(teacher_temp_schedule, dtype=torch.float64).clone(),
-            persistent=False,
+        warmup_epochs = check_int("warmup_teacher_temp_epochs", warmup_teacher_temp_epochs, minimum=0)
+        final = check_temperature("teacher_temp", teacher_temp)
+        super().__init__(
+            output_dim,
+            2,
+            final,
+            final,
+            0,
+            warmup_epochs + 1,
+            student_temp,
+            center_momentum,
+            p=p,
+            centering=centering,
+            mode=mode,
+            backend=backend,
+            check_finite=check_finite,
         )
-        self.register_buffer(
-            "_final_teacher_temp", torch.tensor(float(teacher_temp), dtype=torch.float64), persistent=False
-        )
-        self.register_buffer("center", common.initial_center(centering, (1, 1, self.output_dim)))
+        # lightly's rule as a lookup: epoch e < W reads its warm-up value, every later epoch the final one.
+        warmup = torch.as_tensor(teacher_temp_schedule, dtype=torch.float64)[:warmup_epochs]
+        self.teacher_temp_schedule[: len(warmup)] = warmup
+        self.warmup_teacher_temp_epochs = warmup_epochs
+        self._register_center("center", (1, 1, self.out_dim), center_momentum, "center_momentum")  # lightly's shape
         # A tuple, not attributes: see vmf_head.integrations.dino.PatchedDINOLoss.
         self._prototype_layers = (student_layer, teacher_layer)
 
@@ -96,11 +96,10 @@ class PatchedLightlyDINOLoss(common.ProbabilityCenterCheck, nn.Module):
         final; a number as given, otherwise a 0-d tensor on the loss's device (no host sync)."""
         if teacher_temp is not None:
             return check_temperature("teacher_temp", teacher_temp)
-        if epoch is not None:
-            epoch = check_int("epoch", epoch, minimum=0)
-            if epoch < self.warmup_teacher_temp_epochs:
-                return self.teacher_temp_schedule[epoch]
-        return self._final_teacher_temp
+        if epoch is None:
+            return self.teacher_temp_schedule[-1]
+        epoch = check_int("epoch", epoch, minimum=0)
+        return scheduled(self.teacher_temp_schedule, min(epoch, self.warmup_teacher_temp_epochs))
 
     def _norms(self) -> tuple[torch.Tensor, torch.Tensor]:
         student_layer, teacher_layer = self._prototype_layers
@@ -117,17 +116,15 @@ class PatchedLightlyDINOLoss(common.ProbabilityCenterCheck, nn.Module):
         epoch: int | None = None,
     ) -> torch.Tensor:
         """Mean over view pairs (teacher view i, student view j, i != j) of the batch-mean cross-entropy
-        between the centred teacher posterior and the student's vMF posterior; updates the center.
+        between the centered teacher posterior and the student's vMF posterior; updates the center.
 
         Args:
             teacher_out: list of (B, K) teacher outputs, one per view.
             student_out: list of (B, K) student outputs, one per view (the first ones are the teacher's).
         """
         temp = self.temperature(teacher_temp, epoch)
-        teacher, student = (
-            _stack_views("teacher_out", teacher_out, self.output_dim),
-            _stack_views("student_out", student_out, self.output_dim),
-        )
+        teacher = _stack_views("teacher_out", teacher_out, self.out_dim)
+        student = _stack_views("student_out", student_out, self.out_dim)
         n_teacher, n_student = len(teacher_out), len(student_out)
         if n_teacher * n_student - min(n_teacher, n_student) == 0:
             raise ValueError(
@@ -139,42 +136,15 @@ class PatchedLightlyDINOLoss(common.ProbabilityCenterCheck, nn.Module):
                 f"teacher_out and student_out views must have the same batch size, got "
                 f"{teacher.shape[0] // n_teacher} and {student.shape[0] // n_student}"
             )
-        student_norms, teacher_norms = self._norms()
-        student_correction, teacher_correction = common.corrections(
-            student_norms,
-            teacher_norms,
-            self.output_dim,
-            student_temp=self.student_temp,
-            teacher_temp=temp,
-            p=self.p,
-            mode=self.mode,
-        )
-        loss, stat = dino_vmf_loss(
+        return self._multicrop_step(
             student,
             teacher,
-            self.center.view(1, self.output_dim),
             n_views=n_student,
-            n_global=n_teacher,
-            student_temp=self.student_temp,
+            n_teacher_views=n_teacher,
             teacher_temp=temp,
-            student_correction=student_correction,
-            teacher_correction=teacher_correction,
-            centering=self.centering,
-            backend=self.backend,
+            norms=self._norms(),
+            names=_LIGHTLY_NAMES,
         )
-        if self.check_finite:
-            temps = {"teacher_temp": temp} if isinstance(temp, torch.Tensor) else {}
-            common.assert_finite(
-                loss,
-                temps,
-                lambda: common.diagnose_nonfinite(
-                    {"teacher_out": teacher, "student_out": student, "center": self.center},
-                    {"student last_layer norms": student_norms, "teacher last_layer norms": teacher_norms},
-                    temps,
-                ),
-            )
-        common.update_centers_((self.center, stat, teacher.shape[0], self.center_momentum))
-        return loss
 
     @torch.no_grad()
     def update_center(
@@ -189,13 +159,21 @@ class PatchedLightlyDINOLoss(common.ProbabilityCenterCheck, nn.Module):
         teacher_out = check_tensor("teacher_out", teacher_out, dims=(2, 3), shape="(views, B, K)")
         if self.centering == "sinkhorn":
             return
-        temp = self.temperature(teacher_temp, epoch)
         if self.centering == "probability":
-            correction = vmf_correction(self._norms()[1], temp, self.p, mode=self.mode)
-            teacher_out = torch.softmax(teacher_vmf_logits(teacher_out, temp, correction), dim=-1)
-        stat = teacher_out.float().mean(dim=(0, 1))
-        n = teacher_out.shape[0] * teacher_out.shape[1]
-        common.update_centers_((self.center, stat.expand(self.output_dim), n, self.center_momentum))
+            temp = self.temperature(teacher_temp, epoch)
+            _, teacher_correction = self._corrections(self._norms(), self.out_dim, temp, _NORM_NAMES)
+            teacher_out = torch.softmax(teacher_logits(teacher_out, temp, teacher_correction), dim=-1)
+        stat = teacher_out.float().mean(dim=(0, 1)).expand(self.out_dim)
+        self._update_centers({"center": (stat, teacher_out.shape[0] * teacher_out.shape[1])})
+
+
+_NORM_NAMES = ("student last_layer norms", "teacher last_layer norms")
+_LIGHTLY_NAMES = {
+    "student_output": "student_out",
+    "teacher_output": "teacher_out",
+    "student_norms": _NORM_NAMES[0],
+    "teacher_norms": _NORM_NAMES[1],
+}
 
 
 def _stack_views(name: str, views: object, k: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Modules holding state: prototype heads and losses."""
 
+from .centered_loss import CenteredLoss
 from .dino_head import VMFLinearPrototypeHead, VMFPrototypeHead
 from .dino_loss import DINOvMFLoss
 from .ibot_head import iBOTvMFHead
@@ -7,6 +8,7 @@ from .ibot_loss import iBOTvMFLoss
 from .weight_norm import WeightNormLinear
 
 __all__ = [
+    "CenteredLoss",
     "DINOvMFLoss",
     "VMFLinearPrototypeHead",
     "VMFPrototypeHead",

@@ -8,14 +8,16 @@ prototype norms that turn the logits into vMF log-posteriors (Govindarajan et al
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .._validation import check_int, check_temperature
-from ..functional.dino_loss import check_dino_inputs, dino_vmf_loss
-from . import _loss_common as common
+from .._validation import check_int
+from ..functional.cross_entropy import Pairing
+from ..functional.dino_loss import check_dino_inputs
+from .centered_loss import CenteredLoss, scheduled, temperature_schedule
+
+_NAMES = {name: name for name in ("student_output", "teacher_output", "student_norms", "teacher_norms", "teacher_temp")}
 
 
-class DINOvMFLoss(common.ProbabilityCenterCheck, nn.Module):
+class DINOvMFLoss(CenteredLoss):
     """DINO-vMF loss (DINO's when no prototype norms are given).
 
     Args:
@@ -28,18 +30,17 @@ class DINOvMFLoss(common.ProbabilityCenterCheck, nn.Module):
         p: dimension of the sphere's ambient space, the head's bottleneck dim (``head.p``; 256 in
             DINO). Required when the forward gets prototype norms: the correction log C_p depends on
             it, and no default could be right for every head.
-        centering: ``"probability"`` (default; DINO-vMF), ``"logit"`` (DINO) or ``"sinkhorn"`` (DINOv2).
-        mode: normaliser ``"exact"`` or ``"approx"`` (see :func:`vmf_head.log_vmf_normalizer`).
-        backend: ``"auto"`` (fused Triton op for CUDA inputs when available), ``"triton"`` or ``"reference"``.
-        sinkhorn_iterations: Sinkhorn-Knopp iterations for ``centering="sinkhorn"``.
-        check_finite: check on the device that the loss is finite and the temperature positive,
-            without a host sync (``torch._assert_async``; see ``docs/loss.md``). On the CPU a failure
-            is a ValueError naming the bad input; on CUDA a device-side assert.
+        centering, mode, backend, sinkhorn_iterations, check_finite: see :class:`CenteredLoss`
+            (default: probability centering, the exact normaliser, the fused kernels on CUDA).
 
     Buffers:
-        center: ``(1, K)`` float32; starts at 0 (logit) or ``1/K`` (probability); Sinkhorn leaves it
-            alone. A probability-centred loss refuses a checkpoint whose center is not a distribution.
+        center: ``(1, K)`` float32; starts at 0 (logit) or ``1/K`` (probability); Sinkhorn leaves it alone.
         teacher_temp_schedule: ``(nepochs,)`` float64, not saved (DINO's checkpoints hold ``center`` only).
+
+    Example:
+        >>> loss_fn = DINOvMFLoss(65536, 10, 0.04, 0.07, 30, 100, p=256)
+        >>> loss = loss_fn(student_out, teacher_out, epoch, student_norms=s_head.prototype_norms(),
+        ...                teacher_norms=t_head.prototype_norms())
     """
 
     center: torch.Tensor
@@ -63,18 +64,20 @@ class DINOvMFLoss(common.ProbabilityCenterCheck, nn.Module):
         sinkhorn_iterations: int = 3,
         check_finite: bool = True,
     ) -> None:
-        super().__init__()
-        self.p = common.check_config(p, mode, centering, backend, {"center_momentum": center_momentum})
+        super().__init__(
+            p=p,
+            student_temp=student_temp,
+            centering=centering,
+            mode=mode,
+            backend=backend,
+            sinkhorn_iterations=sinkhorn_iterations,
+            check_finite=check_finite,
+        )
         self.out_dim = check_int("out_dim", out_dim, minimum=1)
         self.ncrops = check_int("ncrops", ncrops, minimum=2, what="the 2 global crops + local crops")
-        self.student_temp = check_temperature("student_temp", student_temp)
-        self.center_momentum = float(center_momentum)
-        self.centering, self.mode, self.backend = centering, mode, backend
-        self.sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, minimum=0)
-        self.check_finite = bool(check_finite)
-        schedule = common.temperature_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+        schedule = temperature_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
         self.register_buffer("teacher_temp_schedule", schedule, persistent=False)
-        self.register_buffer("center", common.initial_center(centering, (1, self.out_dim)))
+        self._register_center("center", (1, self.out_dim), center_momentum, "center_momentum")
 
     def forward(
         self,
@@ -97,39 +100,56 @@ class DINOvMFLoss(common.ProbabilityCenterCheck, nn.Module):
         Returns:
             The scalar loss of the local batch (float32; float64 for float64 outputs; 0 for B = 0).
         """
-        temp = common.scheduled(self.teacher_temp_schedule, epoch)
-        _, k = check_dino_inputs(student_output, teacher_output, n_views=self.ncrops, n_global=2)
-        if k != self.out_dim:
-            raise ValueError(f"the outputs have K={k} prototypes but the loss was built with out_dim={self.out_dim}")
-        student_correction, teacher_correction = common.corrections(
-            student_norms, teacher_norms, k, student_temp=self.student_temp, teacher_temp=temp, p=self.p, mode=self.mode
-        )
-        loss, stat = dino_vmf_loss(
+        teacher_temp = scheduled(self.teacher_temp_schedule, epoch)
+        return self._multicrop_step(
             student_output,
             teacher_output,
-            self.center,
             n_views=self.ncrops,
-            n_global=2,
-            student_temp=self.student_temp,
-            teacher_temp=temp,
-            student_correction=student_correction,
-            teacher_correction=teacher_correction,
-            centering=self.centering,
-            sinkhorn_iterations=self.sinkhorn_iterations,
-            backend=self.backend,
+            n_teacher_views=2,
+            teacher_temp=teacher_temp,
+            norms=(student_norms, teacher_norms),
         )
-        if self.check_finite:
-            common.assert_finite(
-                loss,
-                {"teacher_temp": temp},
-                lambda: common.diagnose_nonfinite(
-                    {"student_output": student_output, "teacher_output": teacher_output, "center": self.center},
-                    {"student_norms": student_norms, "teacher_norms": teacher_norms},
-                    {"teacher_temp": temp},
-                ),
-            )
-        common.update_centers_((self.center, stat, teacher_output.shape[0], self.center_momentum))
-        return loss
+
+    def _multicrop_step(
+        self,
+        student_output: torch.Tensor,
+        teacher_output: torch.Tensor,
+        *,
+        n_views: int,
+        n_teacher_views: int,
+        teacher_temp: float | torch.Tensor,
+        norms: tuple[torch.Tensor | None, torch.Tensor | None],
+        names: dict[str, str] | None = None,
+    ) -> torch.Tensor:
+        """The step on stacked views: checks, corrections, the term, finiteness, the center update.
+        ``names`` renames the inputs in errors (an adapter speaks of its codebase's arguments)."""
+        names = {**_NAMES, **(names or {})}
+        _, k = check_dino_inputs(student_output, teacher_output, n_views=n_views, n_global=n_teacher_views)
+        if k != self.out_dim:
+            raise ValueError(f"the outputs have K={k} prototypes but the loss was built with out_dim={self.out_dim}")
+        corrections = self._corrections(norms, k, teacher_temp, (names["student_norms"], names["teacher_norms"]))
+        loss, stat = self._term(
+            "center",
+            student_output,
+            teacher_output,
+            Pairing(n_views, n_teacher_views),
+            teacher_temp=teacher_temp,
+            corrections=corrections,
+        )
+        temperatures = {names["teacher_temp"]: teacher_temp}
+        return self._finish(
+            loss,
+            {"center": (stat, teacher_output.shape[0])},
+            temperatures,
+            lambda: (
+                {
+                    names["student_output"]: student_output,
+                    names["teacher_output"]: teacher_output,
+                    "center": self.center,
+                },
+                {names["student_norms"]: norms[0], names["teacher_norms"]: norms[1]},
+            ),
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from .._validation import check_int, check_real, check_temperature, check_tensor
-from ..functional.dino_loss import check_dino_inputs, check_patch_inputs, dino_vmf_loss, ibot_patch_vmf_loss
-from . import _loss_common as common
+from .._validation import check_int, check_real, check_tensor
+from ..functional.cross_entropy import Pairing
+from ..functional.dino_loss import check_dino_inputs, check_patch_inputs
+from .centered_loss import CenteredLoss, scheduled, temperature_schedule
 
 
 def _stack_masks(
@@ -43,7 +43,7 @@ def _stack_masks(
     return masks.reshape(images, tokens)
 
 
-class iBOTvMFLoss(common.ProbabilityCenterCheck, nn.Module):
+class iBOTvMFLoss(CenteredLoss):
     """iBOT-vMF loss (iBOT's when no prototype norms are given).
 
     Args:
@@ -97,9 +97,14 @@ class iBOTvMFLoss(common.ProbabilityCenterCheck, nn.Module):
         sinkhorn_iterations: int = 3,
         check_finite: bool = True,
     ) -> None:
-        super().__init__()
-        self.p = common.check_config(
-            p, mode, centering, backend, {"center_momentum": center_momentum, "center_momentum2": center_momentum2}
+        super().__init__(
+            p=p,
+            student_temp=student_temp,
+            centering=centering,
+            mode=mode,
+            backend=backend,
+            sinkhorn_iterations=sinkhorn_iterations,
+            check_finite=check_finite,
         )
         self.out_dim = check_int("out_dim", out_dim, minimum=1)
         self.patch_out_dim = check_int("patch_out_dim", patch_out_dim, minimum=1)
@@ -108,14 +113,9 @@ class iBOTvMFLoss(common.ProbabilityCenterCheck, nn.Module):
         if self.ngcrops + self.nlcrops < 2:
             raise ValueError("the [CLS] term needs at least 2 crops in total (ngcrops + nlcrops >= 2)")
         self.ncrops = self.ngcrops + self.nlcrops
-        self.student_temp = check_temperature("student_temp", student_temp)
-        self.center_momentum, self.center_momentum2 = float(center_momentum), float(center_momentum2)
         self.lambda1, self.lambda2 = check_real("lambda1", lambda1), check_real("lambda2", lambda2)
-        self.centering, self.mode, self.backend = centering, mode, backend
-        self.sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, minimum=0)
-        self.check_finite = bool(check_finite)
-        schedule = common.temperature_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
-        schedule2 = common.temperature_schedule(
+        schedule = temperature_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+        schedule2 = temperature_schedule(
             warmup_teacher_temp2,
             teacher_temp2,
             warmup_teacher_temp_epochs,
@@ -125,8 +125,8 @@ class iBOTvMFLoss(common.ProbabilityCenterCheck, nn.Module):
         )
         self.register_buffer("teacher_temp_schedule", schedule, persistent=False)
         self.register_buffer("teacher_temp2_schedule", schedule2, persistent=False)
-        self.register_buffer("center", common.initial_center(centering, (1, self.out_dim)))
-        self.register_buffer("center2", common.initial_center(centering, (1, 1, self.patch_out_dim)))
+        self._register_center("center", (1, self.out_dim), center_momentum, "center_momentum")
+        self._register_center("center2", (1, 1, self.patch_out_dim), center_momentum2, "center_momentum2")
 
     def forward(
         self,
@@ -154,8 +154,8 @@ class iBOTvMFLoss(common.ProbabilityCenterCheck, nn.Module):
         Returns:
             ``{"cls": lambda1 * L_cls, "patch": lambda2 * L_patch, "loss": their sum}``.
         """
-        temp = common.scheduled(self.teacher_temp_schedule, epoch)
-        temp2 = common.scheduled(self.teacher_temp2_schedule, epoch, "teacher_temp2")
+        temp = scheduled(self.teacher_temp_schedule, epoch)
+        temp2 = scheduled(self.teacher_temp2_schedule, epoch, "teacher_temp2")
         student_cls, student_patch = _pair("student_output", student_output)
         teacher_cls, teacher_patch = _pair("teacher_output", teacher_output)
         if (student_local_cls is None) != (self.nlcrops == 0):
@@ -187,81 +187,44 @@ class iBOTvMFLoss(common.ProbabilityCenterCheck, nn.Module):
             )
         s_norms = _pair("student_norms", student_norms) if student_norms is not None else (None, None)
         t_norms = _pair("teacher_norms", teacher_norms) if teacher_norms is not None else (None, None)
-        corr = common.corrections(
-            s_norms[0],
-            t_norms[0],
-            k,
-            student_temp=self.student_temp,
-            teacher_temp=temp,
-            p=self.p,
-            mode=self.mode,
-            what="[0] (cls)",
+        corrections = self._corrections(
+            (s_norms[0], t_norms[0]), k, temp, ("student_norms[0] (cls)", "teacher_norms[0] (cls)")
         )
-        corr2 = common.corrections(
-            s_norms[1],
-            t_norms[1],
-            k2,
-            student_temp=self.student_temp,
-            teacher_temp=temp2,
-            p=self.p,
-            mode=self.mode,
-            what="[1] (patch)",
+        corrections2 = self._corrections(
+            (s_norms[1], t_norms[1]), k2, temp2, ("student_norms[1] (patch)", "teacher_norms[1] (patch)")
         )
-        shared = dict(
-            student_temp=self.student_temp,
-            centering=self.centering,
-            sinkhorn_iterations=self.sinkhorn_iterations,
-            backend=self.backend,
-        )
-        loss_cls, stat = dino_vmf_loss(
+        loss_cls, stat = self._term(
+            "center",
             student_cls,
             teacher_cls,
-            self.center,
-            n_views=self.ncrops,
-            n_global=self.ngcrops,
+            Pairing(self.ncrops, self.ngcrops),
             teacher_temp=temp,
-            student_correction=corr[0],
-            teacher_correction=corr[1],
-            **shared,
+            corrections=corrections,
         )
-        loss_patch, stat2 = ibot_patch_vmf_loss(
-            student_patch,
-            teacher_patch,
-            mask,
-            self.center2,
-            teacher_temp=temp2,
-            student_correction=corr2[0],
-            teacher_correction=corr2[1],
-            **shared,
+        loss_patch, stat2 = self._patch_term(
+            "center2", student_patch, teacher_patch, mask, teacher_temp=temp2, corrections=corrections2
         )
         loss_cls, loss_patch = loss_cls * self.lambda1, loss_patch * self.lambda2
-        total = loss_cls + loss_patch
-        if self.check_finite:
-            temps = {"teacher_temp": temp, "teacher_temp2": temp2}
-            common.assert_finite(
-                total,
-                temps,
-                lambda: common.diagnose_nonfinite(
-                    {
-                        "student_output[0] (cls)": student_cls,
-                        "student_output[1] (patch)": student_patch,
-                        "teacher_output[0] (cls)": teacher_cls,
-                        "teacher_output[1] (patch)": teacher_patch,
-                        "center": self.center,
-                        "center2": self.center2,
-                    },
-                    {
-                        "student_norms[0]": s_norms[0],
-                        "student_norms[1]": s_norms[1],
-                        "teacher_norms[0]": t_norms[0],
-                        "teacher_norms[1]": t_norms[1],
-                    },
-                    temps,
-                ),
-            )
-        common.update_centers_(
-            (self.center, stat, teacher_cls.shape[0], self.center_momentum),
-            (self.center2, stat2, images * tokens, self.center_momentum2),
+        total = self._finish(
+            loss_cls + loss_patch,
+            {"center": (stat, teacher_cls.shape[0]), "center2": (stat2, images * tokens)},
+            {"teacher_temp": temp, "teacher_temp2": temp2},
+            lambda: (
+                {
+                    "student_output[0] (cls)": student_cls,
+                    "student_output[1] (patch)": student_patch,
+                    "teacher_output[0] (cls)": teacher_cls,
+                    "teacher_output[1] (patch)": teacher_patch,
+                    "center": self.center,
+                    "center2": self.center2,
+                },
+                {
+                    "student_norms[0]": s_norms[0],
+                    "student_norms[1]": s_norms[1],
+                    "teacher_norms[0]": t_norms[0],
+                    "teacher_norms[1]": t_norms[1],
+                },
+            ),
         )
         return {"cls": loss_cls, "patch": loss_patch, "loss": total}
 

@@ -7,9 +7,9 @@ PyTorch does on CUDA for a division by a scalar; a true division costs a recipro
 special-function units, which the exponentials already keep busy). An optional vector is ``None``
 when absent (a compile-time constant in Triton), never a dummy pointer.
 
-The centre enters the kernels as ``center_ptr``: the K values to subtract from the teacher's vMF
-logits l_t = t / tau_t + tcorr, i.e. c / tau_t for logit centering and log c for probability
-centering, so that both centerings share zq = l_t - center and softmax(zq) = q.
+The center enters the kernels as ``center_shift_ptr``: the K values to subtract from the teacher's vMF
+logits l_t = t / tau_t + teacher_correction, i.e. c / tau_t for logit centering and log c for probability
+centering, so that both centerings share q_logits = l_t - center_shift and softmax(q_logits) = q.
 """
 
 from __future__ import annotations
@@ -17,28 +17,30 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Start of a running maximum: finite, so that exp(m - m_new) of a row with nothing valid yet is 1, not NaN.
+NEG_LARGE = tl.constexpr(-3.0e38)
+
 
 @triton.jit
-def vmf_logits(x, offs, k_ok, corr_ptr, inv_temp):
+def vmf_logits(x, offs, k_ok, correction_ptr, inv_temp):
     """x / tau + correction on a tile [rows, BLOCK_K] (the correction is broadcast over rows)."""
     z = x * inv_temp
-    if corr_ptr is not None:
-        z = z + tl.load(corr_ptr + offs, mask=k_ok, other=0.0)[None, :]
+    if correction_ptr is not None:
+        z = z + tl.load(correction_ptr + offs, mask=k_ok, other=0.0)[None, :]
     return z
 
 
 @triton.jit
-def centered(z, offs, k_ok, center_ptr):
-    """The logits of q from the teacher's vMF logits z: z - center (see the module docstring)."""
-    return z - tl.load(center_ptr + offs, mask=k_ok, other=0.0)[None, :]
+def centered(z, offs, k_ok, center_shift_ptr):
+    """The logits of q from the teacher's vMF logits z: z - center_shift (see the module docstring)."""
+    return z - tl.load(center_shift_ptr + offs, mask=k_ok, other=0.0)[None, :]
 
 
 @triton.jit
 def online_lse(m, sum_exp, x, ok):
     """One step of the online (single-pass) log-sum-exp over axis 1 of x [rows, BLOCK_K].
 
-    m, sum_exp [rows]: running max and sum of exp(x - m). m starts at a finite -3e38 instead of -inf so a
-    row with nothing valid yet keeps exp(m - m_new) = 1 instead of NaN.
+    m, sum_exp [rows]: running max (starting at NEG_LARGE) and sum of exp(x - m).
     """
     x = tl.where(ok, x, float("-inf"))
     m_new = tl.maximum(m, tl.max(x, axis=1))
@@ -47,13 +49,13 @@ def online_lse(m, sum_exp, x, ok):
 
 
 @triton.jit
-def group_rows(g, n_rows, n_views, view_stride, group_stride, w_ptr, VIEWS: tl.constexpr):
-    """Rows of the views of group g (one image in DINO; VIEWS consecutive tokens in iBOT).
+def group_rows(g, n_rows, n_views, view_stride, group_stride, w_ptr, VIEW_TILE: tl.constexpr):
+    """Rows of the views of group g (one image in DINO; VIEW_TILE consecutive tokens in iBOT).
 
-    Returns the first row g * group_stride (int64), rows [VIEWS] (int64), r_ok (row exists), s_ok
+    Returns the first row g * group_stride (int64), rows [VIEW_TILE] (int64), r_ok (row exists), s_ok
     (row exists and has a non-zero loss weight: only those read the student), w.
     """
-    j = tl.arange(0, VIEWS)
+    j = tl.arange(0, VIEW_TILE)
     row0 = tl.cast(g, tl.int64) * group_stride
     rows = row0 + j * view_stride
     r_ok = (j < n_views) & (rows < n_rows)
@@ -63,23 +65,36 @@ def group_rows(g, n_rows, n_views, view_stride, group_stride, w_ptr, VIEWS: tl.c
 
 @triton.jit
 def teacher_q(
-    t_ptr, t_stride, rows, t_ok, offs, k_ok, center_ptr, tcorr_ptr, mq_ptr, lq_ptr, inv_tt, ACC: tl.constexpr
+    t_ptr,
+    t_stride,
+    rows,
+    t_ok,
+    offs,
+    k_ok,
+    center_shift_ptr,
+    teacher_correction_ptr,
+    q_max_ptr,
+    q_sum_exp_ptr,
+    inv_teacher_temp,
+    ACC: tl.constexpr,
 ):
     """q on the tile [len(rows), BLOCK_K] of teacher rows (0 where not t_ok).
 
-    With ``center_ptr`` None the teacher rows hold the targets q themselves (precomputed by the
-    caller); otherwise q = exp(zq - max) / sum from the raw outputs and the row statistics.
+    With ``center_shift_ptr`` None the teacher rows hold the targets q themselves (precomputed by the
+    caller); otherwise q = exp(q_logits - max) / sum from the raw outputs and the row statistics.
     """
     tile_ok = t_ok[:, None] & k_ok[None, :]
     t = tl.load(t_ptr + rows[:, None] * t_stride + offs[None, :], mask=tile_ok, other=0.0).to(ACC)
-    if center_ptr is None:
+    if center_shift_ptr is None:
         q = t
     else:
-        zq = centered(vmf_logits(t, offs, k_ok, tcorr_ptr, inv_tt), offs, k_ok, center_ptr)
+        q_logits = centered(
+            vmf_logits(t, offs, k_ok, teacher_correction_ptr, inv_teacher_temp), offs, k_ok, center_shift_ptr
+        )
         # a missing row gets max = +inf, so its (discarded) exp underflows instead of overflowing
-        mq = tl.load(mq_ptr + rows, mask=t_ok, other=float("inf"))
-        inv_lq = 1.0 / tl.load(lq_ptr + rows, mask=t_ok, other=1.0)
-        q = tl.where(tile_ok, tl.exp(zq - mq[:, None]) * inv_lq[:, None], 0.0)
+        q_max = tl.load(q_max_ptr + rows, mask=t_ok, other=float("inf"))
+        inv_q_sum_exp = 1.0 / tl.load(q_sum_exp_ptr + rows, mask=t_ok, other=1.0)
+        q = tl.where(tile_ok, tl.exp(q_logits - q_max[:, None]) * inv_q_sum_exp[:, None], 0.0)
     return q
 
 
@@ -95,39 +110,52 @@ def pair_tile(
     view_stride,
     offs,
     k_ok,
-    scorr_ptr,
-    center_ptr,
-    tcorr_ptr,
-    mq_ptr,
-    lq_ptr,
-    inv_ts,
-    inv_tt,
+    student_correction_ptr,
+    center_shift_ptr,
+    teacher_correction_ptr,
+    q_max_ptr,
+    q_sum_exp_ptr,
+    inv_student_temp,
+    inv_teacher_temp,
     PAIR_SELF: tl.constexpr,
-    N_TEACHER: tl.constexpr,
+    N_TEACHER_VIEWS: tl.constexpr,
     SKIP_SAME: tl.constexpr,
     ACC: tl.constexpr,
-    VIEWS: tl.constexpr,
+    VIEW_TILE: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Student logits l_s and teacher weights Qsum on the tile [VIEWS, BLOCK_K] of one group.
+    """Student logits l_s and teacher weights Qsum on the tile [VIEW_TILE, BLOCK_K] of one group.
 
     PAIR_SELF (iBOT patches, row-to-row targets): Qsum_j = q_j, teacher row = student row.
-    Otherwise (DINO): Qsum_j = sum_i q_i over the N_TEACHER teacher views, without i = j when
+    Otherwise (DINO): Qsum_j = sum_i q_i over the N_TEACHER_VIEWS teacher views, without i = j when
     SKIP_SAME; each q_i is computed once on its own [1, BLOCK_K] row (not on the padded view tile: the
-    exponentials are the expensive part). Returns (ls, qsum, ok); ls is only meaningful where ok,
-    qsum is 0 elsewhere.
+    exponentials are the expensive part). Returns (student_logits, paired_q, ok); student_logits is only
+    meaningful where ok, paired_q is 0 elsewhere.
     """
     ok = s_ok[:, None] & k_ok[None, :]
     s = tl.load(s_ptr + rows[:, None] * s_stride + offs[None, :], mask=ok, other=0.0).to(ACC)
-    ls = vmf_logits(s, offs, k_ok, scorr_ptr, inv_ts)
+    student_logits = vmf_logits(s, offs, k_ok, student_correction_ptr, inv_student_temp)
     if PAIR_SELF:
-        qsum = teacher_q(t_ptr, t_stride, rows, s_ok, offs, k_ok, center_ptr, tcorr_ptr, mq_ptr, lq_ptr, inv_tt, ACC)
+        paired_q = teacher_q(
+            t_ptr,
+            t_stride,
+            rows,
+            s_ok,
+            offs,
+            k_ok,
+            center_shift_ptr,
+            teacher_correction_ptr,
+            q_max_ptr,
+            q_sum_exp_ptr,
+            inv_teacher_temp,
+            ACC,
+        )
     else:
-        j = tl.arange(0, VIEWS)
+        j = tl.arange(0, VIEW_TILE)
         one = tl.arange(0, 1)
         q_total = tl.zeros([1, BLOCK_K], ACC)
-        q_self = tl.zeros([VIEWS, BLOCK_K], ACC)
-        for i in tl.static_range(N_TEACHER):
+        q_self = tl.zeros([VIEW_TILE, BLOCK_K], ACC)
+        for i in tl.static_range(N_TEACHER_VIEWS):
             q_i = teacher_q(
                 t_ptr,
                 t_stride,
@@ -135,15 +163,15 @@ def pair_tile(
                 one == 0,
                 offs,
                 k_ok,
-                center_ptr,
-                tcorr_ptr,
-                mq_ptr,
-                lq_ptr,
-                inv_tt,
+                center_shift_ptr,
+                teacher_correction_ptr,
+                q_max_ptr,
+                q_sum_exp_ptr,
+                inv_teacher_temp,
                 ACC,
             )
             q_total += q_i
             if SKIP_SAME:
                 q_self += tl.where((j == i)[:, None], q_i, 0.0)
-        qsum = tl.where(ok, q_total - q_self, 0.0)
-    return ls, qsum, ok
+        paired_q = tl.where(ok, q_total - q_self, 0.0)
+    return student_logits, paired_q, ok

@@ -1,59 +1,56 @@
 """Fused Triton cross-entropy between teacher targets and student vMF logits: the DINO-vMF multi-crop
 loss, iBOT-vMF's masked patch term, and the cross-entropy with precomputed targets (DINOv2, DINOv3).
 
-Same contracts as the plain-PyTorch reference in ``vmf_head.functional.dino_loss``:
+Same contracts as the plain-PyTorch reference (``vmf_head.functional.cross_entropy`` for the
+cross-entropy and its derivation, ``vmf_head.functional.centering`` for the targets):
 
     l_s = student / tau_s + log C_p(||w_s|| / tau_s)                        (student vMF logits)
     logit centering:       q = softmax((teacher - c) / tau_t + log C_p(||w_t|| / tau_t))
     probability centering: l_t = teacher / tau_t + log C_p(||w_t|| / tau_t),
                            pbar = softmax(l_t),  q = softmax(l_t - log c)
     precomputed targets:   q = the teacher rows themselves
-    L = sum over student rows r of w_r sum_{teacher rows i paired with r} -q_i . log_softmax(l_s_r)
 
-(Govindarajan et al., "DINO as a von Mises-Fisher mixture model", ICLR 2023). Per student row the
-kernels use ``sum_i -q_i . lsm = qs lse - Qsum . l_s`` with ``Qsum = sum_i q_i`` and
-``qs = sum_k Qsum[k]`` (the number of paired teacher rows, up to rounding; the computed sum keeps
-the identity exact for the q actually used). So the forward needs one online log-sum-exp and one dot
-product per student row, and the backward recomputes softmax(l_s) and Qsum instead of saving
-anything of size B x K: the forward reads the student once and the teacher three times (row
-statistics, centre statistic, the pass with the student; once with targets), the backward reads both
-once and writes the gradient once. Kernels: ``cross_entropy_forward.py``, ``cross_entropy_backward.py``.
+Per student row the kernels form ``target_mass lse - Q . l_s`` with one online log-sum-exp and one
+dot product, and the backward recomputes softmax(l_s) and Q instead of saving anything of size
+B x K: the forward reads the student once and the teacher three times (row statistics, center
+statistic, the pass with the student; once with targets), the backward reads both once and writes
+the gradient once. Kernels by pass: ``cross_entropy_forward.py``, ``cross_entropy_backward.py``,
+their shared tiles ``_cross_entropy_tiles.py``; design, tiling and memory traffic: ``docs/fused_loss.md``.
 
 The forward and the backward are ``torch.library`` custom operators (``vmf_head::fused_cross_entropy``
 and ``vmf_head::fused_cross_entropy_backward``) with fake implementations and a registered autograd
 formula, so ``torch.compile(fullgraph=True)`` keeps them as opaque nodes. Temperatures reach them as
 a tensor (``inv_temps``), so a temperature schedule never recompiles a graph, and nothing here reads
-device data on the host.
-
-Arithmetic is float32, float64 only when the logits (or targets) are float64: the B x K work never
-runs in float64 because a K-vector (a correction, the centre) is float64; those are cast after their
-own float64 arithmetic. Design, tiling and memory traffic: ``docs/fused_loss.md``. Sinkhorn
-centering stays on the reference path (``vmf_head.functional`` does not dispatch it here): its
-iterations need whole-batch column sums between passes (all-reduced under torch.distributed), which
-these row-parallel kernels cannot do in one launch.
+device data on the host. Arithmetic is float32, float64 only when the logits (or targets) are
+float64: a float64 K-vector (a correction, the center) is cast after its own arithmetic. Sinkhorn
+centering stays on the reference path: its iterations need whole-batch column sums between passes
+(all-reduced under torch.distributed), which these row-parallel kernels cannot do in one launch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .._validation import temperature_tensor
+from ..functional.cross_entropy import Pairing
+from ..functional.vmf import compute_dtype, shifted
 from ._launch import is_interpreted, on_device
 from .cross_entropy_backward import student_backward
-from .cross_entropy_forward import _student_forward_kernel, student_pass, teacher_statistics
+from .cross_entropy_forward import (
+    Inputs,
+    StudentRowStats,
+    TeacherRowStats,
+    _student_forward_kernel,
+    student_pass,
+    teacher_statistics,
+)
 
-__all__ = [
-    "INTERPRETED",
-    "PairLayout",
-    "cross_entropy",
-    "dino_vmf_loss",
-    "ibot_patch_vmf_loss",
-    "multicrop_cross_entropy",
-]
+__all__ = ["INTERPRETED", "PairLayout", "fused_cross_entropy"]
 
 INTERPRETED: bool = is_interpreted(_student_forward_kernel)
 """True when the kernels were built under ``TRITON_INTERPRET=1``: they then run on CPU tensors."""
@@ -67,16 +64,16 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 @dataclass(frozen=True)
 class PairLayout:
-    """Which student rows pair with which teacher rows.
+    """Which student rows pair with which teacher rows, in the kernels' terms.
 
     Student row of view j of group g: ``g * group_stride + j * view_stride`` for j < n_views; the
     teacher row of view i < n_teacher_views has the same index in the teacher tensor.
 
-    * DINO (``pair_self=False``): group = image b, ``view_stride = B``, ``group_stride = 1``;
+    * Multi-crop (``pair_self=False``): group = image b, ``view_stride = B``, ``group_stride = 1``;
       student view j pairs with every teacher view i (i != j when ``skip_same``).
-    * Row to row (``pair_self=True``: iBOT patches, targets aligned with the student rows): each row
-      pairs with the teacher row of the same index only; a group is ``n_views`` consecutive rows
-      (``view_stride = 1``, ``group_stride = n_views``, ``n_teacher_views = n_views``), just a tile.
+    * Row to row (``pair_self=True``: iBOT patches, one student view against one target view): each
+      row pairs with the teacher row of the same index only; a group is ``TOKENS_PER_TILE``
+      consecutive rows, just a tile.
     """
 
     n_groups: int
@@ -88,48 +85,55 @@ class PairLayout:
     skip_same: bool = True
 
     @staticmethod
-    def multicrop(batch: int, n_views: int, n_teacher_views: int, skip_same: bool) -> PairLayout:
+    def of(pairing: Pairing, rows: int) -> PairLayout:
+        """The layout of ``pairing`` for ``rows`` student rows."""
+        if pairing.n_views == 1 and pairing.n_teacher_views == 1 and not pairing.skip_same:
+            return PairLayout(
+                n_groups=triton.cdiv(rows, TOKENS_PER_TILE),
+                n_views=TOKENS_PER_TILE,
+                n_teacher_views=TOKENS_PER_TILE,
+                view_stride=1,
+                group_stride=TOKENS_PER_TILE,
+                pair_self=True,
+                skip_same=False,
+            )
+        batch = rows // pairing.n_views
         return PairLayout(
             n_groups=batch,
-            n_views=n_views,
-            n_teacher_views=n_teacher_views,
+            n_views=pairing.n_views,
+            n_teacher_views=pairing.n_teacher_views,
             view_stride=batch,
             group_stride=1,
             pair_self=False,
-            skip_same=skip_same,
-        )
-
-    @staticmethod
-    def row_to_row(rows: int) -> PairLayout:
-        return PairLayout(
-            n_groups=triton.cdiv(rows, TOKENS_PER_TILE),
-            n_views=TOKENS_PER_TILE,
-            n_teacher_views=TOKENS_PER_TILE,
-            view_stride=1,
-            group_stride=TOKENS_PER_TILE,
-            pair_self=True,
-            skip_same=False,
+            skip_same=pairing.skip_same,
         )
 
     def ints(self) -> list[int]:
-        return [
-            self.n_groups,
-            self.n_views,
-            self.n_teacher_views,
-            self.view_stride,
-            self.group_stride,
-            int(self.pair_self),
-            int(self.skip_same),
-        ]
+        """The layout as the custom operators take it (they accept no dataclasses)."""
+        return [*(getattr(self, f) for f in ("n_groups", "n_views", "n_teacher_views", "view_stride", "group_stride")),
+                int(self.pair_self), int(self.skip_same)]  # fmt: skip
 
     @staticmethod
-    def of(ints: list[int]) -> PairLayout:
+    def from_ints(ints: list[int]) -> PairLayout:
         *sizes, pair_self, skip_same = ints
         return PairLayout(*sizes, pair_self=bool(pair_self), skip_same=bool(skip_same))
 
 
+class ForwardResult(NamedTuple):
+    """The forward operator's outputs: the loss, the (K,) center statistic, and the row statistics
+    the backward reads (teacher ones and the statistic empty with given targets)."""
+
+    loss: torch.Tensor
+    center_stat: torch.Tensor
+    q_max: torch.Tensor
+    q_sum_exp: torch.Tensor
+    s_max: torch.Tensor
+    s_sum_exp: torch.Tensor
+    target_mass: torch.Tensor
+
+
 # ----------------------------------------------------------------------------------------------
-# Custom operators. ``center`` None means the teacher rows are the targets q; ``layout`` is
+# Custom operators. ``center_shift`` None means the teacher rows are the targets q; ``layout`` is
 # ``PairLayout.ints()``; ``inv_temps`` = [1/tau_s, 1/tau_t] in the arithmetic dtype.
 
 
@@ -138,44 +142,35 @@ def _forward_op(
     student: torch.Tensor,
     teacher: torch.Tensor,
     weights: torch.Tensor,
-    center: torch.Tensor | None,
-    scorr: torch.Tensor | None,
-    tcorr: torch.Tensor | None,
+    center_shift: torch.Tensor | None,
+    student_correction: torch.Tensor | None,
+    teacher_correction: torch.Tensor | None,
     inv_temps: torch.Tensor,
     layout: list[int],
     probability: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss, stat, mq, lq, ms, ls, qs): the loss, the centre statistic (K,) (empty with
-    targets), the teacher rows' (max, sum exp) of q's logits (empty with targets), and per student
-    row (max, sum exp of l_s, qs)."""
+    """:class:`ForwardResult` as a tuple."""
+    x = Inputs(student, teacher, weights, center_shift, student_correction, teacher_correction, inv_temps)
     acc = _TL_DTYPES[weights.dtype]
     with on_device(student.device):
-        if center is None:
-            stat, mq, lq = (weights.new_empty(0) for _ in range(3))  # (outputs must not alias)
+        if center_shift is None:
+            teacher_stats = None
+            center_stat, q_max, q_sum_exp = (weights.new_empty(0) for _ in range(3))  # outputs must not alias
         else:
-            mq, lq, stat = teacher_statistics(teacher, center, tcorr, inv_temps, probability=probability, ACC=acc)
-        loss, ms, ls, qs = student_pass(
-            student,
-            teacher,
-            weights,
-            center,
-            scorr,
-            tcorr,
-            None if center is None else mq,
-            None if center is None else lq,
-            inv_temps,
-            PairLayout.of(layout),
-            acc,
-        )
-        return loss, stat, mq, lq, ms, ls, qs
+            teacher_stats, center_stat = teacher_statistics(x, probability=probability, ACC=acc)
+            q_max, q_sum_exp = teacher_stats
+        loss, student_stats = student_pass(x, teacher_stats, PairLayout.from_ints(layout), acc)
+        return ForwardResult(loss, center_stat, q_max, q_sum_exp, *student_stats)
 
 
 @_forward_op.register_fake
-def _(student, teacher, weights, center, scorr, tcorr, inv_temps, layout, probability):
-    n_rows, K = student.shape
-    n_trows = 0 if center is None else teacher.shape[0]
+def _(student, teacher, weights, center_shift, student_correction, teacher_correction, inv_temps, layout, probability):
+    n_rows, k = student.shape
+    n_teacher_rows = 0 if center_shift is None else teacher.shape[0]
     vec = weights.new_empty
-    return vec(()), vec(0 if center is None else K), vec(n_trows), vec(n_trows), vec(n_rows), vec(n_rows), vec(n_rows)
+    teacher_rows = (vec(n_teacher_rows), vec(n_teacher_rows))
+    return ForwardResult(vec(()), vec(0 if center_shift is None else k), *teacher_rows, vec(n_rows), vec(n_rows),
+                         vec(n_rows))  # fmt: skip
 
 
 @torch.library.custom_op("vmf_head::fused_cross_entropy_backward", mutates_args=())
@@ -184,69 +179,89 @@ def _backward_op(
     student: torch.Tensor,
     teacher: torch.Tensor,
     weights: torch.Tensor,
-    center: torch.Tensor | None,
-    scorr: torch.Tensor | None,
-    tcorr: torch.Tensor | None,
-    mq: torch.Tensor,
-    lq: torch.Tensor,
-    ms: torch.Tensor,
-    ls: torch.Tensor,
-    qs: torch.Tensor,
+    center_shift: torch.Tensor | None,
+    student_correction: torch.Tensor | None,
+    teacher_correction: torch.Tensor | None,
     inv_temps: torch.Tensor,
+    q_max: torch.Tensor,
+    q_sum_exp: torch.Tensor,
+    s_max: torch.Tensor,
+    s_sum_exp: torch.Tensor,
+    target_mass: torch.Tensor,
     layout: list[int],
-    want_ds: bool,
-    want_dscorr: bool,
+    want_grad_student: bool,
+    want_grad_correction: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d loss / d student in the student's dtype, d loss / d scorr (K,)); one not wanted is empty."""
+    """(d loss / d student in the student's dtype, d loss / d student_correction (K,)); one not
+    wanted is empty."""
+    x = Inputs(student, teacher, weights, center_shift, student_correction, teacher_correction, inv_temps)
+    teacher_stats = None if center_shift is None else TeacherRowStats(q_max, q_sum_exp)
     with on_device(student.device):
-        ds, dscorr = student_backward(
+        grad_student, grad_correction = student_backward(
             grad,
-            student,
-            teacher,
-            weights,
-            center,
-            scorr,
-            tcorr,
-            None if center is None else mq,
-            None if center is None else lq,
-            ms,
-            ls,
-            qs,
-            inv_temps,
-            PairLayout.of(layout),
-            want_ds=want_ds,
-            want_dscorr=want_dscorr,
+            x,
+            teacher_stats,
+            StudentRowStats(s_max, s_sum_exp, target_mass),
+            PairLayout.from_ints(layout),
+            want_grad_student=want_grad_student,
+            want_grad_correction=want_grad_correction,
             ACC=_TL_DTYPES[weights.dtype],
         )
-    return (student.new_empty(0) if ds is None else ds), (weights.new_empty(0) if dscorr is None else dscorr)
-
-
-@_backward_op.register_fake
-def _(
-    grad, student, teacher, weights, center, scorr, tcorr, mq, lq, ms, ls, qs, inv_temps, layout, want_ds, want_dscorr
-):
     return (
-        torch.empty_like(student) if want_ds else student.new_empty(0),
-        weights.new_empty(student.shape[1]) if want_dscorr else weights.new_empty(0),
+        student.new_empty(0) if grad_student is None else grad_student,
+        weights.new_empty(0) if grad_correction is None else grad_correction,
     )
 
 
+@_backward_op.register_fake
+def _(grad, student, *rest):
+    weights = rest[1]
+    want_grad_student, want_grad_correction = rest[-2:]
+    return (
+        torch.empty_like(student) if want_grad_student else student.new_empty(0),
+        weights.new_empty(student.shape[1]) if want_grad_correction else weights.new_empty(0),
+    )
+
+
+class _Saved(NamedTuple):
+    """What the backward reads: the forward's tensor inputs and the row statistics it wrote."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    weights: torch.Tensor
+    center_shift: torch.Tensor | None
+    student_correction: torch.Tensor | None
+    teacher_correction: torch.Tensor | None
+    inv_temps: torch.Tensor
+    q_max: torch.Tensor
+    q_sum_exp: torch.Tensor
+    s_max: torch.Tensor
+    s_sum_exp: torch.Tensor
+    target_mass: torch.Tensor
+
+
+# Positions of the differentiable inputs of _forward_op.
+_STUDENT, _STUDENT_CORRECTION = 0, 4
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    student, teacher, weights, center, scorr, tcorr, inv_temps, layout, _probability = inputs
-    _, stat, mq, lq, ms, ls, qs = output
-    ctx.save_for_backward(student, teacher, weights, center, scorr, tcorr, mq, lq, ms, ls, qs, inv_temps)
+    *tensors, layout, _probability = inputs
+    result = ForwardResult(*output)
+    ctx.save_for_backward(*tensors, result.q_max, result.q_sum_exp, result.s_max, result.s_sum_exp, result.target_mass)
     ctx.layout = layout
-    ctx.mark_non_differentiable(stat, mq, lq, ms, ls, qs)
+    ctx.mark_non_differentiable(*result[1:])
 
 
 def _backward(ctx, grad_loss, *grads_of_statistics):
-    want_ds, want_dscorr = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+    want_grad_student = ctx.needs_input_grad[_STUDENT]
+    want_grad_correction = ctx.needs_input_grad[_STUDENT_CORRECTION]
     grads = [None] * 9
-    if want_ds or want_dscorr:
-        saved = ctx.saved_tensors
-        ds, dscorr = _backward_op(grad_loss.to(saved[2].dtype).contiguous(), *saved, ctx.layout, want_ds, want_dscorr)
-        grads[0] = ds if want_ds else None
-        grads[4] = dscorr if want_dscorr else None
+    if want_grad_student or want_grad_correction:
+        saved = _Saved(*ctx.saved_tensors)
+        grad = grad_loss.to(saved.weights.dtype).contiguous()
+        grad_student, grad_correction = _backward_op(grad, *saved, ctx.layout, want_grad_student, want_grad_correction)
+        grads[_STUDENT] = grad_student if want_grad_student else None
+        grads[_STUDENT_CORRECTION] = grad_correction if want_grad_correction else None
     return tuple(grads)
 
 
@@ -254,31 +269,23 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
-# Entries. Arguments arrive validated by ``vmf_head.functional`` (which dispatches here).
+# Entry. Arguments arrive checked by ``vmf_head.functional`` (which dispatches here).
 
 
-def _shifted(correction: torch.Tensor | None, dtype: torch.dtype, detach: bool = False) -> torch.Tensor | None:
-    """correction - max(correction), in its own dtype, then cast to the arithmetic dtype.
-
-    Softmaxes, the loss and its gradients do not change when a constant is added to a row of
-    logits. Shifting a correction by its max keeps the logits near 0 (log C_p is ~340 at p = 256),
-    where float32 resolves them 100x finer, and the dot Qsum . l_s loses no digits to the offset. The
-    max is a constant for autograd, so the gradient passes through unchanged.
-    """
-    if correction is None:
-        return None
-    c = correction.reshape(-1)
-    if detach:
-        c = c.detach()
-    return (c - c.detach().max()).to(dtype).contiguous()
+def _shifted_vector(correction: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if correction is None else shifted(correction.reshape(-1), dtype).contiguous()
 
 
-def cross_entropy(
+def _row_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def fused_cross_entropy(
     student: torch.Tensor,
     teacher: torch.Tensor,
-    weights: torch.Tensor,
-    layout: PairLayout,
+    pairing: Pairing,
     *,
+    row_weight: torch.Tensor | None,
     student_temp: float | torch.Tensor,
     student_correction: torch.Tensor | None = None,
     teacher_temp: float | torch.Tensor = 1.0,
@@ -286,155 +293,43 @@ def cross_entropy(
     center: torch.Tensor | None = None,
     centering: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The kernel family's common entry: ``sum_r weights[r] sum_{i paired with r} -q_i . log_softmax(l_s_r)``.
+    """The fused centered cross-entropy: ``(loss, center statistic (K,))``, the statistic None with
+    given targets. Arguments as ``vmf_head.functional.dino_loss.centered_cross_entropy``, plus:
 
     Args:
-        student: (rows, K) raw student outputs, any float dtype; receives a gradient.
-        teacher: (teacher rows, K): raw teacher outputs (``centering`` given) or the targets q
-            themselves (``centering`` None); no gradient.
-        weights: (rows,) loss weight per student row, in the arithmetic dtype (float32, or float64 for
-            float64 logits); rows with weight 0 are not read.
-        layout: the pairing of rows.
-        student_temp, teacher_temp: positive temperatures (numbers or 0-d tensors).
-        student_correction: (K,) or None; receives a gradient. teacher_correction: (K,) or None.
-        center: K values (logit or probability centre) with ``centering`` ``"logit"`` or
-            ``"probability"``; None with precomputed targets.
-
-    Returns:
-        (loss, batch_stat): the scalar loss and the (K,) mean over teacher rows of the raw teacher
-        output (logit) or of pbar (probability), not differentiable; None with targets.
+        teacher: (G B, K) raw teacher outputs (``centering`` given) or the targets q themselves
+            (``centering`` None); no gradient.
+        center: the center (K values, any shape) with ``centering`` ``"logit"`` or ``"probability"``.
     """
-    acc = weights.dtype
-    student = student if student.stride(-1) == 1 else student.contiguous()
-    teacher = teacher.detach()
-    teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
-    device = student.device
-    inv_temps = torch.stack((temperature_tensor(student_temp, device), temperature_tensor(teacher_temp, device)))
-    inv_temps = inv_temps.reciprocal_().to(acc)
-    if centering is None:
-        center_logits = None
-    else:
-        # The centre in logit units (see _cross_entropy_tiles): c / tau_t, or log c with the
-        # reference's floor at the smallest normal number for an entry that underflowed.
-        c = center.detach().reshape(-1).to(acc)
-        center_logits = c.clamp_min(torch.finfo(acc).tiny).log() if centering == "probability" else c * inv_temps[1]
-    loss, stat, *_ = _forward_op(
-        student,
-        teacher,
-        weights.contiguous(),
-        center_logits,
-        _shifted(student_correction, acc),
-        _shifted(teacher_correction, acc, detach=True),
-        inv_temps,
-        layout.ints(),
-        centering == "probability",
-    )
-    return loss, None if centering is None else stat
-
-
-def arithmetic_dtype(*logits: torch.Tensor) -> torch.dtype:
-    """float64 when a B x K input is float64, float32 otherwise (K-vectors never decide it)."""
-    return torch.float64 if any(x.dtype == torch.float64 for x in logits) else torch.float32
-
-
-def dino_vmf_loss(
-    student_output: torch.Tensor,
-    teacher_output: torch.Tensor,
-    center: torch.Tensor,
-    *,
-    n_views: int,
-    n_global: int,
-    student_temp: float | torch.Tensor,
-    teacher_temp: float | torch.Tensor,
-    student_correction: torch.Tensor | None,
-    teacher_correction: torch.Tensor | None,
-    centering: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DINO-vMF multi-crop loss (contract: ``vmf_head.functional.dino_vmf_loss``), fused:
-    ``(loss, (1, K) batch statistic)``. ``n_global`` may exceed ``n_views`` (lightly's pairing)."""
-    rows, K = student_output.shape
-    batch = rows // n_views
-    n_pairs = n_global * n_views - min(n_global, n_views)
-    dtype = arithmetic_dtype(student_output, teacher_output)
-    weights = torch.full((rows,), 1.0 / (n_pairs * batch), device=student_output.device, dtype=dtype)
-    loss, stat = cross_entropy(
-        student_output,
-        teacher_output,
-        weights,
-        PairLayout.multicrop(batch, n_views, n_global, skip_same=True),
-        student_temp=student_temp,
-        student_correction=student_correction,
-        teacher_temp=teacher_temp,
-        teacher_correction=teacher_correction,
-        center=center,
-        centering=centering,
-    )
-    return loss, stat.reshape(1, K)
-
-
-def ibot_patch_vmf_loss(
-    student_patch: torch.Tensor,
-    teacher_patch: torch.Tensor,
-    mask: torch.Tensor,
-    center: torch.Tensor,
-    *,
-    student_temp: float | torch.Tensor,
-    teacher_temp: float | torch.Tensor,
-    student_correction: torch.Tensor | None,
-    teacher_correction: torch.Tensor | None,
-    centering: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """iBOT-vMF's masked patch term (contract: ``vmf_head.functional.ibot_patch_vmf_loss``), fused:
-    ``(loss, (1, 1, K) batch statistic over all tokens)``. Each token pairs with its own teacher
-    token, weighted ``mask / max(1, masked tokens of its image) / images``, so unmasked tokens are
-    never read for the loss (they still count for the centre statistic, as iBOT's ``center2``)."""
-    images, tokens, K = student_patch.shape
-    dtype = arithmetic_dtype(student_patch, teacher_patch)
-    selected = mask.to(dtype)
-    weights = (selected / (selected.sum(dim=1, keepdim=True).clamp(min=1.0) * images)).reshape(-1)
-    loss, stat = cross_entropy(
-        student_patch.reshape(images * tokens, K),
-        teacher_patch.reshape(images * tokens, K),
-        weights,
-        PairLayout.row_to_row(images * tokens),
-        student_temp=student_temp,
-        student_correction=student_correction,
-        teacher_temp=teacher_temp,
-        teacher_correction=teacher_correction,
-        center=center,
-        centering=centering,
-    )
-    return loss, stat.reshape(1, 1, K)
-
-
-def multicrop_cross_entropy(
-    student_output: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    n_views: int,
-    student_temp: float | torch.Tensor,
-    student_correction: torch.Tensor | None,
-    skip_same_view: bool,
-    row_weight: torch.Tensor | None,
-) -> torch.Tensor:
-    """The cross-entropy against given targets (contract: ``vmf_head.functional.multicrop_cross_entropy``),
-    fused. One student view against one target view pairs row to row (tiled like iBOT's tokens)."""
-    rows, _K = student_output.shape
-    batch = rows // n_views
-    n_targets = targets.shape[0] // batch
-    n_pairs = n_views * n_targets - (min(n_targets, n_views) if skip_same_view else 0)
-    dtype = arithmetic_dtype(student_output, targets)
+    dtype = compute_dtype(student, teacher)
+    rows = student.shape[0]
+    batch = rows // pairing.n_views
     per_row = (
-        torch.full((batch,), 1.0 / batch, dtype=dtype, device=student_output.device)
+        torch.full((batch,), 1.0 / batch, dtype=dtype, device=student.device)
         if row_weight is None
         else row_weight.to(dtype)
     )
-    weights = (per_row / n_pairs).repeat(n_views)
-    if n_views == 1 and n_targets == 1:
-        layout = PairLayout.row_to_row(rows)
-    else:
-        layout = PairLayout.multicrop(batch, n_views, n_targets, skip_same=skip_same_view)
-    loss, _ = cross_entropy(
-        student_output, targets, weights, layout, student_temp=student_temp, student_correction=student_correction
+    weights = (per_row / pairing.n_pairs).repeat(pairing.n_views)
+    device = student.device
+    inv_temps = torch.stack((temperature_tensor(student_temp, device), temperature_tensor(teacher_temp, device)))
+    inv_temps = inv_temps.reciprocal_().to(dtype)
+    center_shift = None
+    if centering is not None:
+        # log c (with the reference's floor at the smallest normal number for an entry that
+        # underflowed) or c / tau_t: see _cross_entropy_tiles
+        c = center.detach().reshape(-1).to(dtype)
+        center_shift = c.clamp_min(torch.finfo(dtype).tiny).log() if centering == "probability" else c * inv_temps[1]
+    result = ForwardResult(
+        *_forward_op(
+            _row_contiguous(student),
+            _row_contiguous(teacher.detach()),
+            weights.contiguous(),
+            center_shift,
+            _shifted_vector(student_correction, dtype),
+            _shifted_vector(None if teacher_correction is None else teacher_correction.detach(), dtype),
+            inv_temps,
+            PairLayout.of(pairing, rows).ints(),
+            centering == "probability",
+        )
     )
-    return loss
+    return result.loss, None if centering is None else result.center_stat

@@ -3,7 +3,7 @@
 1. ``_teacher_stats_kernel``: per teacher row, the online (max, sum of exp) of the logits of q (and
    of pbar = softmax(l_t) under probability centering), split over K for occupancy.
 2. ``_center_stat_kernel``: column sums over the teacher rows of the raw output (logit centering) or
-   of pbar (probability), for the centre update; deterministic (no atomics).
+   of pbar (probability), for the center update; deterministic (no atomics).
 3. ``_student_forward_kernel``: one program per (group, K split) holds the tile [views, BLOCK_K] of
    every view of the group, so the sum over teacher views of q is formed in registers; it
    accumulates the online (max, sum) of l_s, Qsum . l_s and sum(Qsum) per row.
@@ -15,11 +15,13 @@ With precomputed targets (the teacher rows hold q) only 3 and 4 run. Tiling and 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ._cross_entropy_tiles import centered, group_rows, online_lse, pair_tile, vmf_logits
+from ._cross_entropy_tiles import NEG_LARGE, centered, group_rows, online_lse, pair_tile, vmf_logits
 from ._launch import split, target_programs
 
 # Elements of one [rows, BLOCK_K] tile held in registers by a program, and warps per program.
@@ -30,7 +32,7 @@ from ._launch import split, target_programs
 # tile. Tests lower the tile to exercise many K blocks and splits.
 TILE_ELEMENTS = 2048
 NUM_WARPS = 8
-# Rows per tile of the centre-statistic kernel.
+# Rows per tile of the center-statistic kernel.
 STAT_ROWS = 4
 # Rows per iteration and warps of the (single-program) merge kernel.
 MERGE_ROWS = 1024
@@ -49,48 +51,48 @@ def _teacher_stats_kernel(
     t_stride,
     n_rows,
     K,
-    center_ptr,
-    tcorr_ptr,
+    center_shift_ptr,
+    teacher_correction_ptr,
     inv_temps_ptr,
-    mq_ptr,
-    lq_ptr,
-    mp_ptr,
-    lp_ptr,
+    q_max_ptr,
+    q_sum_exp_ptr,
+    pbar_max_ptr,
+    pbar_sum_exp_ptr,
     split_stride,
     blocks_per_split,
     ACC: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """Program (row, split): online (max, sum exp) over its K range of the logits of q, and of
-    l_t (pbar) when ``mp_ptr`` is given (probability centering).
+    l_t (pbar) when ``pbar_max_ptr`` is given (probability centering).
 
     Output element (split, row) is at split * split_stride + row; the splits are merged afterwards.
     """
     row = tl.program_id(0)
     part = tl.program_id(1)
-    inv_tt = tl.load(inv_temps_ptr + 1)
+    inv_teacher_temp = tl.load(inv_temps_ptr + 1)
     rows = row + tl.arange(0, 1)
     r_ok = rows < n_rows
-    mq = tl.full([1], -3.0e38, ACC)
-    lq = tl.zeros([1], ACC)
-    mp = tl.full([1], -3.0e38, ACC)
-    lp = tl.zeros([1], ACC)
+    q_max = tl.full([1], NEG_LARGE, ACC)
+    q_sum_exp = tl.zeros([1], ACC)
+    pbar_max = tl.full([1], NEG_LARGE, ACC)
+    pbar_sum_exp = tl.zeros([1], ACC)
     kb_end = tl.minimum((part + 1) * blocks_per_split, tl.cdiv(K, BLOCK_K))
     for kb in range(part * blocks_per_split, kb_end):
         offs = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs < K
         ok = r_ok[:, None] & k_ok[None, :]
         t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * t_stride + offs[None, :], mask=ok, other=0.0).to(ACC)
-        zp = vmf_logits(t, offs, k_ok, tcorr_ptr, inv_tt)
-        mq, lq = online_lse(mq, lq, centered(zp, offs, k_ok, center_ptr), ok)
-        if mp_ptr is not None:
-            mp, lp = online_lse(mp, lp, zp, ok)
+        l_t = vmf_logits(t, offs, k_ok, teacher_correction_ptr, inv_teacher_temp)
+        q_max, q_sum_exp = online_lse(q_max, q_sum_exp, centered(l_t, offs, k_ok, center_shift_ptr), ok)
+        if pbar_max_ptr is not None:
+            pbar_max, pbar_sum_exp = online_lse(pbar_max, pbar_sum_exp, l_t, ok)
     out = part * split_stride + rows
-    tl.store(mq_ptr + out, mq, mask=r_ok)
-    tl.store(lq_ptr + out, lq, mask=r_ok)
-    if mp_ptr is not None:
-        tl.store(mp_ptr + out, mp, mask=r_ok)
-        tl.store(lp_ptr + out, lp, mask=r_ok)
+    tl.store(q_max_ptr + out, q_max, mask=r_ok)
+    tl.store(q_sum_exp_ptr + out, q_sum_exp, mask=r_ok)
+    if pbar_max_ptr is not None:
+        tl.store(pbar_max_ptr + out, pbar_max, mask=r_ok)
+        tl.store(pbar_sum_exp_ptr + out, pbar_sum_exp, mask=r_ok)
 
 
 @triton.jit
@@ -99,10 +101,10 @@ def _center_stat_kernel(
     t_stride,
     n_rows,
     K,
-    tcorr_ptr,
+    teacher_correction_ptr,
     inv_temps_ptr,
-    mp_ptr,
-    lp_ptr,
+    pbar_max_ptr,
+    pbar_sum_exp_ptr,
     out_ptr,
     rows_per_chunk,
     ACC: tl.constexpr,
@@ -110,12 +112,12 @@ def _center_stat_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """Program (K block, row chunk): sum over its teacher rows of pbar = exp(l_t - max) / sum when
-    ``mp_ptr`` is given (probability centering), else of the raw output (logit centering).
+    ``pbar_max_ptr`` is given (probability centering), else of the raw output (logit centering).
     Output [n_chunks, K]; the host adds the chunks.
     """
     kb = tl.program_id(0)
     chunk = tl.program_id(1)
-    inv_tt = tl.load(inv_temps_ptr + 1)
+    inv_teacher_temp = tl.load(inv_temps_ptr + 1)
     offs = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs < K
     acc = tl.zeros([BLOCK_K], ACC)
@@ -126,12 +128,12 @@ def _center_stat_kernel(
         r_ok = rows < r_end
         ok = r_ok[:, None] & k_ok[None, :]
         t = tl.load(t_ptr + rows.to(tl.int64)[:, None] * t_stride + offs[None, :], mask=ok, other=0.0).to(ACC)
-        if mp_ptr is not None:
-            zp = vmf_logits(t, offs, k_ok, tcorr_ptr, inv_tt)
+        if pbar_max_ptr is not None:
+            l_t = vmf_logits(t, offs, k_ok, teacher_correction_ptr, inv_teacher_temp)
             # a missing row gets max = +inf, so its (discarded) exp underflows instead of overflowing
-            mp = tl.load(mp_ptr + rows, mask=r_ok, other=float("inf"))
-            inv_lp = 1.0 / tl.load(lp_ptr + rows, mask=r_ok, other=1.0)
-            t = tl.where(ok, tl.exp(zp - mp[:, None]) * inv_lp[:, None], 0.0)
+            pbar_max = tl.load(pbar_max_ptr + rows, mask=r_ok, other=float("inf"))
+            inv_pbar_sum_exp = 1.0 / tl.load(pbar_sum_exp_ptr + rows, mask=r_ok, other=1.0)
+            t = tl.where(ok, tl.exp(l_t - pbar_max[:, None]) * inv_pbar_sum_exp[:, None], 0.0)
         acc += tl.sum(t, axis=0)
     tl.store(out_ptr + chunk * K + offs, acc, mask=k_ok)
 
@@ -148,22 +150,22 @@ def _student_forward_kernel(
     n_views,
     view_stride,
     group_stride,
-    scorr_ptr,
-    center_ptr,
-    tcorr_ptr,
-    mq_ptr,
-    lq_ptr,
+    student_correction_ptr,
+    center_shift_ptr,
+    teacher_correction_ptr,
+    q_max_ptr,
+    q_sum_exp_ptr,
     inv_temps_ptr,
-    ms_ptr,
-    ls_ptr,
+    s_max_ptr,
+    s_sum_exp_ptr,
     dot_ptr,
-    qs_ptr,
+    target_mass_ptr,
     blocks_per_split,
     PAIR_SELF: tl.constexpr,
-    N_TEACHER: tl.constexpr,
+    N_TEACHER_VIEWS: tl.constexpr,
     SKIP_SAME: tl.constexpr,
     ACC: tl.constexpr,
-    VIEWS: tl.constexpr,
+    VIEW_TILE: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """Program (group, split): per student row of the group, over its K range, the online
@@ -171,18 +173,18 @@ def _student_forward_kernel(
     """
     g = tl.program_id(0)
     part = tl.program_id(1)
-    inv_ts = tl.load(inv_temps_ptr)
-    inv_tt = tl.load(inv_temps_ptr + 1)
-    row0, rows, r_ok, s_ok, _w = group_rows(g, n_rows, n_views, view_stride, group_stride, w_ptr, VIEWS)
-    m = tl.full([VIEWS], -3.0e38, ACC)
-    sum_exp = tl.zeros([VIEWS], ACC)
-    dot = tl.zeros([VIEWS], ACC)
-    qs = tl.zeros([VIEWS], ACC)
+    inv_student_temp = tl.load(inv_temps_ptr)
+    inv_teacher_temp = tl.load(inv_temps_ptr + 1)
+    row0, rows, r_ok, s_ok, _w = group_rows(g, n_rows, n_views, view_stride, group_stride, w_ptr, VIEW_TILE)
+    m = tl.full([VIEW_TILE], NEG_LARGE, ACC)
+    sum_exp = tl.zeros([VIEW_TILE], ACC)
+    dot = tl.zeros([VIEW_TILE], ACC)
+    target_mass = tl.zeros([VIEW_TILE], ACC)
     kb_end = tl.minimum((part + 1) * blocks_per_split, tl.cdiv(K, BLOCK_K))
     for kb in range(part * blocks_per_split, kb_end):
         offs = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs < K
-        ls, qsum, ok = pair_tile(
+        student_logits, paired_q, ok = pair_tile(
             s_ptr,
             s_stride,
             t_ptr,
@@ -193,42 +195,42 @@ def _student_forward_kernel(
             view_stride,
             offs,
             k_ok,
-            scorr_ptr,
-            center_ptr,
-            tcorr_ptr,
-            mq_ptr,
-            lq_ptr,
-            inv_ts,
-            inv_tt,
+            student_correction_ptr,
+            center_shift_ptr,
+            teacher_correction_ptr,
+            q_max_ptr,
+            q_sum_exp_ptr,
+            inv_student_temp,
+            inv_teacher_temp,
             PAIR_SELF,
-            N_TEACHER,
+            N_TEACHER_VIEWS,
             SKIP_SAME,
             ACC,
-            VIEWS,
+            VIEW_TILE,
             BLOCK_K,
         )
-        m, sum_exp = online_lse(m, sum_exp, ls, ok)
-        dot += tl.sum(qsum * tl.where(ok, ls, 0.0), axis=1)
-        qs += tl.sum(qsum, axis=1)
+        m, sum_exp = online_lse(m, sum_exp, student_logits, ok)
+        dot += tl.sum(paired_q * tl.where(ok, student_logits, 0.0), axis=1)
+        target_mass += tl.sum(paired_q, axis=1)
     out = part * n_rows + rows
-    tl.store(ms_ptr + out, m, mask=r_ok)
-    tl.store(ls_ptr + out, sum_exp, mask=r_ok)
+    tl.store(s_max_ptr + out, m, mask=r_ok)
+    tl.store(s_sum_exp_ptr + out, sum_exp, mask=r_ok)
     tl.store(dot_ptr + out, dot, mask=r_ok)
-    tl.store(qs_ptr + out, qs, mask=r_ok)
+    tl.store(target_mass_ptr + out, target_mass, mask=r_ok)
 
 
 @triton.jit
 def _merge_kernel(
     m_ptr,
-    l_ptr,
+    sum_exp_ptr,
     dot_ptr,
-    qs_ptr,
+    target_mass_ptr,
     w_ptr,
     n_splits,
     n_rows,
     m_out_ptr,
-    l_out_ptr,
-    qs_out_ptr,
+    sum_exp_out_ptr,
+    target_mass_out_ptr,
     loss_ptr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -241,28 +243,28 @@ def _merge_kernel(
     for r0 in range(0, n_rows, BLOCK):
         rows = r0 + tl.arange(0, BLOCK)
         ok = rows < n_rows
-        m = tl.full([BLOCK], -3.0e38, ACC)
+        m = tl.full([BLOCK], NEG_LARGE, ACC)
         for s in range(n_splits):
-            m = tl.maximum(m, tl.load(m_ptr + s * n_rows + rows, mask=ok, other=-3.0e38))
+            m = tl.maximum(m, tl.load(m_ptr + s * n_rows + rows, mask=ok, other=NEG_LARGE))
         sum_exp = tl.zeros([BLOCK], ACC)
         dot = tl.zeros([BLOCK], ACC)
-        qs = tl.zeros([BLOCK], ACC)
+        target_mass = tl.zeros([BLOCK], ACC)
         for s in range(n_splits):
-            m_s = tl.load(m_ptr + s * n_rows + rows, mask=ok, other=-3.0e38)
-            sum_exp += tl.load(l_ptr + s * n_rows + rows, mask=ok, other=0.0) * tl.exp(m_s - m)
+            m_s = tl.load(m_ptr + s * n_rows + rows, mask=ok, other=NEG_LARGE)
+            sum_exp += tl.load(sum_exp_ptr + s * n_rows + rows, mask=ok, other=0.0) * tl.exp(m_s - m)
             if loss_ptr is not None:
                 dot += tl.load(dot_ptr + s * n_rows + rows, mask=ok, other=0.0)
-                qs += tl.load(qs_ptr + s * n_rows + rows, mask=ok, other=0.0)
+                target_mass += tl.load(target_mass_ptr + s * n_rows + rows, mask=ok, other=0.0)
         tl.store(m_out_ptr + rows, m, mask=ok)
-        tl.store(l_out_ptr + rows, sum_exp, mask=ok)
+        tl.store(sum_exp_out_ptr + rows, sum_exp, mask=ok)
         if loss_ptr is not None:
-            tl.store(qs_out_ptr + rows, qs, mask=ok)
+            tl.store(target_mass_out_ptr + rows, target_mass, mask=ok)
             w = tl.load(w_ptr + rows, mask=ok, other=0.0)
             # rows of weight 0 were not read (sum exp = 0): they contribute nothing, and log(1) keeps
             # their discarded term finite
             active = w != 0.0
             lse = m + tl.log(tl.where(active, sum_exp, 1.0))
-            total += tl.where(active, w * (qs * lse - dot), 0.0)
+            total += tl.where(active, w * (target_mass * lse - dot), 0.0)
     if loss_ptr is not None:
         tl.store(loss_ptr, tl.sum(total, axis=0))
 
@@ -272,64 +274,83 @@ def _merge(m: torch.Tensor, sum_exp: torch.Tensor, n_splits: int, ACC) -> tuple[
     if n_splits == 1:
         return m, sum_exp
     n_rows = m.numel() // n_splits
-    m_out, l_out = m.new_empty(n_rows), sum_exp.new_empty(n_rows)
+    m_out, sum_exp_out = m.new_empty(n_rows), sum_exp.new_empty(n_rows)
     _merge_kernel[(1,)](
         m_ptr=m,
-        l_ptr=sum_exp,
+        sum_exp_ptr=sum_exp,
         dot_ptr=None,
-        qs_ptr=None,
+        target_mass_ptr=None,
         w_ptr=None,
         n_splits=n_splits,
         n_rows=n_rows,
         m_out_ptr=m_out,
-        l_out_ptr=l_out,
-        qs_out_ptr=None,
+        sum_exp_out_ptr=sum_exp_out,
+        target_mass_out_ptr=None,
         loss_ptr=None,
         ACC=ACC,
         BLOCK=MERGE_ROWS,
         num_warps=MERGE_WARPS,
     )
-    return m_out, l_out
+    return m_out, sum_exp_out
 
 
-def teacher_statistics(
-    teacher: torch.Tensor,
-    center: torch.Tensor,
-    tcorr: torch.Tensor | None,
-    inv_temps: torch.Tensor,
-    *,
-    probability: bool,
-    ACC,
-) -> tuple[torch.Tensor, ...]:
-    """Kernels 1 and 2: ``(mq, lq, stat)``, the (max, sum exp) of the logits of q per teacher row and
-    the (K,) centre statistic (mean of pbar or of the raw output over the rows)."""
-    n_trows, K = teacher.shape
-    acc = dict(device=teacher.device, dtype=inv_temps.dtype)
-    target = target_programs(teacher.device)
+class Inputs(NamedTuple):
+    """What every launch of the fused cross-entropy reads (``cross_entropy.py`` builds it)."""
+
+    student: torch.Tensor  # (rows, K) raw student outputs
+    teacher: torch.Tensor  # (teacher rows, K) raw teacher outputs, or the targets q themselves
+    weights: torch.Tensor  # (rows,) loss weight per student row, in the arithmetic dtype
+    center_shift: torch.Tensor | None  # (K,) c / tau_t or log c (_cross_entropy_tiles); None: targets given
+    student_correction: torch.Tensor | None  # (K,) shifted to a maximum of 0
+    teacher_correction: torch.Tensor | None  # (K,) shifted to a maximum of 0
+    inv_temps: torch.Tensor  # [1 / tau_s, 1 / tau_t] in the arithmetic dtype
+
+
+class TeacherRowStats(NamedTuple):
+    """Per teacher row, the online log-sum-exp state of the logits of q."""
+
+    q_max: torch.Tensor
+    q_sum_exp: torch.Tensor
+
+
+class StudentRowStats(NamedTuple):
+    """Per student row, what the backward recomputes the softmax and the targets' mass from."""
+
+    s_max: torch.Tensor
+    s_sum_exp: torch.Tensor
+    target_mass: torch.Tensor  # sum_k of the paired targets (the number of paired views, up to rounding)
+
+
+def teacher_statistics(x: Inputs, *, probability: bool, ACC) -> tuple[TeacherRowStats, torch.Tensor]:
+    """Kernels 1 and 2: the (max, sum exp) of the logits of q per teacher row, and the (K,) center
+    statistic (mean of pbar or of the raw output over the rows)."""
+    n_trows, K = x.teacher.shape
+    acc = dict(device=x.teacher.device, dtype=x.inv_temps.dtype)
+    target = target_programs(x.teacher.device)
     bk_t = block_k(1, K)
     per_split, n_split = split(triton.cdiv(K, bk_t), triton.cdiv(target, n_trows))
     n_stats = (2 if probability else 1) * n_trows
-    m_t = torch.empty(n_split * n_stats, **acc)
-    l_t = torch.empty_like(m_t)
+    row_max = torch.empty(n_split * n_stats, **acc)
+    row_sum_exp = torch.empty_like(row_max)
     _teacher_stats_kernel[(n_trows, n_split)](
-        t_ptr=teacher,
-        t_stride=teacher.stride(0),
+        t_ptr=x.teacher,
+        t_stride=x.teacher.stride(0),
         n_rows=n_trows,
         K=K,
-        center_ptr=center,
-        tcorr_ptr=tcorr,
-        inv_temps_ptr=inv_temps,
-        mq_ptr=m_t,
-        lq_ptr=l_t,
-        mp_ptr=m_t[n_trows:] if probability else None,
-        lp_ptr=l_t[n_trows:] if probability else None,
+        center_shift_ptr=x.center_shift,
+        teacher_correction_ptr=x.teacher_correction,
+        inv_temps_ptr=x.inv_temps,
+        q_max_ptr=row_max,
+        q_sum_exp_ptr=row_sum_exp,
+        pbar_max_ptr=row_max[n_trows:] if probability else None,
+        pbar_sum_exp_ptr=row_sum_exp[n_trows:] if probability else None,
         split_stride=n_stats,
         blocks_per_split=per_split,
         ACC=ACC,
         BLOCK_K=bk_t,
         num_warps=NUM_WARPS,
     )
-    m_t, l_t = _merge(m_t, l_t, n_split, ACC)
+    row_max, row_sum_exp = _merge(row_max, row_sum_exp, n_split, ACC)
 
     bk_c = block_k(STAT_ROWS, K)
     n_kb = triton.cdiv(K, bk_c)
@@ -338,14 +359,14 @@ def teacher_statistics(
     n_chunk = triton.cdiv(n_trows, rows_per_chunk)
     stat = torch.empty(n_chunk, K, **acc)
     _center_stat_kernel[(n_kb, n_chunk)](
-        t_ptr=teacher,
-        t_stride=teacher.stride(0),
+        t_ptr=x.teacher,
+        t_stride=x.teacher.stride(0),
         n_rows=n_trows,
         K=K,
-        tcorr_ptr=tcorr,
-        inv_temps_ptr=inv_temps,
-        mp_ptr=m_t[n_trows:] if probability else None,
-        lp_ptr=l_t[n_trows:] if probability else None,
+        teacher_correction_ptr=x.teacher_correction,
+        inv_temps_ptr=x.inv_temps,
+        pbar_max_ptr=row_max[n_trows:] if probability else None,
+        pbar_sum_exp_ptr=row_sum_exp[n_trows:] if probability else None,
         out_ptr=stat,
         rows_per_chunk=rows_per_chunk,
         ACC=ACC,
@@ -353,76 +374,63 @@ def teacher_statistics(
         BLOCK_K=bk_c,
         num_warps=NUM_WARPS,
     )
-    return m_t[:n_trows], l_t[:n_trows], stat.sum(dim=0) / n_trows
+    return TeacherRowStats(row_max[:n_trows], row_sum_exp[:n_trows]), stat.sum(dim=0) / n_trows
 
 
-def student_pass(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    weights: torch.Tensor,
-    center: torch.Tensor | None,
-    scorr: torch.Tensor | None,
-    tcorr: torch.Tensor | None,
-    mq: torch.Tensor | None,
-    lq: torch.Tensor | None,
-    inv_temps: torch.Tensor,
-    layout,
-    ACC,
-) -> tuple[torch.Tensor, ...]:
-    """Kernels 3 and 4: ``(loss, ms, ls, qs)``, the loss and per student row the (max, sum exp) of
-    l_s and sum_k Qsum (kept for the backward)."""
-    n_rows, K = student.shape
-    acc = dict(device=student.device, dtype=weights.dtype)
-    views_p2 = triton.next_power_of_2(layout.n_views)
-    bk_s = block_k(views_p2, K, half_tile=weights.dtype == torch.float64)
-    per_split, n_split = split(triton.cdiv(K, bk_s), triton.cdiv(target_programs(student.device), layout.n_groups))
+def student_pass(x: Inputs, teacher_stats: TeacherRowStats | None, layout, ACC) -> tuple[torch.Tensor, StudentRowStats]:
+    """Kernels 3 and 4: the loss and, per student row, the statistics the backward needs."""
+    n_rows, K = x.student.shape
+    acc = dict(device=x.student.device, dtype=x.weights.dtype)
+    view_tile = triton.next_power_of_2(layout.n_views)
+    bk_s = block_k(view_tile, K, half_tile=x.weights.dtype == torch.float64)
+    per_split, n_split = split(triton.cdiv(K, bk_s), triton.cdiv(target_programs(x.student.device), layout.n_groups))
     part = torch.empty(4, n_split, n_rows, **acc)  # max, sum exp, Qsum . l_s, sum(Qsum)
     _student_forward_kernel[(layout.n_groups, n_split)](
-        s_ptr=student,
-        s_stride=student.stride(0),
-        t_ptr=teacher,
-        t_stride=teacher.stride(0),
-        w_ptr=weights,
+        s_ptr=x.student,
+        s_stride=x.student.stride(0),
+        t_ptr=x.teacher,
+        t_stride=x.teacher.stride(0),
+        w_ptr=x.weights,
         n_rows=n_rows,
         K=K,
         n_views=layout.n_views,
         view_stride=layout.view_stride,
         group_stride=layout.group_stride,
-        scorr_ptr=scorr,
-        center_ptr=center,
-        tcorr_ptr=tcorr,
-        mq_ptr=mq,
-        lq_ptr=lq,
-        inv_temps_ptr=inv_temps,
-        ms_ptr=part[0],
-        ls_ptr=part[1],
+        student_correction_ptr=x.student_correction,
+        center_shift_ptr=x.center_shift,
+        teacher_correction_ptr=x.teacher_correction,
+        q_max_ptr=None if teacher_stats is None else teacher_stats.q_max,
+        q_sum_exp_ptr=None if teacher_stats is None else teacher_stats.q_sum_exp,
+        inv_temps_ptr=x.inv_temps,
+        s_max_ptr=part[0],
+        s_sum_exp_ptr=part[1],
         dot_ptr=part[2],
-        qs_ptr=part[3],
+        target_mass_ptr=part[3],
         blocks_per_split=per_split,
         PAIR_SELF=layout.pair_self,
-        N_TEACHER=layout.n_teacher_views,
+        N_TEACHER_VIEWS=layout.n_teacher_views,
         SKIP_SAME=layout.skip_same,
         ACC=ACC,
-        VIEWS=views_p2,
+        VIEW_TILE=view_tile,
         BLOCK_K=bk_s,
         num_warps=NUM_WARPS,
     )
     loss = torch.empty((), **acc)
-    ms, ls, qs = torch.empty(n_rows, **acc), torch.empty(n_rows, **acc), torch.empty(n_rows, **acc)
+    stats = StudentRowStats(*(torch.empty(n_rows, **acc) for _ in StudentRowStats._fields))
     _merge_kernel[(1,)](
         m_ptr=part[0],
-        l_ptr=part[1],
+        sum_exp_ptr=part[1],
         dot_ptr=part[2],
-        qs_ptr=part[3],
-        w_ptr=weights,
+        target_mass_ptr=part[3],
+        w_ptr=x.weights,
         n_splits=n_split,
         n_rows=n_rows,
-        m_out_ptr=ms,
-        l_out_ptr=ls,
-        qs_out_ptr=qs,
+        m_out_ptr=stats.s_max,
+        sum_exp_out_ptr=stats.s_sum_exp,
+        target_mass_out_ptr=stats.target_mass,
         loss_ptr=loss,
         ACC=ACC,
         BLOCK=MERGE_ROWS,
         num_warps=MERGE_WARPS,
     )
-    return loss, ms, ls, qs
+    return loss, stats

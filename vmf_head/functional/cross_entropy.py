@@ -1,0 +1,172 @@
+"""The multi-crop cross-entropy between fixed targets and the student's vMF logits (reference).
+
+Student rows are ``V`` stacked views of ``B`` rows, ``l = s / tau_s + c`` their logits (``c`` the
+vMF correction, shifted to a maximum of 0); targets are ``G`` stacked views of the same ``B`` rows.
+Student view ``j`` is paired with every target view ``i`` (``i != j`` when same views are skipped, as
+DINO does), row ``b`` weighs ``w_b``, and
+
+    L = 1/n_pairs sum_j sum_b w_b sum_{i paired with j} -q_i[b] . log_softmax(l_j[b]).
+
+All pairs of a student view share one log-sum-exp (DINO's code recomputes the log-softmax for
+every pair): with ``Q_j = sum_{i paired with j} q_i`` and ``r_j[b] = sum_k Q_j[b, k]`` (the number of
+paired target views, up to the rounding of the targets actually used),
+
+    sum_{i paired with j} -q_i[b] . log_softmax(l_j[b]) = r_j[b] lse(l_j[b]) - Q_j[b] . l_j[b],
+    dL/dl_j[b] = w_b (r_j[b] softmax(l_j[b]) - Q_j[b]) / n_pairs.
+
+The same sums, written twice for two compilers (docs/design.md, "Two formulations"):
+
+* eager: an autograd Function that allocates ONE (V B, K) buffer, writes the logits into it, turns
+  them into the log-softmax in place and, in the backward, into the gradient in place: every B x K
+  tensor is read or written as few times as ATen's operators allow;
+* traced (under ``torch.compile``): the plain differentiable formula above, which Inductor fuses
+  into a few loops over the student logits (it cannot fuse an opaque autograd Function's buffers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .vmf import compute_dtype, shifted
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """Which target views each student view is paired with.
+
+    ``n_views`` student views, ``n_teacher_views`` target views; with ``skip_same`` (DINO) view ``j``
+    is not paired with target view ``j``. iBOT's patch tokens are one view against one target view
+    (``Pairing(1, 1, skip_same=False)``): every token against the teacher's token of the same index.
+    """
+
+    n_views: int
+    n_teacher_views: int
+    skip_same: bool = True
+
+    @property
+    def n_same(self) -> int:
+        """Student views that skip a target view of the same index."""
+        return min(self.n_views, self.n_teacher_views) if self.skip_same else 0
+
+    @property
+    def n_pairs(self) -> int:
+        return self.n_views * self.n_teacher_views - self.n_same
+
+    @property
+    def n_paired(self) -> list[int]:
+        """``n_j``: how many target views each student view is paired with."""
+        return [self.n_teacher_views - (j < self.n_same) for j in range(self.n_views)]
+
+
+def _logits(student: torch.Tensor, correction: torch.Tensor | None, inv_temp, dtype: torch.dtype) -> torch.Tensor:
+    """``student * inv_temp + shifted(correction)`` in ``dtype``, written once into a fresh tensor."""
+    if correction is None:
+        return student.to(dtype).mul_(inv_temp) if student.dtype != dtype else torch.mul(student, inv_temp)
+    bias = shifted(correction, dtype)
+    if isinstance(inv_temp, torch.Tensor):
+        return torch.addcmul(bias, student, inv_temp.to(dtype))
+    return torch.add(bias, student, alpha=inv_temp)
+
+
+def _row_dots(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1)`` of two (B, K) tensors through a reused (B, K) scratch buffer: a batched
+    matmul of (1, K) x (K, 1) products is twice as slow on the CPU."""
+    return torch.mul(a, b, out=scratch).sum(-1)
+
+
+class _EagerCrossEntropy(torch.autograd.Function):
+    """The eager formulation (module docstring): one (V B, K) buffer holds the logits, then their
+    log-softmax, then the gradient. ``Q_j`` is never formed: it is the sum ``T`` of all target views,
+    minus view j's own target for the first ``n_same`` views."""
+
+    @staticmethod
+    def forward(ctx, student, correction, targets, row_weight, pairing: Pairing, inv_temp):
+        dtype = compute_dtype(student, targets)
+        rows, k = student.shape
+        batch = rows // pairing.n_views
+        q = targets.to(dtype).view(pairing.n_teacher_views, batch, k)
+        total = q[0] if pairing.n_teacher_views == 1 else q.sum(0)
+        logits = _logits(student, correction, inv_temp, dtype)
+        log_p = torch.log_softmax(logits, dim=-1, out=logits).view(pairing.n_views, batch, k)
+        scratch = torch.empty_like(total)
+        dots = torch.stack([_row_dots(log_p[j], total, scratch) for j in range(pairing.n_views)])
+        for j in range(pairing.n_same):
+            dots[j] -= _row_dots(log_p[j], q[j], scratch)
+        weight = _row_weight(row_weight, batch, dtype, student.device)
+        ctx.save_for_backward(log_p, weight, total, q[: pairing.n_same])
+        ctx.pairing, ctx.inv_temp = pairing, inv_temp
+        ctx.student_dtype = student.dtype
+        ctx.correction_dtype = None if correction is None else correction.dtype
+        return -(dots * weight).sum() / pairing.n_pairs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        log_p, weight, total, same = ctx.saved_tensors
+        pairing = ctx.pairing
+        # dL/ds = dL/dl * inv_temp: the temperature rides in the coefficient, and the buffer is
+        # overwritten in one pass, probs_j <- coef (n_j w probs_j - w T) (+ coef w q_j for j < n_same),
+        # with n_j the number of target views paired with view j.
+        coef = grad_loss.to(log_p.dtype) * (ctx.inv_temp / pairing.n_pairs)
+        # filled on the device: torch.tensor of Python numbers would be a host-to-device copy
+        n_paired = torch.full(
+            (pairing.n_views,), float(pairing.n_teacher_views), dtype=log_p.dtype, device=log_p.device
+        )
+        n_paired[: pairing.n_same] -= 1
+        row_scale = (coef * n_paired[:, None] * weight)[..., None]
+        grad = torch.addcmul((total * weight[:, None]).mul_(-coef), log_p.exp_(), row_scale, out=log_p)
+        for j in range(pairing.n_same):
+            grad[j].addcmul_(same[j], weight[:, None] * coef)
+        grad = grad.view(-1, grad.shape[-1])
+        grad_correction = None
+        if ctx.needs_input_grad[1]:
+            # a matrix-vector product sums the rows faster than sum(0) on the CPU
+            grad_correction = (grad.new_ones(grad.shape[0]) @ grad / ctx.inv_temp).to(ctx.correction_dtype)
+        return grad.to(ctx.student_dtype), grad_correction, None, None, None, None
+
+
+def _row_weight(row_weight: torch.Tensor | None, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
+    if row_weight is None:
+        return torch.full((batch,), 1.0 / max(batch, 1), dtype=dtype, device=device)
+    return row_weight.to(dtype)
+
+
+def _traced_cross_entropy(student, correction, targets, row_weight, pairing: Pairing, inv_temp) -> torch.Tensor:
+    """The traced formulation (module docstring): plain differentiable operators for Inductor."""
+    dtype = compute_dtype(student, targets)
+    rows, k = student.shape
+    batch = rows // pairing.n_views
+    q = targets.to(dtype).view(pairing.n_teacher_views, batch, k)
+    total = q.sum(0)
+    logits = student.to(dtype) * inv_temp
+    if correction is not None:
+        logits = logits + shifted(correction, dtype)
+    views = logits.view(pairing.n_views, batch, k)
+    lse = torch.logsumexp(views, dim=-1)
+    per_row = [
+        n_j * lse[j] - (views[j] * (total - q[j] if j < pairing.n_same else total)).sum(-1)
+        for j, n_j in enumerate(pairing.n_paired)
+    ]
+    return (torch.stack(per_row) * _row_weight(row_weight, batch, dtype, student.device)).sum() / pairing.n_pairs
+
+
+def cross_entropy(
+    student: torch.Tensor,
+    targets: torch.Tensor,
+    pairing: Pairing,
+    *,
+    student_temp: float | torch.Tensor,
+    student_correction: torch.Tensor | None = None,
+    row_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The reference multi-crop cross-entropy on checked arguments (see
+    :func:`vmf_head.functional.multicrop_cross_entropy` for the contract): the eager formulation, or
+    the traced one while ``torch.compile`` traces."""
+    inv_temp = student_temp.reciprocal() if isinstance(student_temp, torch.Tensor) else 1.0 / student_temp
+    targets = targets.detach()
+    if torch.compiler.is_compiling():
+        return _traced_cross_entropy(student, student_correction, targets, row_weight, pairing, inv_temp)
+    return _EagerCrossEntropy.apply(student, student_correction, targets, row_weight, pairing, inv_temp)
