@@ -134,23 +134,48 @@ def _row_weight(row_weight: torch.Tensor | None, batch: int, dtype: torch.dtype,
     return row_weight.to(dtype)
 
 
-def _traced_cross_entropy(student, correction, targets, row_weight, pairing: Pairing, inv_temp) -> torch.Tensor:
-    """The traced formulation (module docstring): plain differentiable operators for Inductor."""
-    dtype = compute_dtype(student, targets)
-    rows, k = student.shape
-    batch = rows // pairing.n_views
-    q = targets.to(dtype).view(pairing.n_teacher_views, batch, k)
-    total = q.sum(0)
+class _TracedCrossEntropy(torch.autograd.Function):
+    """The traced formulation (module docstring): broadcast operators over all views at once. Only the
+    inputs and the (V, B) log-sum-exps are saved: the backward recomputes the logits in the one
+    element-wise loop that writes the gradient, and sums the correction's gradient over the rows with
+    a matrix-vector product (Inductor would write that column reduction as a loop over the rows for
+    every column, which the CPU's caches cannot follow)."""
+
+    @staticmethod
+    def forward(ctx, student, correction, q, weight, pairing: Pairing, inv_temp):
+        logits, paired, n_paired = _traced_terms(student, correction, q, pairing, inv_temp)
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(student, correction, q, weight, lse)
+        ctx.pairing, ctx.inv_temp = pairing, inv_temp
+        per_row = n_paired * lse - (logits * paired).sum(-1)
+        return (per_row * weight).sum() / pairing.n_pairs
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        student, correction, q, weight, lse = ctx.saved_tensors
+        pairing, inv_temp = ctx.pairing, ctx.inv_temp
+        logits, paired, n_paired = _traced_terms(student, correction, q, pairing, inv_temp)
+        coef = (grad_loss * inv_temp / pairing.n_pairs) * weight[:, None]
+        grad = coef * (n_paired[..., None] * torch.exp(logits - lse[..., None]) - paired)
+        grad = grad.view(student.shape)
+        grad_correction = None
+        if correction is not None and ctx.needs_input_grad[1]:
+            grad_correction = grad.new_ones(grad.shape[0]) @ grad / inv_temp
+        return grad, grad_correction, None, None, None, None
+
+
+def _traced_terms(student, correction, q, pairing: Pairing, inv_temp):
+    """The logits (V, B, K), ``Q_j`` (V, B, K) and ``n_j`` (V, 1) of the traced formulation."""
+    dtype = q.dtype
     logits = student.to(dtype) * inv_temp
     if correction is not None:
-        logits = logits + shifted(correction, dtype)
-    views = logits.view(pairing.n_views, batch, k)
-    lse = torch.logsumexp(views, dim=-1)
-    per_row = [
-        n_j * lse[j] - (views[j] * (total - q[j] if j < pairing.n_same else total)).sum(-1)
-        for j, n_j in enumerate(pairing.n_paired)
-    ]
-    return (torch.stack(per_row) * _row_weight(row_weight, batch, dtype, student.device)).sum() / pairing.n_pairs
+        logits = logits + correction
+    logits = logits.view(pairing.n_views, *q.shape[1:])
+    # Q_j = T - q_j for the first n_same views, T for the others (the padding is index arithmetic)
+    own = torch.nn.functional.pad(q[: pairing.n_same], (0, 0, 0, 0, 0, pairing.n_views - pairing.n_same))
+    n_paired = torch.full((pairing.n_views, 1), float(pairing.n_teacher_views), dtype=dtype, device=q.device)
+    n_paired[: pairing.n_same] -= 1
+    return logits, q.sum(0) - own, n_paired
 
 
 def cross_entropy(
@@ -168,5 +193,14 @@ def cross_entropy(
     inv_temp = student_temp.reciprocal() if isinstance(student_temp, torch.Tensor) else 1.0 / student_temp
     targets = targets.detach()
     if torch.compiler.is_compiling():
-        return _traced_cross_entropy(student, student_correction, targets, row_weight, pairing, inv_temp)
+        dtype = compute_dtype(student, targets)
+        batch = student.shape[0] // pairing.n_views
+        return _TracedCrossEntropy.apply(
+            student,
+            None if student_correction is None else shifted(student_correction, dtype),
+            targets.to(dtype).view(pairing.n_teacher_views, batch, -1),
+            _row_weight(row_weight, batch, dtype, student.device),
+            pairing,
+            inv_temp,
+        )
     return _EagerCrossEntropy.apply(student, student_correction, targets, row_weight, pairing, inv_temp)
