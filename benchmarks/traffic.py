@@ -26,6 +26,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+# Operators that take a tensor for its dtype, device or shape only: they read none of its data.
+_METADATA_ONLY = {"empty_like", "new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full", "zeros_like",
+                  "ones_like", "full_like"}  # fmt: skip
+
 
 def _nbytes(t: torch.Tensor) -> int:
     return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
@@ -61,6 +65,7 @@ class TrafficCounter(TorchDispatchMode):
         schema = func._schema
         if schema.is_mutable is False and any(r.alias_info is not None for r in schema.returns):
             return out  # a view: no data moves
+        name = schema.name.removeprefix("aten::")
         read = written = 0
         values = dict(zip((a.name for a in schema.arguments), args))
         values.update(kwargs)
@@ -68,15 +73,15 @@ class TrafficCounter(TorchDispatchMode):
             tensors = [t for t in tree_leaves(values.get(arg.name)) if self._big(t)]
             size = sum(_nbytes(t) for t in tensors)
             is_write = arg.alias_info is not None and arg.alias_info.is_write
-            if not (is_write and arg.kwarg_only):  # an out= argument is written, not read
+            if not (is_write and arg.kwarg_only) and name not in _METADATA_ONLY:  # out= is written, not read
                 read += size
             if is_write:
                 written += size
         fresh = [r.alias_info is None for r in schema.returns]
         outs = out if isinstance(out, (tuple, list)) else (out,)
-        written += sum(_nbytes(t) for t, new in zip(outs, fresh) if new and self._big(t))
+        if not name.startswith("empty") and name not in ("empty_like", "new_empty", "new_empty_strided"):
+            written += sum(_nbytes(t) for t, new in zip(outs, fresh) if new and self._big(t))
         if read or written:
-            name = f"{schema.name.removeprefix('aten::')}"
             self.traffic.read += read
             self.traffic.written += written
             self.traffic.by_op[name] += read + written

@@ -24,7 +24,7 @@ import torch
 
 from .._validation import check_choice, check_int, check_temperature, check_tensor
 from ._distributed import all_reduce_logsumexp_
-from .vmf import compute_dtype, no_autocast, shifted
+from .vmf import compute_dtype, no_autocast, scaled_logits, shifted
 
 CENTERINGS = ("logit", "probability", "sinkhorn")
 
@@ -62,15 +62,19 @@ def batch_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_logits(
-    teacher_output: torch.Tensor, teacher_temp: float | torch.Tensor, teacher_correction: torch.Tensor | None
+    teacher_output: torch.Tensor,
+    teacher_temp: float | torch.Tensor,
+    teacher_correction: torch.Tensor | None,
+    center: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``l_t = teacher_output / teacher_temp + teacher_correction`` in a fresh tensor, float32 (float64
-    for float64 outputs), up to a constant (the correction enters shifted by its maximum)."""
+    """``l_t = (teacher_output - center) / teacher_temp + teacher_correction`` in a fresh tensor, float32
+    (float64 for float64 outputs), up to a constant (the correction enters shifted by its maximum)."""
     dtype = compute_dtype(teacher_output)
-    logits = teacher_output.detach().to(dtype) / teacher_temp
-    if teacher_correction is not None:
-        logits += shifted(teacher_correction.detach(), dtype)
-    return logits
+    inv_temp = teacher_temp.reciprocal() if isinstance(teacher_temp, torch.Tensor) else 1.0 / teacher_temp
+    bias = None if teacher_correction is None else shifted(teacher_correction.detach(), dtype)
+    if center is not None:
+        bias = center.to(dtype) * -inv_temp if bias is None else bias - center.to(dtype) * inv_temp
+    return scaled_logits(teacher_output.detach(), inv_temp, bias, dtype)
 
 
 def sinkhorn_log_targets(log_q: torch.Tensor, n_iterations: int, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,11 +120,8 @@ def targets(
             return flush_exp_(sinkhorn_log_targets(log_q.view(-1, k), sinkhorn_iterations, rows)).view_as(log_q), None
         dtype = compute_dtype(teacher_output)
         if centering == "logit":
-            raw = teacher_output.detach().to(dtype)
-            logits = (raw - center.to(dtype)) / teacher_temp
-            if teacher_correction is not None:
-                logits += shifted(teacher_correction.detach(), dtype)
-            return softmax_flushed_(logits), batch_mean(raw)
+            logits = teacher_logits(teacher_output, teacher_temp, teacher_correction, center.reshape(-1))
+            return softmax_flushed_(logits), batch_mean(teacher_output.detach().to(dtype))
         logits = teacher_logits(teacher_output, teacher_temp, teacher_correction)
         stat = batch_mean(torch.softmax(logits, dim=-1))  # (a sum: subnormal terms cost nothing there)
         # An entry of the center that underflowed gets the smallest normal number, a finite weight.

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from .vmf import compute_dtype, shifted
+from .vmf import compute_dtype, scaled_logits, shifted
 
 
 @dataclass(frozen=True)
@@ -61,16 +61,6 @@ class Pairing:
         return [self.n_teacher_views - (j < self.n_same) for j in range(self.n_views)]
 
 
-def _logits(student: torch.Tensor, correction: torch.Tensor | None, inv_temp, dtype: torch.dtype) -> torch.Tensor:
-    """``student * inv_temp + shifted(correction)`` in ``dtype``, written once into a fresh tensor."""
-    if correction is None:
-        return student.to(dtype).mul_(inv_temp) if student.dtype != dtype else torch.mul(student, inv_temp)
-    bias = shifted(correction, dtype)
-    if isinstance(inv_temp, torch.Tensor):
-        return torch.addcmul(bias, student, inv_temp.to(dtype))
-    return torch.add(bias, student, alpha=inv_temp)
-
-
 def _row_dots(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """``(a * b).sum(-1)`` of two (B, K) tensors through a reused (B, K) scratch buffer: a batched
     matmul of (1, K) x (K, 1) products is twice as slow on the CPU."""
@@ -89,12 +79,14 @@ class _EagerCrossEntropy(torch.autograd.Function):
         batch = rows // pairing.n_views
         q = targets.to(dtype).view(pairing.n_teacher_views, batch, k)
         total = q[0] if pairing.n_teacher_views == 1 else q.sum(0)
-        logits = _logits(student, correction, inv_temp, dtype)
+        logits = scaled_logits(student, inv_temp, None if correction is None else shifted(correction, dtype), dtype)
         log_p = torch.log_softmax(logits, dim=-1, out=logits).view(pairing.n_views, batch, k)
+        # sum_j Q_j . log_p_j = T . sum_j log_p_j - sum_{j < n_same} q_j . log_p_j: one pass over the
+        # views and 1 + n_same row-wise dot products instead of one per view
         scratch = torch.empty_like(total)
-        dots = torch.stack([_row_dots(log_p[j], total, scratch) for j in range(pairing.n_views)])
+        dots = _row_dots(log_p.sum(0), total, scratch)
         for j in range(pairing.n_same):
-            dots[j] -= _row_dots(log_p[j], q[j], scratch)
+            dots -= _row_dots(log_p[j], q[j], scratch)
         weight = _row_weight(row_weight, batch, dtype, student.device)
         ctx.save_for_backward(log_p, weight, total, q[: pairing.n_same])
         ctx.pairing, ctx.inv_temp = pairing, inv_temp

@@ -47,6 +47,18 @@ def shifted(correction: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (correction - correction.detach().max()).to(dtype)
 
 
+def scaled_logits(
+    x: torch.Tensor, inv_temp: float | torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``x * inv_temp + bias`` (bias broadcast over the rows, or None) in ``dtype``, written once into a
+    fresh tensor: the one pass over a B x K input that every logit of the losses starts with."""
+    if bias is None:
+        return x.to(dtype).mul_(inv_temp) if x.dtype != dtype else torch.mul(x, inv_temp)
+    if isinstance(inv_temp, torch.Tensor):
+        return torch.addcmul(bias.to(dtype), x, inv_temp.to(dtype))
+    return torch.add(bias.to(dtype), x, alpha=inv_temp)
+
+
 def vmf_correction(
     prototype_norms: torch.Tensor, temperature: float | torch.Tensor, p: int, *, mode: str = "exact"
 ) -> torch.Tensor:
