@@ -1,4 +1,4 @@
-"""log C_p on the CPU: ``vmf_head.log_vmf_normalizer`` (float32 and float64) against scipy (SPEC 6).
+"""log C_p on the CPU: ``vmf_head.log_vmf_normalizer`` (float32 and float64) against scipy (docs/design.md, section 6).
 
 The peer is the formula everyone writes with scipy,
 

@@ -1,19 +1,23 @@
-"""DINO-vMF loss, forward + backward, against DINO's eager loss and lightly's DINOLoss (SPEC 6).
+"""DINO-vMF loss, forward + backward, against DINO's and lightly's losses, eager and compiled
+(docs/design.md, section 6).
 
 Every candidate gets the same inputs (student ``(ncrops * B, K)``, teacher ``(2 * B, K)``, prototype
 norms for the vMF candidates) and is timed forward + backward, round-robin over the candidates so that
 noise from other processes spreads evenly; medians and min-max over the repeats, and ratios against
-DINO's eager loss measured in the same run.
+DINO's eager loss and ``torch.compile`` of it, measured in the same run. Every eager candidate is also
+a compiled one: ``torch.compile`` of the loss call, as a user would try it first. On a shared 2-core
+machine time with ``--threads 1`` (torch's two threads slow down many-fold when another process runs).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` minus the memory held before the step; on the
 CPU the growth of the peak resident set (Linux VmHWM, reset before the step) over one step after a
 warm-up step, measured in a fresh subprocess per candidate with glibc's mmap threshold fixed at
 128 KiB so that freed tensors leave the resident set (tracemalloc does not see torch's allocations).
 
-Candidates are a list (``CANDIDATES``); a fused or compiled peer is one more ``Candidate``.
+Candidates are a list (``CANDIDATES``); a fused peer is one more ``Candidate``. The bytes each eager
+candidate moves: ``benchmarks/traffic.py``.
 
-    python benchmarks/loss.py                          # CPU, B=64, 2+8 crops, K=65536, float32
-    python benchmarks/loss.py --scale 1                # peaked teachers: t / 0.04 spans +-125
+    python benchmarks/loss.py --threads 1              # CPU, B=64, 2+8 crops, K=65536, float32
+    python benchmarks/loss.py --threads 1 --scale 1    # peaked teachers: t / 0.04 spans +-125
     python benchmarks/loss.py --device cuda --repeats 20
 
 ``--scale`` is the standard deviation of the raw outputs w^T y (0.3 by default). At 1, the teacher's
@@ -72,7 +76,7 @@ def compiled(candidate: Candidate) -> Candidate:
 
 class EagerDINOLoss(torch.nn.Module):
     """DINO's ``DINOLoss`` as facebookresearch/dino computes it (re-implemented from its behaviour):
-    numpy temperature schedule, softmax of the centred teacher, a log-softmax per (teacher view,
+    numpy temperature schedule, softmax of the centerd teacher, a log-softmax per (teacher view,
     student view) pair, EMA of the mean raw teacher output (single process)."""
 
     def __init__(self, out_dim, ncrops, warm, final, warm_epochs, nepochs, student_temp=0.1, momentum=0.9):

@@ -45,7 +45,7 @@ def norms_of(layer) -> torch.Tensor:
 
 
 def teacher_targets(teacher, norms, temp, p, center, centering):
-    """``(q, stat)`` for raw teacher outputs (..., K): logit or probability centering (SPEC 3)."""
+    """``(q, stat)`` for raw teacher outputs (..., K): logit or probability centering (docs/design.md, section 2)."""
     t = teacher.double()
     corr = correction(norms, temp, p).detach()
     if centering == "logit":

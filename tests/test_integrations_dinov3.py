@@ -44,7 +44,7 @@ def sinkhorn64(logits: torch.Tensor, n_iterations: int = 3) -> torch.Tensor:
 
 
 class _Reference:
-    """Mixin: the stand-in loss with vMF logits on both sides in float64, centred as ``centering``."""
+    """Mixin: the stand-in loss with vMF logits on both sides in float64, centerd as ``centering``."""
 
     def setup(self, layers, centering, p_student, p_teacher):
         self.layers = layers  # () -> (student last_layer, teacher last_layer); a closure, not a submodule
@@ -57,7 +57,7 @@ class _Reference:
         )
 
     @torch.no_grad()
-    def _centred(self, teacher_output, teacher_temp):
+    def _centerd(self, teacher_output, teacher_temp):
         norms = row_norms(self.layers()[1])
         if self.centering == "sinkhorn":
             return sinkhorn64(
@@ -75,7 +75,7 @@ class _Reference:
 
 class RefDINOLoss(_Reference, D3.DINOLoss):
     def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_iterations=3):
-        return self._centred(teacher_output, teacher_temp)
+        return self._centerd(teacher_output, teacher_temp)
 
     def forward(self, student_logits, teacher_probs, ignore_diagonal=False):
         pairs = -torch.einsum("sbk,tbk->st", self._student_log_softmax(student_logits), teacher_probs.double())
@@ -92,7 +92,7 @@ class RefPatchLoss(_Reference, D3.iBOTPatchLoss):
         del self.sinkhorn_knopp_teacher  # the submodule: replaced by the method below
 
     def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_masked_patches_tensor, n_iterations=3):
-        return self._centred(teacher_output, teacher_temp)
+        return self._centerd(teacher_output, teacher_temp)
 
     def forward_masked(self, student, teacher, student_masks_flat, n_masked_patches=None, masks_weight=None):
         loss = torch.sum(teacher.double() * self._student_log_softmax(student[:n_masked_patches]), dim=-1)

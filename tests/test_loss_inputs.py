@@ -1,6 +1,6 @@
 """Every bad input of the loss modules and their pure functions gets a ValueError or TypeError that
 names the argument; nothing returns a silently wrong number (non-finite inputs, a logit-space center
-in a probability-centred loss, an empty batch, a missing ``p``); half precision and autocast stay
+in a probability-centerd loss, an empty batch, a missing ``p``); half precision and autocast stay
 finite; the backend choice; the center as checkpoint state."""
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def test_overflowing_logits_are_named():
 
 
 @pytest.mark.parametrize("make", [_dino, _ibot])
-def test_a_logit_space_center_is_refused_by_a_probability_centred_loss(make):
+def test_a_logit_space_center_is_refused_by_a_probability_centerd_loss(make):
     """A plain DINO/iBOT checkpoint's center (raw output means) read as a distribution would train
     with a meaningless center (loss 25.9 instead of 5.5 in the report): a ValueError instead."""
     logit = make(centering="logit")

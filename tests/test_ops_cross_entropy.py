@@ -49,7 +49,7 @@ STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
 
 
 def _teacher_targets(teacher, center, correction, centering):
-    """(q, batch_stat) in float64 from the definitions (SPEC 3)."""
+    """(q, batch_stat) in float64 from the definitions (docs/design.md, section 2)."""
     t = teacher.double()
     corr = 0.0 if correction is None else correction.double()
     if centering == "logit":
@@ -271,7 +271,7 @@ def test_dino_matches_the_reference_function(k, batch, n_global, n_local, center
 @settings(max_examples=4, deadline=None)
 @given(shift=st.floats(-500.0, 500.0), seed=st.integers(0, 2**16))
 def test_equal_norms_give_dino(shift, seed):
-    """SPEC 2: with equal prototype norms the correction is one constant and the loss, the statistic
+    """docs/design.md, section 1: with equal prototype norms the correction is one constant and the loss, the statistic
     and the student gradient are DINO's; the correction's gradient sums to 0 (softmax invariance)."""
     student, teacher, center, _, _ = dino_inputs(7, 3, 2, 1, "probability", False, seed=seed)
     const = torch.full((7,), shift, dtype=torch.float64)
@@ -332,7 +332,7 @@ def test_row_strided_student_gives_the_same_result():
 @needs_kernels
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_float64_corrections_keep_float32_arithmetic(backend):
-    """float32 logits with float64 K-vectors (corrections, centre): the B x K work stays float32 (the
+    """float32 logits with float64 K-vectors (corrections, center): the B x K work stays float32 (the
     loss comes back float32), and it equals the float32-correction result to float32 rounding."""
     student, teacher, center, s_corr, t_corr = dino_inputs(300, 3, 2, 2, "probability", True, seed=8)
     kw = dict(
@@ -578,7 +578,7 @@ def test_module_backend_triton_equals_reference():
 @needs_kernels
 def test_ibot_module_backend_triton_equals_reference():
     """``iBOTvMFLoss(backend="triton")``: both terms through the fused ops, same losses, gradients and
-    centres as the reference backend (masks given as iBOT's per-crop list)."""
+    centers as the reference backend (masks given as iBOT's per-crop list)."""
     k, k2, batch, tokens = 64, 48, 2, 5
     gen = torch.Generator().manual_seed(7)
     cls_s = torch.randn(3 * batch, k, generator=gen)

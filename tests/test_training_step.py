@@ -1,4 +1,5 @@
-"""What a GPU user's training step pays besides the arithmetic, checked on the CPU (SPEC 8, issue 11):
+"""What a GPU user's training step pays besides the arithmetic, checked on the CPU (docs/loss.md, "A GPU
+training step"):
 
 * no operation that would synchronise the host with a GPU (counted with ``tests/sync_ops.py``) in a
   loss step, forward and backward, with default options, for every loss module and the losses the

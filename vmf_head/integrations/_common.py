@@ -3,7 +3,7 @@
 The codebases we patch (facebookresearch/dino, bytedance/ibot, facebookresearch/dinov2, lightly) hold
 their prototypes in the last linear layer of the projection head, ``last_layer`` (iBOT: also
 ``last_layer2`` for patch tokens), as ``torch.nn.utils.weight_norm(nn.Linear(p, K, bias=False))``, so
-that ``w_k = g_k v_k / ||v_k||`` and ``||w_k|| = |g_k|`` (SPEC section 1); facebookresearch/dinov3's is a
+that ``w_k = g_k v_k / ||v_k||`` and ``||w_k|| = |g_k|`` (docs/design.md, section 1); facebookresearch/dinov3's is a
 plain ``nn.Linear(p, K, bias=False)``, whose row norms are free. What the training scripts hand around
 is that head inside wrappers: DINO's/iBOT's ``MultiCropWrapper(backbone, head)``, often inside
 ``DistributedDataParallel``; DINOv2's heads sit in a ``ModuleDict`` inside FSDP, DINOv3's under FSDP2's
