@@ -36,23 +36,24 @@ def centered_cross_entropy(
     teacher: torch.Tensor,
     *,
     pairing: Pairing,
-    center: torch.Tensor | None,
     student_temp: float | torch.Tensor,
-    teacher_temp: float | torch.Tensor,
     student_correction: torch.Tensor | None,
-    teacher_correction: torch.Tensor | None,
-    centering: str,
-    sinkhorn_iterations: int,
     backend: str,
+    centering: str | None = None,
+    center: torch.Tensor | None = None,
+    teacher_temp: float | torch.Tensor = 1.0,
+    teacher_correction: torch.Tensor | None = None,
+    sinkhorn_iterations: int = 3,
     row_weight: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One centered term on checked arguments: ``(loss, batch_stat)``.
+    """One term on checked arguments: ``(loss, batch_stat)``.
 
-    ``student`` (V B, K) and ``teacher`` (G B, K) are views stacked as ``pairing`` says; ``row_weight``
+    ``student`` (V B, K) and ``teacher`` (G B, K) are views stacked as ``pairing`` says: raw teacher
+    outputs centered by ``centering``, or with ``centering=None`` the targets themselves. ``row_weight``
     (B,) weighs the rows (default ``1/B``); ``rows`` (G B,) bool restricts Sinkhorn's batch (iBOT's
-    masked tokens). ``batch_stat`` has the shape of ``center`` (None for Sinkhorn): the mean over the
-    teacher's rows of its raw output (logit) or uncentered posterior (probability).
+    masked tokens). ``batch_stat`` has the shape of ``center`` (None for Sinkhorn and given targets):
+    the mean over the teacher's rows of its raw output (logit) or uncentered posterior (probability).
     """
     unsupported = ""
     if centering == "sinkhorn":
@@ -75,54 +76,27 @@ def centered_cross_entropy(
                 center=center,
                 centering=centering,
             )
-            return loss, stat.view_as(center)
-        q, stat = targets(
-            teacher,
-            None if center is None else center.view(1, -1),
-            teacher_temp=teacher_temp,
-            teacher_correction=teacher_correction,
-            centering=centering,
-            sinkhorn_iterations=sinkhorn_iterations,
-            rows=rows,
-        )
-        loss = cross_entropy(
-            student, q, pairing, student_temp=student_temp, student_correction=student_correction, row_weight=row_weight
-        )
-        return loss, None if stat is None else stat.view_as(center)
-
-
-def given_targets_cross_entropy(
-    student: torch.Tensor,
-    targets: torch.Tensor,
-    pairing: Pairing,
-    *,
-    student_temp: float | torch.Tensor,
-    student_correction: torch.Tensor | None,
-    row_weight: torch.Tensor | None,
-    backend: str,
-) -> torch.Tensor:
-    """:func:`multicrop_cross_entropy` on checked arguments: fused or reference, as ``backend`` says."""
-    with no_autocast(student.device):
-        unsupported = "" if student.shape[0] else "an empty batch"
-        if _dispatch.use_triton(backend, "cross_entropy", student.device, unsupported):
-            from ..ops.cross_entropy import fused_cross_entropy
-
-            return fused_cross_entropy(
+        else:
+            q, stat = teacher, None
+            if centering is not None:
+                q, stat = targets(
+                    teacher,
+                    None if center is None else center.view(1, -1),
+                    teacher_temp=teacher_temp,
+                    teacher_correction=teacher_correction,
+                    centering=centering,
+                    sinkhorn_iterations=sinkhorn_iterations,
+                    rows=rows,
+                )
+            loss = cross_entropy(
                 student,
-                targets,
+                q,
                 pairing,
-                row_weight=row_weight,
                 student_temp=student_temp,
                 student_correction=student_correction,
-            )[0]
-        return cross_entropy(
-            student,
-            targets,
-            pairing,
-            student_temp=student_temp,
-            student_correction=student_correction,
-            row_weight=row_weight,
-        )
+                row_weight=row_weight,
+            )
+        return loss, None if stat is None else stat.view_as(center)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,15 +235,15 @@ def multicrop_cross_entropy(
     check_devices(
         student_output=student_output, targets=targets, student_correction=student_correction, row_weight=row_weight
     )
-    return given_targets_cross_entropy(
+    return centered_cross_entropy(
         student_output,
         targets,
-        Pairing(n_views, n_targets, bool(skip_same_view)),
+        pairing=Pairing(n_views, n_targets, bool(skip_same_view)),
         student_temp=student_temp,
         student_correction=student_correction,
-        row_weight=row_weight,
         backend=backend,
-    )
+        row_weight=row_weight,
+    )[0]
 
 
 def dino_vmf_loss(

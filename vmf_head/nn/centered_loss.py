@@ -28,7 +28,7 @@ from .._validation import check_choice, check_int, check_real, check_temperature
 from ..functional._distributed import global_batch_sums
 from ..functional.centering import check_centering, initial_center, targets
 from ..functional.cross_entropy import Pairing
-from ..functional.dino_loss import centered_cross_entropy, given_targets_cross_entropy, patch_term
+from ..functional.dino_loss import centered_cross_entropy, patch_term
 from ..functional.vmf import corrections
 from ..special.vmf import MODES
 
@@ -239,15 +239,15 @@ class CenteredLoss(nn.Module):
         row_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The student's cross-entropy against given targets (codebases that form them first)."""
-        return given_targets_cross_entropy(
+        return centered_cross_entropy(
             student,
             targets,
-            pairing,
+            pairing=pairing,
             student_temp=self.student_temp,
             student_correction=student_correction,
-            row_weight=row_weight,
             backend=self.backend,
-        )
+            row_weight=row_weight,
+        )[0]
 
     # -- steps 4 and 5 -------------------------------------------------------------------------
 
