@@ -26,11 +26,15 @@ unset TRITON_INTERPRET
 
 # name | timeout in seconds | command (run by bash; $PY is the interpreter, $STEP_JSON a file the
 # step may write its results to). The GPU machine lacks the demo/integration extras (lightly,
-# torchvision, scikit-learn), hence --continue-on-collection-errors. The GPU tests run the training
-# steps under torch.cuda.set_sync_debug_mode("error"). The benchmarks come right after them so that a
-# slow first compile cuts the small-shape CUDA reruns, not them.
+# torchvision, scikit-learn), hence --continue-on-collection-errors. `vmf-head check` comes first: it
+# is what a user runs, it compares every kernel with the reference under
+# torch.cuda.set_sync_debug_mode("error") and times the fused loss against torch.compile of DINO's
+# loss; its first run compiles the kernels it uses. The GPU tests run the training steps under the
+# same sync mode. The benchmarks come right after them so that a slow first compile cuts the
+# small-shape CUDA reruns, not them.
 STEPS=(
   'environment|30|nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv; $PY -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())"'
+  'vmf_head_check|150|$PY -m vmf_head check --json "$STEP_JSON"'
   'gpu_tests|150|$PY -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests'
   'loss_gpu|240|$PY benchmarks/loss_gpu.py --json "$STEP_JSON"'
   'log_normalizer_gpu|120|$PY benchmarks/log_normalizer_gpu.py --json "$STEP_JSON"'
@@ -89,10 +93,13 @@ summary = {
 }
 with open(target, "w") as fh:
     json.dump(summary, fh, indent=1)
-# The rows benchmarks/RESULTS.md takes: every table line and heading the benchmarks printed.
+# What benchmarks/RESULTS.md takes: the whole output of `vmf-head check` (versions, every check,
+# the timing), and every table line and heading the benchmarks printed.
 for step in steps:
-    if step["name"].endswith("_gpu"):
-        out = open(os.path.join(work, f"{steps.index(step) + 1:02d}_{step['name']}.out"), errors="replace").read()
+    out = open(os.path.join(work, f"{steps.index(step) + 1:02d}_{step['name']}.out"), errors="replace").read()
+    if step["name"] == "vmf_head_check":
+        print(f"\n## {step['name']} (rc={step.get('rc')})\n" + out.rstrip())
+    elif step["name"].endswith("_gpu"):
         rows = [line for line in out.splitlines()
                 if line.startswith(("|", "###", "loss fwd+bwd on", "fused:", "targets:")) or " median " in line]
         print(f"\n## {step['name']} (rc={step.get('rc')})\n" + "\n".join(rows))

@@ -15,6 +15,7 @@ COMMANDS = {
         "the paper's ablation grid, norm analysis and a stability probe at demo scale",
     ),
     "accuracy": ("vmf_head.accuracy", "table of log C_p errors against mpmath, and where scipy fails"),
+    "check": ("vmf_head.check", "check the kernels against the reference on this machine; versions, timing, JSON"),
     "demo": ("vmf_head.demo", "train DINO and DINO-vMF side by side on bundled digits; table, JSON, figure"),
     "run": ("vmf_head.run", "run DINO/iBOT/DINOv2's own training script, unchanged, as its vMF version"),
 }
