@@ -90,21 +90,19 @@ def test_command_line_sets_up_the_interpreter_itself(tmp_path):
     assert report["passed"] and report["kernels"]["checked"]
 
 
-def _wrong(op: str, fault):
-    """``_dispatch.kernels`` with ``op``'s kernel module replaced by one whose functions go wrong."""
-    real = _dispatch.kernels
+# The entries the package calls in each kernel module (imported at the call, so a patch reaches them).
+_ENTRIES = {
+    "cross_entropy": ("fused_cross_entropy",),
+    "log_normalizer": ("log_normalizer", "prototype_log_normalizer", "prototype_log_normalizer_backward"),
+}
 
-    class Wrong:
-        def __init__(self, module):
-            self._module = module
 
-        def __getattr__(self, name):
-            value = getattr(self._module, name)
-            if not callable(value):
-                return value
-            return lambda *args, **kwargs: fault(value(*args, **kwargs))
-
-    return lambda name: Wrong(real(name)) if name == op else real(name)
+def _break(monkeypatch, op: str, fault) -> None:
+    """Make every entry of ``op``'s kernel module go wrong by ``fault``."""
+    module = _dispatch.kernels(op)
+    for name in _ENTRIES[op]:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, _real=real, **kwargs: fault(_real(*args, **kwargs)))
 
 
 def _off_by_one_percent(out):
@@ -117,7 +115,7 @@ def _raise(out):
 
 @needs_kernels
 def test_fails_loudly_when_the_fused_loss_is_wrong(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(_dispatch, "kernels", _wrong("cross_entropy", _off_by_one_percent))
+    _break(monkeypatch, "cross_entropy", _off_by_one_percent)
     path = tmp_path / "check.json"
     assert check.main([*ARGS, "--json", str(path)]) == 1
     err = capsys.readouterr().err
@@ -136,7 +134,7 @@ def test_fails_loudly_when_the_fused_loss_is_wrong(monkeypatch, capsys, tmp_path
 
 @needs_kernels
 def test_fails_loudly_when_the_normaliser_kernel_raises(monkeypatch, capsys):
-    monkeypatch.setattr(_dispatch, "kernels", _wrong("log_normalizer", _raise))
+    _break(monkeypatch, "log_normalizer", _raise)
     assert check.main(ARGS) == 1
     err = capsys.readouterr().err
     assert "log_vmf_normalizer(mode='exact'), float32: backend='triton' raised " in err

@@ -47,7 +47,7 @@ def check_backend(backend: object) -> str:
     return check_choice("backend", backend, BACKENDS)
 
 
-def _kernels(op: str) -> ModuleType | ImportError:
+def kernels(op: str) -> ModuleType | ImportError:
     """The kernel module of ``op``, or the ImportError that importing it (hence Triton) raised; cached."""
     if op not in _imported:
         try:
@@ -59,7 +59,7 @@ def _kernels(op: str) -> ModuleType | ImportError:
 
 def problem(op: str, device: torch.device) -> str:
     """Why ``op``'s Triton kernels cannot run on tensors of ``device`` here ('' if they can)."""
-    module = _kernels(op)
+    module = kernels(op)
     if isinstance(module, ImportError):
         return f"Triton is not available (importing the {op} kernels failed: {module})"
     if device.type == "cuda" or (device.type == "cpu" and module.INTERPRETED):
