@@ -9,6 +9,7 @@ from .centering import (
     sinkhorn_centering,
 )
 from .dino_loss import dino_vmf_loss, ibot_patch_vmf_loss, multicrop_cross_entropy
+from .koleo import koleo_prototype_loss, prototype_directions
 from .vmf import vmf_correction, vmf_corrections, vmf_logits
 
 __all__ = [
@@ -17,9 +18,11 @@ __all__ = [
     "dino_vmf_loss",
     "global_batch_means",
     "ibot_patch_vmf_loss",
+    "koleo_prototype_loss",
     "logit_centering",
     "multicrop_cross_entropy",
     "probability_centering",
+    "prototype_directions",
     "sinkhorn_centering",
     "vmf_correction",
     "vmf_corrections",
