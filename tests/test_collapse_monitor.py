@@ -120,6 +120,7 @@ def test_partial_when_the_mass_sits_on_few_prototypes():
     logits[torch.arange(N), torch.arange(N) % 8] += 30.0
     report = CollapseMonitor(1, warn=False).step(torch.softmax(logits, dim=1))
     assert report.status == "partial" and report.effective_clusters == pytest.approx(8.0, rel=1e-3)
+    assert "teacher temperature" in report.warnings[0] and "KoLeo" not in report.warnings[0]
     assert report.prototypes_used == 8
 
 
@@ -211,7 +212,11 @@ NAN = float("nan")
         (lambda: CollapseMonitor(1).step(torch.ones(3, 4)), ValueError, "rows summing to 4"),
         (lambda: CollapseMonitor(1).step(torch.full((3, 4), NAN)), ValueError, "non-finite"),
         (lambda: CollapseMonitor(1).step(torch.ones(3, 4) / 4, prototypes=torch.ones(5, 2)), ValueError, "5 rows"),
-        (lambda: CollapseMonitor(1).step(torch.ones(3, 4) / 4, kappa=torch.ones(4, 1)), ValueError, "kappa must be 1-D"),
+        (
+            lambda: CollapseMonitor(1).step(torch.ones(3, 4) / 4, kappa=torch.ones(4, 1)),
+            ValueError,
+            "kappa must be 1-D",
+        ),
         (lambda: CollapseMonitor(1).step(torch.ones(3, 4) / 4, kappa=-torch.ones(4)), ValueError, "non-negative"),
     ],
 )

@@ -52,7 +52,13 @@ _CURES = {
         "stronger centering (logit centering or Sinkhorn-Knopp: probability centering adds at most -log c_k to a "
         "logit, which a very sharp teacher outgrows), and a lower learning rate."
     ),
-    "partial": (
+    # Partial, by the mass on few prototypes: on its way to one-hot, or stuck a few prototypes short of it.
+    "few": (
+        "Usual cures: as for a one-hot collapse, a higher teacher temperature, stronger centering and a lower "
+        "learning rate."
+    ),
+    # Partial, by near-duplicate prototypes.
+    "duplicates": (
         "Usual cures: KoLeo on the prototypes (koleo_weight, e.g. 0.1: vmf_head.nn.KoLeoPrototypeLoss) keeps "
         "them apart; probability centering keeps more of them in use than logit centering; a lower learning "
         "rate; and fewer prototypes if most are never used."
@@ -300,14 +306,14 @@ class CollapseMonitor:
             figures.update(self._distinct(prototypes, k))
         if kappa is not None:
             figures.update(_kappa_spread(kappa, k))
-        status, what = self._judge(figures)
+        status, what, cures = self._judge(figures)
         self._streak = self._streak + 1 if status == self._last_status else 1
         self._last_status = status
         messages = ()
         if status != "ok":
             since = self.steps - (self._streak - 1) * self.every
             persisting = f" It has been {status} at every check since step {since}." if self._streak > 1 else ""
-            messages = (f"{status} collapse at {what}{persisting} {_CURES[status]}",)
+            messages = (" ".join([f"{status} collapse at {what}{persisting}", *(_CURES[c] for c in cures)]),)
         return CollapseReport(status=status, warnings=messages, streak=self._streak, **figures)
 
     def _distinct(self, prototypes: torch.Tensor | nn.Module, k: int) -> dict:
@@ -323,26 +329,37 @@ class CollapseMonitor:
             "duplicate_degrees": math.degrees(math.acos(self.duplicate_cosine)),
         }
 
-    def _judge(self, f: dict) -> tuple[str, str]:
-        """The status of the figures ``f`` and, for a collapse, what was seen (where and by which figure)."""
+    def _judge(self, f: dict) -> tuple[str, str, tuple[str, ...]]:
+        """The status of the figures ``f`` and, for a collapse, what was seen (where and by which figure)
+        and the keys of its cures."""
         k, log_k = f["num_prototypes"], f["log_k"]
         sample_ratio, batch_ratio = f["mean_sample_entropy"] / log_k, f["batch_mean_entropy"] / log_k
         where = f"step {f['step']} ({f['samples']} teacher rows since the previous check, K = {k})"
         if sample_ratio >= self.uniform_entropy:
-            return "uniform", (
-                f"{where}: the teacher's targets are near uniform, mean per-sample entropy "
-                f"{f['mean_sample_entropy']:.4g} = {sample_ratio:.2%} of log K = {log_k:.4g} (threshold "
-                f"{self.uniform_entropy:.0%}), so the loss sits at log K or above and the student is taught nothing."
+            return (
+                "uniform",
+                (
+                    f"{where}: the teacher's targets are near uniform, mean per-sample entropy "
+                    f"{f['mean_sample_entropy']:.4g} = {sample_ratio:.2%} of log K = {log_k:.4g} (threshold "
+                    f"{self.uniform_entropy:.0%}), so the loss sits at log K or above and the student is taught "
+                    "nothing."
+                ),
+                ("uniform",),
             )
         if batch_ratio <= self.one_hot_entropy:
-            return "one-hot", (
-                f"{where}: the whole batch goes to the same few prototypes, effective clusters "
-                f"{f['effective_clusters']:.3g} (batch-mean entropy {batch_ratio:.2%} of log K, threshold "
-                f"{self.one_hot_entropy:.0%}), the largest prototype takes {f['largest_share']:.1%} of the mass; "
-                "the loss falls towards 0 while the features stop carrying information."
+            return (
+                "one-hot",
+                (
+                    f"{where}: the whole batch goes to the same few prototypes, effective clusters "
+                    f"{f['effective_clusters']:.3g} (batch-mean entropy {batch_ratio:.2%} of log K, threshold "
+                    f"{self.one_hot_entropy:.0%}), the largest prototype takes {f['largest_share']:.1%} of the mass; "
+                    "the loss falls towards 0 while the features stop carrying information."
+                ),
+                ("one-hot",),
             )
-        reasons = []
+        reasons, cures = [], []
         if batch_ratio <= self.partial_entropy:
+            cures.append("few")
             reasons.append(
                 f"the teacher spreads its mass over only {f['effective_clusters']:.4g} effective clusters "
                 f"(batch-mean entropy {batch_ratio:.2%} of log K, threshold {self.partial_entropy:.0%}); "
@@ -350,13 +367,14 @@ class CollapseMonitor:
             )
         distinct = f.get("distinct_prototypes")
         if distinct is not None and distinct < self.partial_distinct * k:
+            cures.append("duplicates")
             reasons.append(
                 f"only {distinct} of the {k} prototypes are distinct directions (the others within "
                 f"{f['duplicate_degrees']:.1f} degrees of one, threshold {self.partial_distinct:.0%} of K)"
             )
         if reasons:
-            return "partial", f"{where}: {'; '.join(reasons)}."
-        return "ok", ""
+            return "partial", f"{where}: {'; '.join(reasons)}.", tuple(cures)
+        return "ok", "", ()
 
 
 def _kappa_spread(kappa: object, k: int) -> dict[str, float | None]:
