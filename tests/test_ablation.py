@@ -229,7 +229,7 @@ def test_collapse_quick_and_its_timing(tmp_path):
     statuses = ["ok", "uniform", "ok", "uniform"]
     run = {"history": {"loss": loss, "monitor": [{"step": 2 * i + 2, "status": s} for i, s in enumerate(statuses)]}}
     t = collapse.timing(run, "uniform", 8, 2)
-    assert (t["monitor_first"], t["monitor_from"]) == (4, 8)
+    assert (t["monitor_first"], t["monitor_from"], t["monitor_first_alarm"]) == (4, 8, "4 (uniform)")
     assert 2.075 > 0.99 * log_k > 1.835 and (t["loss_first"], t["loss_from"]) == (4, 7)
     assert t["checks_by_status"] == {"ok": 2, "uniform": 2}
     healthy = collapse.timing(run, "ok", 8, 2)

@@ -33,6 +33,10 @@ exp(cos/0.07)) and a linear probe (logistic regression) on the frozen teacher ba
 features of the held-out split. Diagnostics (vmf_head.diagnostics): prototypes used as
 argmax, effective number of clusters, distinct prototypes (cosine <= 0.99), kappa = ||w||/tau.
 
+Training also runs vmf_head.diagnostics.CollapseMonitor on the teacher's targets (--monitor-every;
+its reports go into results.json) and, with --koleo-weight, KoLeo on the student's prototypes;
+--long-tailed thins the training split to a 10:1 class imbalance (docs/collapse.md).
+
 Outputs in --out: results.json (everything, including per-step curves), demo.png, and the
 table printed at the end. The default budget takes about 5 minutes on 2 CPU cores;
 --quick takes well under a minute."""

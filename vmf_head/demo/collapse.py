@@ -68,9 +68,10 @@ DESCRIPTION = """\
 Reproduce a uniform collapse (DINO-vMF at 100x the learning rate: the loss ends at log K) and a one-hot
 collapse (DINO-vMF at teacher temperature 0.02: the loss falls to 0) with the demo's data, networks and
 loop, and a healthy run (the demo's defaults), while vmf_head.diagnostics.CollapseMonitor checks the
-teacher's targets every 10 steps. For every run: the first check the monitor flags (and from which
-check on it flags every check), against the first step the loss curve meets its criterion (the mean
-loss of the last 10 steps >= 99% of log K for uniform, <= 10% of log K for one-hot).
+teacher's targets every 10 steps. For every run: the first check the monitor does not call ok, the
+first check it flags with the expected collapse (and from which check on it flags every check),
+against the first step the loss curve meets its criterion (the mean loss of the last 10 steps >= 99%
+of log K for uniform, <= 10% of log K for one-hot; for the healthy run, either).
 
 Outputs in --out: runs/ (one JSON per run, with every monitor report; a run found there is not trained
 again), collapse.json and the table printed at the end. One seed of the three runs takes about 2.5 CPU
@@ -109,7 +110,8 @@ def _from(flags: list[bool], steps: list[int]) -> int | None:
 
 
 def timing(run: dict, expected: str, out_dim: int, window: int) -> dict:
-    """When the monitor and the loss curve say ``expected`` ("ok": when they first say anything else)."""
+    """When the monitor and the loss curve say ``expected`` ("ok": when they first say anything else), and
+    the monitor's first check that was not "ok", whatever it said."""
     reports = run["history"]["monitor"]
     checks = [r["step"] for r in reports]
     flagged = [(r["status"] == expected) if expected != "ok" else (r["status"] != "ok") for r in reports]
@@ -120,7 +122,9 @@ def timing(run: dict, expected: str, out_dim: int, window: int) -> dict:
     uniform = [m >= STUCK_FRACTION * log_k for m in mean]
     one_hot = [m <= ONE_HOT_LOSS_FRACTION * log_k for m in mean]
     loss_flags = {"uniform": uniform, "one-hot": one_hot, "ok": [u or o for u, o in zip(uniform, one_hot)]}[expected]
+    alarm = next((r for r in reports if r["status"] != "ok"), None)
     return {
+        "monitor_first_alarm": None if alarm is None else f"{alarm['step']} ({alarm['status']})",
         "monitor_first": _first(flagged, checks),
         "monitor_from": _from(flagged, checks) if expected != "ok" else None,
         "loss_first": _first(loss_flags, steps),
@@ -139,6 +143,7 @@ def format_table(rows: list[dict]) -> str:
         "run",
         "seed",
         "steps",
+        "monitor: first check not ok",
         "monitor: first check flagged",
         "monitor: flags every check from",
         "loss: criterion first met",
@@ -155,7 +160,8 @@ def format_table(rows: list[dict]) -> str:
     for row in rows:
         t = row["timing"]
         statuses = ", ".join(f"{v} {k}" for k, v in t["checks_by_status"].items())
-        cells = [row["label"], row["seed"], t["steps"], step(t["monitor_first"]), step(t["monitor_from"])]
+        cells = [row["label"], row["seed"], t["steps"], t["monitor_first_alarm"] or "-"]
+        cells += [step(t["monitor_first"]), step(t["monitor_from"])]
         cells += [step(t["loss_first"]), step(t["loss_from"]), statuses, f"{row['final_loss']:.3f}"]
         lines.append("| " + " | ".join(map(str, cells)) + f" | {100 * row['knn']:.1f} |")
     return "\n".join(lines)
