@@ -191,3 +191,46 @@ def test_kappa_spread_matches_numpy():
     assert (got["kappa_p5"], got["kappa_p95"]) == pytest.approx((p5, p95), rel=1e-12)
     assert got["kappa_cv"] == pytest.approx(np.std(kappa) / np.mean(kappa), rel=1e-12)
     assert rep.kappa_spread([25.0] * 8)["kappa_ratio"] == 1.0
+
+
+def test_long_tailed_quick_runs_the_koleo_cells_paired_and_resumes(tmp_path):
+    argv = ["--quick", "--long-tailed", "--no-progress", "--out", str(tmp_path)]
+    assert ablation.main(argv) == 0
+    result = json.loads((tmp_path / "long_tailed.json").read_text())
+    names = [c.name for c, _ in ablation.KOLEO_CELLS]
+    assert list(result["summary"]) == names and result["trained_here"] == len(names) * 2
+    assert [c["koleo_weight"] for c in result["cells"]] == [0.0, *ablation.KOLEO_WEIGHTS]
+    counts = result["dataset"]["class_counts"]
+    assert result["dataset"]["name"] == "digits-longtailed10" and counts[0] == round(10 * counts[-1], -1)
+    for name, row in result["summary"].items():
+        assert row["knn"]["n"] == 2 and _finite(row["prototype_koleo"]) and sum(row["monitor"].values()) > 0
+        if name != ablation.KOLEO_BASELINE:
+            assert row[f"knn_vs_{ablation.KOLEO_BASELINE}"]["n"] == 2
+    assert [c["cell"] for c in result["contrasts"]] == names[1:]
+    runs = {(r["method"], r["seed"]): r for r in result["runs"]}
+    stored = json.loads((tmp_path / "long_tailed" / f"{names[2]}-seed0.json").read_text())
+    assert stored["config"]["koleo_weight"] == ablation.KOLEO_WEIGHTS[1] and (names[2], 0) in runs
+    assert ablation.main(argv) == 0  # everything read back
+    assert json.loads((tmp_path / "long_tailed.json").read_text())["trained_here"] == 0
+
+
+def test_collapse_quick_and_its_timing(tmp_path):
+    from vmf_head.demo import collapse
+
+    assert vmf_head_main(["collapse", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "collapse.json").read_text())
+    assert [r["name"] for r in result["rows"]] == [r.name for r in collapse.REPRODUCTIONS]
+    assert all(r["timing"]["checks"] == 4 for r in result["rows"]) and len(list((tmp_path / "runs").glob("*"))) == 3
+    # Known answers: K = 8 (log K = 2.079), checks every 2 steps, the loss window 2 steps.
+    log_k = math.log(8)
+    # Means of the 2-step windows ending at steps 2..8: 1.55, 1.835, 2.075, 1.54, 1.54, 2.079, 2.079;
+    # 99% of log K is 2.059: met at step 4, and from step 7 to the end.
+    loss = [1.5, 1.6, 2.07, 2.08, 1.0, 2.079, 2.079, 2.079]
+    statuses = ["ok", "uniform", "ok", "uniform"]
+    run = {"history": {"loss": loss, "monitor": [{"step": 2 * i + 2, "status": s} for i, s in enumerate(statuses)]}}
+    t = collapse.timing(run, "uniform", 8, 2)
+    assert (t["monitor_first"], t["monitor_from"], t["monitor_first_alarm"]) == (4, 8, "4 (uniform)")
+    assert 2.075 > 0.99 * log_k > 1.835 and (t["loss_first"], t["loss_from"]) == (4, 7)
+    assert t["checks_by_status"] == {"ok": 2, "uniform": 2}
+    healthy = collapse.timing(run, "ok", 8, 2)
+    assert healthy["monitor_first"] == 4 and healthy["loss_first"] == 4 and healthy["monitor_from"] is None

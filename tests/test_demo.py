@@ -17,7 +17,7 @@ pytest.importorskip("tqdm", reason="the demo needs tqdm (demo extra)")
 
 import vmf_head
 from vmf_head.demo import main
-from vmf_head.demo.data import MultiCrop, load_digits, load_image_folder
+from vmf_head.demo.data import LONG_TAIL_RATIO, MultiCrop, load_digits, load_image_folder, long_tailed
 from vmf_head.demo.evaluate import knn_accuracy
 
 # Smaller than --quick: the point is that every stage runs and writes finite numbers.
@@ -126,12 +126,53 @@ def test_demo_on_an_image_folder(tmp_path):
     assert result["environment"]["vmf_head"] == vmf_head.__version__ and result["environment"]["threads"] == 1
 
 
+def test_koleo_and_the_collapse_monitor_in_the_training_loop(tmp_path):
+    def run(weight: str, out: str) -> dict:
+        # Two epochs: the prototypes are frozen in the first (DINO's freeze_last_layer), trained in the second.
+        argv = [*TINY, "--methods", "dino-vmf", "--epochs", "2", "--monitor-every", "1", "--koleo-weight", weight]
+        assert main([*argv, "--long-tailed", "--out", str(tmp_path / out)]) == 0
+        return json.loads((tmp_path / out / "results.json").read_text())
+
+    with_koleo, without = run("0.5", "koleo"), run("0", "none")
+    assert with_koleo["dataset"]["name"] == f"digits-longtailed{LONG_TAIL_RATIO:g}"
+    assert with_koleo["config"]["koleo_weight"] == 0.5 and without["config"]["koleo_weight"] == 0.0
+    a, b = with_koleo["runs"][0], without["runs"][0]
+    assert len(a["history"]["koleo"]) == len(a["history"]["loss"]) == 4 and "koleo" not in b["history"]
+    assert _all_finite(a["history"]["koleo"]) and _all_finite(a["prototype_koleo"])
+    # Same seed, same data: the loss curves agree until the prototypes move, then KoLeo changes them.
+    assert a["history"]["loss"][:3] == b["history"]["loss"][:3] and a["history"]["loss"][3] != b["history"]["loss"][3]
+    reports = a["history"]["monitor"]
+    assert [r["step"] for r in reports] == [1, 2, 3, 4] and all(
+        r["status"] in vmf_head.diagnostics.STATUSES for r in reports
+    )
+    assert all(r["num_prototypes"] == 32 and r["distinct_prototypes"] <= 32 and "kappa_p95_p5" in r for r in reports)
+
+
+def test_long_tailed_thins_the_training_split_geometrically():
+    data = load_digits()
+    lt = long_tailed(data, 10.0)
+    n = int(torch.bincount(data.train_labels).min())
+    assert torch.bincount(lt.train_labels).tolist() == [round(n * 10 ** (-c / 9)) for c in range(10)]
+    assert torch.equal(lt.test_images, data.test_images) and torch.equal(lt.test_labels, data.test_labels)
+    # Kept images are training images, with their own labels.
+    flat = data.train_images.flatten(1)
+    for image, label in zip(lt.train_images.flatten(1)[:50], lt.train_labels[:50]):
+        matches = (flat == image).all(dim=1).nonzero().squeeze(1)
+        assert len(matches) >= 1 and label in data.train_labels[matches]
+    assert long_tailed(data, 1.0).train_labels.numel() == 10 * n
+    with pytest.raises(ValueError, match="long-tail ratio must be a finite number >= 1"):
+        long_tailed(data, 0.5)
+
+
 def test_bad_options_exit_with_a_message(tmp_path, capsys):
     for argv in (
         ["--methods", "dino,simclr"],
         ["--seeds", "0"],
         ["--data", str(tmp_path / "missing")],
         ["--bottleneck-dim", "1"],
+        ["--koleo-weight", "-1"],
+        ["--monitor-every", "0"],
+        ["--long-tailed", "0.5"],
     ):
         with pytest.raises(SystemExit) as info:
             main([*argv, "--out", str(tmp_path)])
@@ -143,7 +184,7 @@ def test_cli_dispatch_and_help():
     out = subprocess.run(
         [sys.executable, "-m", "vmf_head", "demo", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for option in ("--quick", "--seeds", "--data", "--device", "--out", "--prototypes", "--methods"):
+    for option in ("--quick", "--seeds", "--data", "--device", "--out", "--prototypes", "--methods", "--koleo-weight"):
         assert option in out
 
 

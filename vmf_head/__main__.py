@@ -16,6 +16,10 @@ COMMANDS = {
     ),
     "accuracy": ("vmf_head.accuracy", "table of log C_p errors against mpmath, and where scipy fails"),
     "check": ("vmf_head.check", "check the kernels against the reference on this machine; versions, timing, JSON"),
+    "collapse": (
+        "vmf_head.demo.collapse",
+        "a uniform and a one-hot collapse reproduced at demo scale, and when the collapse monitor flags them",
+    ),
     "demo": ("vmf_head.demo", "train DINO and DINO-vMF side by side on bundled digits; table, JSON, figure"),
     "run": ("vmf_head.run", "run DINO/iBOT/DINOv2's own training script, unchanged, as its vMF version"),
 }

@@ -167,6 +167,10 @@ def summarize(runs: list[dict], cells: list, baseline: str, out_dim: int) -> dic
                 )
         for key in ("utilization", "effective_clusters", "distinct_prototypes", "kappa_median"):
             row[key] = mean_std([r["diagnostics"].get(key, math.nan) for r in mine])
+        row["prototype_koleo"] = mean_std([r.get("prototype_koleo", math.nan) for r in mine])
+        # Checks of the collapse monitor by status, all seeds together.
+        statuses = [m["status"] for r in mine for m in r["history"].get("monitor", [])]
+        row["monitor"] = {status: statuses.count(status) for status in dict.fromkeys(statuses)}
         for key in ("kappa_p5", "kappa_p95", "kappa_ratio", "kappa_cv"):
             row[key] = mean_std([s[key] for s in spreads])
         if not cell.norm_last_layer:
@@ -279,6 +283,57 @@ def format_table(summary: dict, baseline: str, out_dim: int) -> str:
             pm(row["distinct_prototypes"], 1, 0),
             pm(row["kappa_median"], 1, 1),
             pm(row["kappa_ratio"], 1, 3),
+            pm(row["final_loss"], 1, 2),
+            _flags(row),
+            pm(row["cpu_seconds"], 1, 0),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _monitor(row: dict) -> str:
+    counts = row.get("monitor", {})
+    flagged = {k: v for k, v in counts.items() if k != "ok"}
+    if not counts:
+        return "-"
+    return ", ".join(f"{v} {k}" for k, v in flagged.items()) + f" of {sum(counts.values())}" if flagged else "all ok"
+
+
+def format_koleo_table(summary: dict, weights: dict[str, float], out_dim: int) -> str:
+    """Markdown table of the KoLeo cells: accuracies in % (mean ± sd over seeds) and their paired
+    difference against the cell without KoLeo (weight 0), prototype diagnostics, the final KoLeo of the
+    teacher's prototypes, the collapse monitor's flagged checks, flags."""
+    baseline = next(name for name, w in weights.items() if w == 0)
+    head = [
+        "cell",
+        "KoLeo weight",
+        "k-NN %",
+        "Δ k-NN [95% CI]",
+        "linear %",
+        "Δ linear [95% CI]",
+        f"used (of {out_dim})",
+        "effective clusters",
+        "distinct (cos ≤ 0.99)",
+        "prototype KoLeo",
+        "monitor checks not ok",
+        "final loss",
+        "flags",
+        "CPU s",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in summary.items():
+        cells = [
+            row["label"],
+            f"{weights[name]:g}",
+            pm(row["knn"]),
+            _ci(row.get(f"knn_vs_{baseline}")) if name != baseline else "(reference)",
+            pm(row["linear"]),
+            _ci(row.get(f"linear_vs_{baseline}")) if name != baseline else "(reference)",
+            pm(row["utilization"], 1, 0),
+            pm(row["effective_clusters"], 1, 0),
+            pm(row["distinct_prototypes"], 1, 0),
+            pm(row["prototype_koleo"], 1, 3),
+            _monitor(row),
             pm(row["final_loss"], 1, 2),
             _flags(row),
             pm(row["cpu_seconds"], 1, 0),

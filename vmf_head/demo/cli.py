@@ -33,6 +33,10 @@ exp(cos/0.07)) and a linear probe (logistic regression) on the frozen teacher ba
 features of the held-out split. Diagnostics (vmf_head.diagnostics): prototypes used as
 argmax, effective number of clusters, distinct prototypes (cosine <= 0.99), kappa = ||w||/tau.
 
+Training also runs vmf_head.diagnostics.CollapseMonitor on the teacher's targets (--monitor-every;
+its reports go into results.json) and, with --koleo-weight, KoLeo on the student's prototypes;
+--long-tailed thins the training split to a 10:1 class imbalance (docs/collapse.md).
+
 Outputs in --out: results.json (everything, including per-step curves), demo.png, and the
 table printed at the end. The default budget takes about 5 minutes on 2 CPU cores;
 --quick takes well under a minute."""
@@ -77,6 +81,13 @@ OPTIONS = [
     ),
     ("--eval-every", "eval_every", int, "k-NN evaluation every this many epochs (for the curve)"),
     ("--log-every", "log_every", int, "diagnostics every this many steps"),
+    ("--monitor-every", "monitor_every", int, "steps between the collapse monitor's checks of the teacher's targets"),
+    (
+        "--koleo-weight",
+        "koleo_weight",
+        float,
+        "weight of KoLeo on the student's prototype directions (KoLeo-proto) added to the loss; 0: off",
+    ),
 ]
 
 
@@ -112,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-size", type=int, default=32, help="side images from --data are resized to (default 32)"
     )
+    add_long_tailed_option(parser)
     parser.add_argument(
         "--split-seed",
         type=int,
@@ -155,7 +167,7 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
         cfg = replace(cfg, **QUICK)
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     cfg = replace(cfg, **given)
-    positive = ("epochs", "batch_size", "out_dim", "hidden_dim", "width", "eval_every", "log_every")
+    positive = ("epochs", "batch_size", "out_dim", "hidden_dim", "width", "eval_every", "log_every", "monitor_every")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -166,6 +178,8 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
     for name in ("lr", "teacher_temp", "warmup_teacher_temp", "student_temp"):
         if not getattr(cfg, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    if not cfg.koleo_weight >= 0:
+        raise ValueError(f"--koleo-weight must be >= 0, got {cfg.koleo_weight}")
     if not 0 <= cfg.momentum_teacher < 1:
         raise ValueError(f"--momentum-teacher must be in [0, 1), got {cfg.momentum_teacher}")
     if cfg.warmup_teacher_temp_epochs > cfg.epochs:
@@ -179,6 +193,30 @@ def _parse_methods(text: str) -> list:
     if unknown or not names:
         raise ValueError(f"--methods must be a comma-separated subset of {', '.join(METHODS)}, got {text!r}")
     return [METHODS[n] for n in dict.fromkeys(names)]
+
+
+def add_long_tailed_option(parser: argparse.ArgumentParser) -> None:
+    """``--long-tailed [RATIO]``: the training split thinned geometrically (``data.long_tailed``)."""
+    from .data import LONG_TAIL_RATIO
+
+    parser.add_argument(
+        "--long-tailed",
+        type=float,
+        nargs="?",
+        const=LONG_TAIL_RATIO,
+        default=None,
+        metavar="RATIO",
+        help="thin the training split geometrically over the classes, the largest keeping RATIO times as "
+        f"many images as the smallest (default ratio {LONG_TAIL_RATIO:g}); the held-out split stays balanced",
+    )
+
+
+def load_data(args: argparse.Namespace, test_fraction: float = 0.25, split_seed: int = 0):
+    """The data set of ``--data`` / ``--image-size``, long-tailed with ``--long-tailed``."""
+    from .data import load_dataset, long_tailed
+
+    data = load_dataset(args.data, args.image_size, test_fraction, seed=split_seed)
+    return data if args.long_tailed is None else long_tailed(data, args.long_tailed)
 
 
 def missing_extra(command: str) -> bool:
@@ -209,9 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {cfg.device}: this torch build sees no CUDA GPU; use --device cpu")
         torch.device(cfg.device)
-        from .data import load_dataset
-
-        data = load_dataset(args.data, args.image_size, args.test_fraction, seed=args.split_seed)
+        data = load_data(args, args.test_fraction, args.split_seed)
     except (ValueError, RuntimeError) as err:
         parser.error(str(err))
     if args.threads < 1:

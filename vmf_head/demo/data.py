@@ -16,7 +16,7 @@ are the same view. For a folder of natural photos flips are label-preserving, an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -123,6 +123,39 @@ def load_dataset(path: str | Path | None, size: int = 32, test_fraction: float =
     if path is None:
         return load_digits(test_fraction, seed=seed)
     return load_image_folder(path, size, test_fraction, seed=seed)
+
+
+# Imbalance of the long-tailed data: the largest class keeps LONG_TAIL_RATIO times as many training images
+# as the smallest. 10 is the mildest of the usual CIFAR-10-LT ratios (Cui et al., CVPR 2019, use 10-200);
+# the digits have about 135 training images per class, so 10 leaves the smallest class 13 (enough for the
+# k-NN and the probe), while 100 would leave it one.
+LONG_TAIL_RATIO = 10.0
+
+
+def long_tailed(data: Dataset, ratio: float = LONG_TAIL_RATIO, seed: int = 0) -> Dataset:
+    """``data`` with its training split thinned geometrically: class ``c`` (of C, in label order) keeps
+    ``round(n * ratio ** (-c / (C - 1)))`` of its training images, ``n`` the smallest class's count, so
+    class 0 keeps ``n`` and class C - 1 keeps ``n / ratio``; which images stay is drawn with ``seed``.
+    The held-out split is left balanced, as in the long-tailed benchmarks (CIFAR-LT, ImageNet-LT), so
+    accuracy is measured equally on every class."""
+    if not (ratio >= 1.0 and math.isfinite(ratio)):
+        raise ValueError(f"the long-tail ratio must be a finite number >= 1, got {ratio!r}")
+    classes = len(data.class_names)
+    counts = torch.bincount(data.train_labels, minlength=classes)
+    n = int(counts.min())
+    gen = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in range(classes):
+        share = ratio ** (-c / (classes - 1)) if classes > 1 else 1.0
+        idx = (data.train_labels == c).nonzero().squeeze(1)
+        keep.append(idx[torch.randperm(idx.numel(), generator=gen)][: max(1, round(n * share))])
+    kept = torch.cat(keep).sort().values
+    return replace(
+        data,
+        name=f"{data.name}-longtailed{ratio:g}",
+        train_images=data.train_images[kept],
+        train_labels=data.train_labels[kept],
+    )
 
 
 class MultiCrop:

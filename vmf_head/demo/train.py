@@ -1,5 +1,6 @@
 """One self-supervised run of the demo: DINO's training loop at toy scale, with the library's head
-and loss, logging the diagnostics of ``vmf_head.diagnostics`` as it goes.
+and loss, logging the diagnostics of ``vmf_head.diagnostics`` and the reports of its
+``CollapseMonitor`` as it goes, optionally with KoLeo on the student's prototypes (``koleo_weight``).
 
 The three methods differ only in the head's ``norm_last_layer``, whether the vMF correction
 ``log C_p(||w_k|| / tau)`` enters the logits, and the teacher centering (SPEC sections 2-3):
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from .. import diagnostics
+from ..functional.koleo import koleo_prototype_loss
 from ..normalizer import log_vmf_normalizer
 from .data import Dataset, MultiCrop
 from .evaluate import extract_features, knn_accuracy, knn_predict, linear_probe_accuracy
@@ -81,6 +83,11 @@ class TrainConfig:
     student_temp: float = 0.1
     freeze_last_layer: int = 1
     clip_grad: float = 3.0
+    # KoLeo on the student's prototype directions (Govindarajan et al., BMVC 2024), times this, added to
+    # the loss; 0: off.
+    koleo_weight: float = 0.0
+    # vmf_head.diagnostics.CollapseMonitor checks the teacher's targets every this many steps.
+    monitor_every: int = 10
     train_images: int = 0  # self-supervise on the first this many training images; 0: all
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.15, 0.4)
@@ -185,9 +192,12 @@ def train_one(method: Method, data: Dataset, cfg: TrainConfig, seed: int, progre
     Returns a JSON-ready dict: ``method``, ``seed``, ``knn`` and ``linear`` (test accuracies in
     [0, 1]), ``diverged`` (a non-finite loss stopped the run), ``seconds`` (wall) and ``cpu_seconds``, the final
     ``diagnostics`` on the whole training split, the final teacher ``kappa`` of every prototype,
+    ``prototype_koleo`` (KoLeo of the teacher's prototype directions: lower is more spread out),
     ``heldout`` (per held-out image: its assigned prototype, that prototype's norm, whether
-    k-NN classified it correctly), and ``history`` (per-step ``loss``; per-``log_every`` step
-    diagnostics; per-``eval_every`` epoch k-NN accuracy).
+    k-NN classified it correctly), and ``history`` (per-step ``loss``, the DINO loss without the
+    KoLeo term, and with ``koleo_weight`` > 0 per-step ``koleo``; per-``log_every`` step
+    diagnostics; per-``monitor_every`` step ``monitor`` reports, ``CollapseReport.as_dict()`` of
+    the teacher's targets; per-``eval_every`` epoch k-NN accuracy).
     """
     from vmf_head import DINOvMFLoss, VMFPrototypeHead
 
@@ -236,7 +246,13 @@ def train_one(method: Method, data: Dataset, cfg: TrainConfig, seed: int, progre
     train_images = data.train_images.to(device)
     last_layer_params = [p for n, p in student.named_parameters() if n.startswith("head.last_layer.")]
 
-    history: dict[str, list] = {"loss": [], "diag_step": [], "diag": [], "knn_epoch": [], "knn": []}
+    history: dict[str, list] = {"loss": [], "diag_step": [], "diag": [], "knn_epoch": [], "knn": [], "monitor": []}
+    if cfg.koleo_weight > 0:
+        history["koleo"] = []
+    # Reports go into the history; the figures say what happened, so no warnings on the terminal.
+    monitor = diagnostics.CollapseMonitor(
+        cfg.monitor_every, log=lambda r: history["monitor"].append(r.as_dict()), warn=False
+    )
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -256,6 +272,11 @@ def train_one(method: Method, data: Dataset, cfg: TrainConfig, seed: int, progre
             with torch.no_grad():
                 teacher_out = teacher(crops[:2])
             student_out = student(crops)
+            with torch.no_grad():
+                # The targets of this step: the center before the loss updates it.
+                norms_t = teacher.head.prototype_norms()
+                targets = teacher_logits(teacher_out, norms_t, tau_t, method, cfg.bottleneck_dim, criterion.center)
+                monitor.step(torch.softmax(targets, dim=1), prototypes=teacher.head, kappa=norms_t / tau_t)
             if method.vmf:
                 loss = criterion(
                     student_out,
@@ -271,6 +292,10 @@ def train_one(method: Method, data: Dataset, cfg: TrainConfig, seed: int, progre
             if not math.isfinite(loss_value):
                 diverged = True
                 break
+            if cfg.koleo_weight > 0:
+                koleo = koleo_prototype_loss(student.head)
+                history["koleo"].append(float(koleo.detach()))
+                loss = loss + cfg.koleo_weight * koleo
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad > 0:
@@ -321,6 +346,8 @@ def train_one(method: Method, data: Dataset, cfg: TrainConfig, seed: int, progre
         logits = teacher_logits(raw, norms_t, tau_t, method, cfg.bottleneck_dim, criterion.center)
         result["diagnostics"] = diagnostics.head_diagnostics(logits, teacher.head.last_layer.weight.detach(), tau_t)
         result["kappa"] = (norms_t.float() / tau_t).cpu().tolist()
+        # How spread out the teacher's prototype directions are: -mean_k log(distance to the nearest other).
+        result["prototype_koleo"] = float(koleo_prototype_loss(teacher.head))
         # Each held-out image's mixture component: the argmax of the uncentred posterior (centering
         # is a training device, not part of the model).
         assigned = teacher_logits(raw_test, norms_t, tau_t, method, cfg.bottleneck_dim, None).argmax(dim=1)

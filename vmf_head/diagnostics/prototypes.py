@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_int, check_real, check_tensor
+from .._validation import check_int, check_real, check_tensor
 
 __all__ = [
     "count_distinct_prototypes",
