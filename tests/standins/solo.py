@@ -86,7 +86,6 @@ class BaseMomentumMethod(nn.Module):
         self.max_epochs = cfg.max_epochs
         self.num_large_crops = cfg.data.num_large_crops
         self.current_epoch = 0
-        self.logged = {}
 
     @staticmethod
     def add_and_assert_specific_cfg(cfg):
@@ -101,7 +100,7 @@ class BaseMomentumMethod(nn.Module):
         return [(self.backbone, self.momentum_backbone)]
 
     def log(self, name, value, **kwargs):
-        self.logged[name] = value
+        """Lightning's logging, which the step calls; nothing to record here."""
 
     def forward(self, X):
         return {"feats": self.backbone(X)}

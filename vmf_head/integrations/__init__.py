@@ -6,7 +6,8 @@ One added line per codebase (see ``docs/integrations/``):
 - :func:`vmf_head.integrations.ibot.patch` (bytedance/ibot, ``main_ibot.py``),
 - :func:`vmf_head.integrations.dinov2.patch` (facebookresearch/dinov2, ``dinov2/train/train.py``),
 - :func:`vmf_head.integrations.dinov3.patch` (facebookresearch/dinov3, ``dinov3/train/train.py``),
-- :func:`vmf_head.integrations.lightly.patch` (lightly's ``DINOProjectionHead`` + ``DINOLoss``),
+- :func:`vmf_head.integrations.lightly.patch` (lightly's ``DINOLoss``, with ``DINOProjectionHead`` or
+  ``DINOv2ProjectionHead``) and :func:`vmf_head.integrations.lightly.patch_ibot` (lightly's ``IBOTPatchLoss``),
 - :func:`vmf_head.integrations.solo.patch` (solo-learn's ``DINO`` method),
 
 or none at all with the runner ``python -m vmf_head.run {dino,ibot,dinov2,dinov3} SCRIPT ARGS`` (:mod:`vmf_head.run`).
