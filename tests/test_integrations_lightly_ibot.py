@@ -132,6 +132,29 @@ def test_free_norms_match_the_rederivation(centering):
     assert not torch.allclose(student.last_layer.weight_g, g_start)
 
 
+@pytest.mark.parametrize("centering", ["probability", "logit"])
+def test_fused_kernels_equal_the_reference(centering):
+    """``backend="triton"`` (the fused kernels a CUDA step takes; Triton's interpreter on the CPU) with
+    lightly's per-image token weights: loss, center and the gradients of the outputs and norms are the
+    reference backend's."""
+    pytest.importorskip("triton", reason="the fused kernels are Triton kernels")
+    results = []
+    for backend in ("triton", "reference"):
+        student, teacher = _heads()
+        patched = vmf_lightly.patch_ibot(student, teacher, IBOTPatchLoss(K), centering=centering, backend=backend)
+        mask, features = _tokens(9)
+        with torch.no_grad():
+            teacher_out = teacher(features * 1.1)
+        student_out = student(features).detach().requires_grad_()
+        loss = patched(teacher_out, student_out, mask, teacher_temp=torch.tensor(0.05))
+        loss.backward()
+        results.append(
+            (loss.detach(), patched.center.value.clone(), student_out.grad, student.last_layer.weight_g.grad)
+        )
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_one_head_for_both_terms_sums_both_gradients():
     """lightly's example with ``ibot_separate_head=False``: the DINO and the iBOT term read the norms of
     one head; the gradient of ``weight_g`` is the sum of both corrections' (outputs held fixed)."""
