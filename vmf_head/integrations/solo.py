@@ -30,9 +30,9 @@ __all__ = ["PatchedSoloDINOLoss", "patch"]
 class PatchedSoloDINOLoss(PatchedDINOLoss):
     """:class:`vmf_head.integrations.dino.PatchedDINOLoss` called as solo-learn's ``DINOLoss``.
 
-    ``forward(student_output, teacher_output)``: ``student_output`` ``(ncrops * B, K)`` holds the
-    student's outputs of solo-learn's ``num_large_crops`` views, ``teacher_output`` ``(2 * B, K)`` the
-    momentum head's of the first 2; view j of the student is paired with every teacher view but the
+    ``forward(student_output, teacher_output)``: ``student_output`` ``(num_large_crops * B, K)`` holds
+    the student's outputs of solo-learn's large crops, ``teacher_output`` ``(2 * B, K)`` the momentum
+    head's of the first 2; view j of the student is paired with every teacher view but the
     j-th. The teacher temperature is the schedule's value at ``.epoch``: an int in ``[0, num_epochs)``
     or a 0-d integer tensor, kept on the device in the buffer ``epoch_index`` (not saved), so that a
     compiled step reads it as data and a new epoch compiles nothing.
