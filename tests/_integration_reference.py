@@ -69,3 +69,17 @@ def multicrop(student_logits, q, n_views, n_global):
 
 def student_logits(student, norms, temp, p):
     return student.double() / temp + correction(norms, temp, p)
+
+
+def masked_tokens(student_logits, q, mask):
+    """lightly's masked-patch loss on selected tokens: rows are the masked tokens image by image (as
+    ``x[mask]`` orders them); the mean over images of the mean over each image's masked tokens of
+    CE(q, s), an image without masked tokens adding 0."""
+    counts = [int(m.sum()) for m in mask.reshape(mask.shape[0], -1)]
+    total, start = 0.0, 0
+    for n in counts:
+        if n:
+            rows = slice(start, start + n)
+            total = total + (-q[rows] * torch.log_softmax(student_logits[rows], -1)).sum(-1).mean()
+        start += n
+    return total / len(counts)

@@ -207,7 +207,7 @@ def test_bad_inputs_raise():
     both = torch.nn.ModuleDict({"s": student, "t": teacher})
     with pytest.raises(ValueError, match="several heads"):
         vmf_dino.patch(both, teacher, _dino_loss())
-    with pytest.raises(ValueError, match="out_dim 16"):
+    with pytest.raises(ValueError, match="dino_loss is built for K = 16 prototypes but the heads have K = 32"):
         vmf_dino.patch(student, teacher, D.DINOLoss(16, NCROPS, 0.04, 0.07, 3, 5))
     with pytest.raises(ValueError, match="centering"):
         vmf_dino.patch(student, teacher, _dino_loss(), centering="mean")

@@ -3,7 +3,8 @@ training step"):
 
 * no operation that would synchronise the host with a GPU (counted with ``tests/sync_ops.py``) in a
   loss step, forward and backward, with default options, for every loss module and the losses the
-  integrations build; on a GPU the same steps run under ``torch.cuda.set_sync_debug_mode("error")``;
+  integrations build (DINO, iBOT, lightly's DINO and iBOT terms, solo-learn); on a GPU the same steps
+  run under ``torch.cuda.set_sync_debug_mode("error")``;
 * ``torch.compile(fullgraph=True)`` of every loss module's call and of the README's training step
   (head + loss + backward), and a whole teacher-temperature warm-up compiles once (dynamo's counters);
 * ``import vmf_head`` loads neither Triton nor ``torch._dynamo``.
@@ -20,6 +21,7 @@ import sys
 import pytest
 import standins.dino as D
 import standins.ibot as I
+import standins.solo as S
 import torch
 from sync_ops import count_syncs
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
@@ -125,6 +127,87 @@ def test_lightly_loss_has_no_host_sync():
         criterion([teacher_head(v).detach() for v in views[:2]], [student_head(v) for v in views], epoch=1).backward()
 
     assert _counted(step) == {}
+
+
+def _lightly_ibot_step():
+    """A step of lightly's iBOT term patched (``patch_ibot``): the heads on the masked tokens' features,
+    then the loss; ``inputs()`` a new mask of the same number of masked tokens at every call."""
+    from lightly.loss import IBOTPatchLoss
+    from lightly.models.modules import DINOv2ProjectionHead
+
+    from vmf_head.integrations import lightly as vmf_lightly
+
+    torch.manual_seed(0)
+    student_head, teacher_head = DINOv2ProjectionHead(12, 24, P, K), DINOv2ProjectionHead(12, 24, P, K)
+    criterion = vmf_lightly.patch_ibot(student_head, teacher_head, IBOTPatchLoss(K))
+    g = torch.Generator().manual_seed(5)
+
+    def step(features, mask, teacher_temp):
+        with torch.no_grad():
+            teacher_out = teacher_head(features)
+        return criterion(teacher_out, student_head(features), mask, teacher_temp=teacher_temp)
+
+    def inputs(masked=7):
+        mask = torch.zeros(B * N, dtype=torch.bool)
+        mask[torch.randperm(B * N, generator=g)[:masked]] = True
+        return torch.randn(masked, 12, generator=g), mask.view(B, 2, 3)
+
+    return student_head, step, inputs
+
+
+def _solo_method():
+    from vmf_head.integrations import solo as vmf_solo
+
+    torch.manual_seed(0)
+    return vmf_solo.patch(S.DINO(S.config(num_prototypes=K, bottleneck_dim=P)))
+
+
+def test_lightly_ibot_and_solo_losses_have_no_host_sync():
+    pytest.importorskip("lightly")
+    _, step, inputs = _lightly_ibot_step()
+    features, mask = inputs()
+    temp = torch.tensor(0.05)
+    assert _counted(lambda: step(features, mask, temp).backward()) == {}
+    assert _counted(lambda: step(features, mask, 0.05).backward()) == {}
+    method, batch = _solo_method(), S.batch(size=B)
+    method.current_epoch = 1
+    method.on_train_epoch_start()
+    assert _counted(lambda: method.training_step(batch, 0).backward()) == {}
+
+
+def test_lightly_ibot_and_solo_losses_compile_once_per_shape():
+    """One graph (fullgraph, AOTAutograd) for lightly's patched iBOT step over masks and 0-d tensor
+    temperatures that change at every call, and one for solo-learn's whole training step over 4 epochs
+    set as ``.epoch``; values and gradients those of eager."""
+    pytest.importorskip("lightly")
+    results = []
+    for compile_it in (True, False):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        student_head, step, inputs = _lightly_ibot_step()
+        fn = torch.compile(step, backend=counter, fullgraph=True) if compile_it else step
+        losses = [fn(*inputs(), torch.tensor(0.04 + 0.01 * i)) for i in range(4)]
+        for loss in losses:
+            loss.backward()
+        assert counter.frame_count == (1 if compile_it else 0)
+        method = _solo_method()
+        training_step = torch.compile(method.training_step, backend=counter, fullgraph=True) if compile_it else None
+        for epoch in range(4):
+            method.current_epoch = epoch
+            method.on_train_epoch_start()
+            losses.append((training_step or method.training_step)(S.batch(size=B, seed=epoch), 0))
+            losses[-1].backward()
+        assert counter.frame_count == (2 if compile_it else 0)
+        results.append(
+            (
+                torch.stack([loss.detach() for loss in losses]),
+                student_head.last_layer.weight_g.grad,
+                method.head.last_layer.weight_g.grad,
+                method.dino_loss_func.center,
+            )
+        )
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_normaliser_and_pure_functions_have_no_host_sync():

@@ -27,6 +27,7 @@ __all__ = [
     "copy_schedule",
     "device_of",
     "find_head",
+    "prototype_layers",
     "prototype_norms",
     "prototype_shape",
     "require_attributes",
@@ -98,6 +99,22 @@ def prototype_shape(layer: nn.Module) -> tuple[int, int]:
         raise TypeError(
             f"prototype layer {type(layer).__name__} has no in_features/out_features; expected a linear layer"
         ) from None
+
+
+def prototype_layers(
+    student: nn.Module, teacher: nn.Module, n_prototypes: int, *, loss_name: str
+) -> tuple[nn.Module, nn.Module]:
+    """The prototype layers ``last_layer`` of the one head in ``student`` and in ``teacher``
+    (:func:`find_head`), checked to have the same ``(K, p)`` and the ``n_prototypes`` of the loss
+    ``loss_name`` (named in the error)."""
+    student_layer = find_head(student, role="student").last_layer
+    teacher_layer = find_head(teacher, role="teacher").last_layer
+    shape = prototype_shape(student_layer)
+    if prototype_shape(teacher_layer) != shape:
+        raise ValueError(f"student prototypes (K, p) = {shape} but teacher prototypes {prototype_shape(teacher_layer)}")
+    if n_prototypes != shape[0]:
+        raise ValueError(f"{loss_name} is built for K = {n_prototypes} prototypes but the heads have K = {shape[0]}")
+    return student_layer, teacher_layer
 
 
 def _norm_source(layer: nn.Module) -> tuple[torch.Tensor, bool]:

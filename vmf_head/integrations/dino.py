@@ -29,7 +29,7 @@ from torch import nn
 from ..nn import DINOvMFLoss
 from ._common import (
     copy_schedule,
-    find_head,
+    prototype_layers,
     prototype_norms,
     prototype_shape,
     require_attributes,
@@ -105,23 +105,33 @@ def patch(
         ("ncrops", "student_temp", "center_momentum", "teacher_temp_schedule", "center"),
         "facebookresearch/dino's DINOLoss",
     )
-    student_layer = find_head(student, role="student").last_layer
-    teacher_layer = find_head(teacher, role="teacher").last_layer
-    shape = prototype_shape(student_layer)
-    if prototype_shape(teacher_layer) != shape:
-        raise ValueError(f"student prototypes (K, p) = {shape} but teacher prototypes {prototype_shape(teacher_layer)}")
-    n_prototypes, p = shape
-    if dino_loss.center.shape[-1] != n_prototypes:
-        raise ValueError(
-            f"dino_loss has out_dim {dino_loss.center.shape[-1]} but the heads have K = {n_prototypes} prototypes"
-        )
-    warn_if_frozen(student_layer, flag="--norm_last_layer false")
+    layers = prototype_layers(student, teacher, dino_loss.center.shape[-1], loss_name="dino_loss")
+    warn_if_frozen(layers[0], flag="--norm_last_layer false")
+    return from_dino_loss(
+        PatchedDINOLoss, layers, dino_loss, dino_loss.ncrops, centering=centering, mode=mode, backend=backend
+    )
+
+
+def from_dino_loss(
+    cls: type[PatchedDINOLoss],
+    layers: tuple[nn.Module, nn.Module],
+    dino_loss: nn.Module,
+    ncrops: int,
+    *,
+    centering: str,
+    mode: str,
+    backend: str,
+) -> PatchedDINOLoss:
+    """A ``cls`` bound to the (student, teacher) prototype ``layers`` with the settings of ``dino_loss``,
+    a loss laid out as DINO's ``DINOLoss`` (``student_temp``, ``center_momentum``, the per-epoch
+    ``teacher_temp_schedule`` copied element by element, K from ``center``; with ``centering="logit"``
+    the center itself), on the device of its center. ``ncrops``: the student views of a call."""
+    n_prototypes, p = prototype_shape(layers[0])
     warmup_temp, final_temp, warmup_epochs, nepochs = schedule_arguments(dino_loss.teacher_temp_schedule)
-    loss = PatchedDINOLoss(
-        student_layer,
-        teacher_layer,
+    loss = cls(
+        *layers,
         n_prototypes,
-        dino_loss.ncrops,
+        ncrops,
         warmup_temp,
         final_temp,
         warmup_epochs,
@@ -135,5 +145,5 @@ def patch(
     )
     copy_schedule(dino_loss, loss, "teacher_temp_schedule")
     if centering == "logit":
-        loss.center.copy_(dino_loss.center)
+        loss.center.copy_(dino_loss.center.view_as(loss.center))
     return loss.to(dino_loss.center.device)

@@ -1,4 +1,5 @@
-"""DINO-vMF with lightly (``lightly.models.modules.DINOProjectionHead`` + ``lightly.loss.DINOLoss``).
+"""DINO-vMF and iBOT-vMF with lightly: ``lightly.loss.DINOLoss`` (:func:`patch`) with
+``DINOProjectionHead`` or ``DINOv2ProjectionHead``, and ``lightly.loss.IBOTPatchLoss`` (:func:`patch_ibot`).
 
 Where the training code builds lightly's loss, add one line::
 
@@ -15,6 +16,17 @@ tensor, else lightly's warm-up schedule at ``epoch``, else the final temperature
 lightly's ``update_center(teacher_out)``. As for DINO, the heads are not replaced: the norms are
 read from the ``last_layer`` (``weight_norm``'d linear) of lightly's heads at every call, student
 with gradient.
+
+lightly's DINOv2 recipe (``DINOv2ProjectionHead``, whose ``weight_g`` is trainable: free norms) adds
+the iBOT term with one more line::
+
+    ibot_criterion = vmf_head.integrations.lightly.patch_ibot(
+        model.student_head.ibot_head, model.teacher_head.ibot_head, IBOTPatchLoss()
+    )
+
+called as lightly's ``ibot_criterion(teacher_out, student_out, mask, teacher_temp=None)`` on the
+outputs of the masked tokens; the center stays where lightly's checkpoints have it (``center.center``).
+One head may serve both terms (the example's ``ibot_separate_head=False``).
 """
 
 from __future__ import annotations
@@ -26,11 +38,13 @@ from torch import nn
 
 from .._validation import check_int, check_temperature, check_tensor
 from ..functional.centering import teacher_logits
+from ..functional.cross_entropy import Pairing
+from ..functional.vmf import compute_dtype
 from ..nn import DINOvMFLoss
-from ..nn.centered_loss import scheduled
-from ._common import find_head, prototype_norms, prototype_shape, require_attributes, warn_if_frozen
+from ..nn.centered_loss import CenteredLoss, scheduled
+from ._common import prototype_layers, prototype_norms, prototype_shape, require_attributes, warn_if_frozen
 
-__all__ = ["PatchedLightlyDINOLoss", "patch"]
+__all__ = ["LightlyCenter", "PatchedLightlyDINOLoss", "PatchedLightlyIBOTPatchLoss", "patch", "patch_ibot"]
 
 
 class PatchedLightlyDINOLoss(DINOvMFLoss):
@@ -101,13 +115,6 @@ class PatchedLightlyDINOLoss(DINOvMFLoss):
         epoch = check_int("epoch", epoch, minimum=0)
         return scheduled(self.teacher_temp_schedule, min(epoch, self.warmup_teacher_temp_epochs))
 
-    def _norms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        student_layer, teacher_layer = self._prototype_layers
-        student_norms = prototype_norms(student_layer)
-        with torch.no_grad():
-            teacher_norms = prototype_norms(teacher_layer)
-        return student_norms, teacher_norms
-
     def forward(
         self,
         teacher_out: Sequence[torch.Tensor],
@@ -142,7 +149,7 @@ class PatchedLightlyDINOLoss(DINOvMFLoss):
             n_views=n_student,
             n_teacher_views=n_teacher,
             teacher_temp=temp,
-            norms=self._norms(),
+            norms=_norms(self._prototype_layers),
             names=_LIGHTLY_NAMES,
         )
 
@@ -161,10 +168,159 @@ class PatchedLightlyDINOLoss(DINOvMFLoss):
             return
         if self.centering == "probability":
             temp = self.temperature(teacher_temp, epoch)
-            _, teacher_correction = self._corrections(self._norms(), self.out_dim, temp, _NORM_NAMES)
+            _, teacher_correction = self._corrections(_norms(self._prototype_layers), self.out_dim, temp, _NORM_NAMES)
             teacher_out = torch.softmax(teacher_logits(teacher_out, temp, teacher_correction), dim=-1)
         stat = teacher_out.float().mean(dim=(0, 1)).expand(self.out_dim)
         self._update_centers({"center": (stat, teacher_out.shape[0] * teacher_out.shape[1])})
+
+
+class LightlyCenter(nn.Module):
+    """Where lightly's ``IBOTPatchLoss`` keeps its center (a ``lightly.models.modules.Center``): the
+    buffer ``center``, so that checkpoints have lightly's key ``center.center`` and code that reads
+    ``criterion.center.value`` keeps working. The patched loss moves it."""
+
+    center: torch.Tensor
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The center, ``(1, K)``."""
+        return self.center
+
+
+class PatchedLightlyIBOTPatchLoss(CenteredLoss):
+    """iBOT-vMF's masked-patch term (docs/design.md, section 3) adapted to lightly's ``IBOTPatchLoss``
+    call, bound to lightly's prototype layers.
+
+    lightly hands in the outputs of the masked tokens only, selected as ``x[mask]`` selects them
+    (row-major over the images). Each is scored against the teacher's centered posterior of the same
+    token and weighted ``1 / (masked tokens of its image) / images``: the mean over images of the mean
+    over their masked tokens.
+
+    Args:
+        student_layer, teacher_layer: the heads' ``last_layer`` modules (one head may serve the DINO
+            term as well).
+        output_dim: K.
+        teacher_temp: the teacher temperature of a call that passes none.
+        student_temp, center_momentum: as lightly's.
+        p, centering, mode, backend, check_finite: as :class:`vmf_head.DINOvMFLoss`.
+
+    Buffers:
+        center.center: ``(1, K)``, lightly's key and shape; 0 at the start for logit centering, ``1/K``
+            for probability centering. It moves by the mean over ranks of each rank's mean over its
+            masked tokens, as lightly's ``Center`` does (a rank without masked tokens adds nothing,
+            where it makes lightly's center NaN).
+    """
+
+    def __init__(
+        self,
+        student_layer: nn.Module,
+        teacher_layer: nn.Module,
+        *,
+        output_dim: int,
+        teacher_temp: float,
+        student_temp: float,
+        center_momentum: float,
+        p: int,
+        centering: str = "probability",
+        mode: str = "exact",
+        backend: str = "auto",
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(
+            p=p, student_temp=student_temp, centering=centering, mode=mode, backend=backend, check_finite=check_finite
+        )
+        self.output_dim = check_int("output_dim", output_dim, minimum=1)
+        self.teacher_temp = check_temperature("teacher_temp", teacher_temp)
+        self.center = LightlyCenter()
+        self._register_center("center.center", (1, self.output_dim), center_momentum, "center_momentum")
+        # A tuple, not attributes: see vmf_head.integrations.dino.PatchedDINOLoss.
+        self._prototype_layers = (student_layer, teacher_layer)
+
+    def forward(
+        self,
+        teacher_out: torch.Tensor,
+        student_out: torch.Tensor,
+        mask: torch.Tensor,
+        teacher_temp: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The masked-patch loss of one step; updates the center.
+
+        Args:
+            teacher_out: ``(R, K)`` raw teacher outputs of the R masked tokens (``tokens[mask]``).
+            student_out: ``(R, K)`` raw student outputs of the same tokens, in the same order.
+            mask: ``(B, H, W)`` (or ``(B, N)``) bool, True for a masked token; its R True entries are
+                the rows, image by image.
+            teacher_temp: this call's teacher temperature, a number or a 0-d tensor; None: the loss's
+                ``teacher_temp``.
+
+        Returns:
+            The scalar loss (0 when no token is masked).
+        """
+        temp = check_temperature("teacher_temp", self.teacher_temp if teacher_temp is None else teacher_temp)
+        for name, x in (("teacher_out", teacher_out), ("student_out", student_out)):
+            check_tensor(name, x, dims=2, shape=f"(masked tokens, K = {self.output_dim})")
+            if x.shape[1] != self.output_dim or x.shape != teacher_out.shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(x.shape)}; teacher_out and student_out must both be "
+                    f"(masked tokens, K = {self.output_dim}), teacher_out is {tuple(teacher_out.shape)}"
+                )
+        check_tensor("mask", mask, dims=(2, 3), floating=False, shape="(B, H, W) or (B, N)")
+        if mask.dtype != torch.bool or mask.device != teacher_out.device:
+            raise ValueError(
+                f"mask must be a bool tensor on the outputs' device {teacher_out.device}, "
+                f"got {mask.dtype} on {mask.device}"
+            )
+        rows = teacher_out.shape[0]
+        norms = _norms(self._prototype_layers)
+        loss, stat = self._term(
+            "center.center",
+            student_out,
+            teacher_out,
+            Pairing(1, 1, skip_same=False),
+            teacher_temp=temp,
+            corrections=self._corrections(norms, self.output_dim, temp, _NORM_NAMES),
+            row_weight=_token_weights(mask, rows, compute_dtype(student_out, teacher_out)),
+        )
+        return self._finish(
+            loss,
+            # every rank's mean counts once, as lightly averages them (a rank without masked tokens not at all)
+            {"center.center": (stat, min(rows, 1))},
+            {"teacher_temp": temp},
+            lambda: (
+                {"teacher_out": teacher_out, "student_out": student_out, "center": self.center.center},
+                dict(zip(_NORM_NAMES, norms)),
+            ),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"output_dim={self.output_dim}, p={self.p}, centering={self.centering!r}, mode={self.mode!r}, "
+            f"backend={self.backend!r}"
+        )
+
+
+def _token_weights(mask: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(rows,)``: lightly's weight of each masked token, ``1 / (masked tokens of its image) / images``,
+    the rows being the True entries of ``mask`` in row-major order. The image of row r is where r
+    falls among the cumulative counts, found on the device: no host sync (nor for the check that the
+    counts add up to ``rows``, a device-side assert)."""
+    counts = mask.flatten(1).sum(1)
+    torch._assert_async(
+        counts.sum() == rows,
+        f"teacher_out and student_out have {rows} rows, but mask does not mark {rows} tokens: pass the outputs "
+        "of the masked tokens, tokens[mask]",
+    )
+    image = torch.searchsorted(counts.cumsum(0), torch.arange(rows, device=mask.device), right=True)
+    per_image = 1.0 / (counts.clamp(min=1).to(dtype) * counts.shape[0])
+    return per_image[image.clamp(max=counts.shape[0] - 1)]
+
+
+def _norms(layers: tuple[nn.Module, nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (student, teacher) prototype norms, read from the layers now; the teacher's without gradient."""
+    student_norms = prototype_norms(layers[0])
+    with torch.no_grad():
+        teacher_norms = prototype_norms(layers[1])
+    return student_norms, teacher_norms
 
 
 _NORM_NAMES = ("student last_layer norms", "teacher last_layer norms")
@@ -227,24 +383,19 @@ def patch(
         ),
         "lightly's DINOLoss",
     )
-    student_layer = find_head(student, role="student").last_layer
-    teacher_layer = find_head(teacher, role="teacher").last_layer
-    shape = prototype_shape(student_layer)
-    if prototype_shape(teacher_layer) != shape:
-        raise ValueError(f"student prototypes (K, p) = {shape} but teacher prototypes {prototype_shape(teacher_layer)}")
-    if dino_loss.center.shape[-1] != shape[0]:
-        raise ValueError(f"dino_loss has output_dim {dino_loss.center.shape[-1]} but the heads have K = {shape[0]}")
+    student_layer, teacher_layer = prototype_layers(student, teacher, dino_loss.center.shape[-1], loss_name="dino_loss")
     warn_if_frozen(student_layer, flag="DINOProjectionHead(..., norm_last_layer=False)")
+    n_prototypes, p = prototype_shape(student_layer)
     loss = PatchedLightlyDINOLoss(
         student_layer,
         teacher_layer,
-        output_dim=shape[0],
+        output_dim=n_prototypes,
         teacher_temp=float(dino_loss.teacher_temp),
         teacher_temp_schedule=torch.as_tensor(dino_loss.teacher_temp_schedule),
         warmup_teacher_temp_epochs=int(dino_loss.warmup_teacher_temp_epochs),
         student_temp=float(dino_loss.student_temp),
         center_momentum=float(dino_loss.center_momentum),
-        p=shape[1],
+        p=p,
         centering=centering,
         mode=mode,
         backend=backend,
@@ -252,3 +403,58 @@ def patch(
     if centering == "logit":
         loss.center.copy_(dino_loss.center.view_as(loss.center))
     return loss.to(dino_loss.center.device)
+
+
+def patch_ibot(
+    student: nn.Module,
+    teacher: nn.Module,
+    ibot_loss: nn.Module,
+    *,
+    centering: str = "probability",
+    mode: str = "exact",
+    backend: str = "auto",
+) -> PatchedLightlyIBOTPatchLoss:
+    """The iBOT-vMF version of lightly's ``IBOTPatchLoss`` for the heads that score the patch tokens.
+
+    Args:
+        student, teacher: lightly ``DINOv2ProjectionHead``\\ s, or modules holding exactly one (as the
+            ``student_head`` of lightly's DINOv2 example with ``ibot_separate_head=False``, where one head
+            serves both terms), possibly inside ``DistributedDataParallel``.
+        ibot_loss: ``lightly.loss.IBOTPatchLoss``; copied: ``teacher_temp``, ``student_temp``, the
+            center's momentum, K from the center. With ``centering="logit"`` its center is carried over too.
+        centering: ``"probability"`` (iBOT-vMF, default: NOT lightly's own centering), ``"logit"``
+            (lightly's) or ``"sinkhorn"`` (balances the batch's masked tokens, no center).
+        mode, backend: as :func:`vmf_head.integrations.dino.patch`.
+
+    Warns:
+        FrozenNormsWarning: the student's ``last_layer.weight_g`` does not require grad.
+
+    Raises:
+        TypeError: ``ibot_loss`` is not lightly's ``IBOTPatchLoss``, or one of its subclasses that score
+            other tokens (``IBOTPlusPlusPatchLoss`` scores the visible ones too).
+    """
+    from lightly.loss import IBOTPatchLoss  # here, not at import: vmf_head does not need lightly
+
+    if not isinstance(ibot_loss, IBOTPatchLoss) or type(ibot_loss).forward is not IBOTPatchLoss.forward:
+        raise TypeError(
+            f"ibot_loss must be lightly's IBOTPatchLoss (its masked-token loss), got {type(ibot_loss).__name__}"
+        )
+    center = ibot_loss.center.value
+    student_layer, teacher_layer = prototype_layers(student, teacher, center.shape[-1], loss_name="ibot_loss")
+    warn_if_frozen(student_layer, flag="a trainable last_layer.weight_g (DINOv2ProjectionHead's default)")
+    n_prototypes, p = prototype_shape(student_layer)
+    loss = PatchedLightlyIBOTPatchLoss(
+        student_layer,
+        teacher_layer,
+        output_dim=n_prototypes,
+        teacher_temp=ibot_loss.teacher_temp,
+        student_temp=ibot_loss.student_temp,
+        center_momentum=ibot_loss.center.momentum,
+        p=p,
+        centering=centering,
+        mode=mode,
+        backend=backend,
+    )
+    if centering == "logit":
+        loss.center.center.copy_(center.view_as(loss.center.center))
+    return loss.to(center.device)

@@ -137,9 +137,12 @@ class CenteredLoss(nn.Module):
 
     def _register_center(self, name: str, shape: tuple[int, ...], momentum: object, momentum_name: str) -> None:
         """A center buffer ``name`` at its initial value, moved with ``momentum`` (also set as the
-        attribute ``momentum_name``, the codebase's name for it)."""
+        attribute ``momentum_name``, the codebase's name for it). ``name`` may be the dotted path of a
+        buffer in an existing submodule, for a codebase whose checkpoints keep the center there
+        (lightly's ``Center`` module: ``center.center``)."""
         momentum = check_real(momentum_name, momentum, low=0.0, high=1.0)
-        self.register_buffer(name, initial_center(self.centering, shape))
+        owner, _, leaf = name.rpartition(".")
+        self.get_submodule(owner).register_buffer(leaf, initial_center(self.centering, shape))
         self._momenta[name] = momentum
         setattr(self, momentum_name, momentum)
 
@@ -178,10 +181,16 @@ class CenteredLoss(nn.Module):
         *,
         teacher_temp: float | torch.Tensor,
         corrections: Norms,
+        row_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One multi-crop term against the center ``center``: ``(loss, batch statistic)``."""
+        """One multi-crop term against the center ``center``: ``(loss, batch statistic)``. ``row_weight``
+        (B,) weighs the rows of a view (default ``1/B``), for codebases that hand in selected tokens."""
         return centered_cross_entropy(
-            student, teacher, pairing=pairing, **self._term_arguments(center, teacher_temp, corrections)
+            student,
+            teacher,
+            pairing=pairing,
+            row_weight=row_weight,
+            **self._term_arguments(center, teacher_temp, corrections),
         )
 
     def _patch_term(
@@ -199,7 +208,7 @@ class CenteredLoss(nn.Module):
 
     def _term_arguments(self, center: str, teacher_temp, corrections: Norms) -> dict:
         return dict(
-            center=getattr(self, center),
+            center=self.get_buffer(center),
             student_temp=self.student_temp,
             teacher_temp=teacher_temp,
             student_correction=corrections[0],
@@ -223,7 +232,7 @@ class CenteredLoss(nn.Module):
         (``centering`` and ``sinkhorn_iterations`` default to the loss's own)."""
         return targets(
             teacher,
-            getattr(self, center).view(-1),
+            self.get_buffer(center).view(-1),
             teacher_temp=teacher_temp,
             teacher_correction=teacher_correction,
             centering=centering or self.centering,
@@ -276,7 +285,7 @@ class CenteredLoss(nn.Module):
             return
         sums, counts = global_batch_sums(*moving.values())
         for (name, total), count in zip(zip(moving, sums), counts):
-            center, m = getattr(self, name), self._momenta[name]
+            center, m = self.get_buffer(name), self._momenta[name]
             mean = (total / count.clamp_min(1.0)).to(center.dtype).view_as(center)
             center.copy_(torch.where(count > 0, center * m + mean * (1 - m), center))
 
