@@ -5,7 +5,8 @@
     python -m vmf_head.run dinov2 [--centering C] [--mode M] dinov2/train/train.py <DINOv2's arguments>
     python -m vmf_head.run dinov3 [--centering C] [--mode M] dinov3/train/train.py <DINOv3's arguments>
 
-(also ``python -m vmf_head run ...``; under ``torchrun``: ``torchrun ... -m vmf_head.run dino main_dino.py ...``).
+(also ``python -m vmf_head run ...``; under ``torchrun``: ``torchrun ... -m vmf_head.run dino main_dino.py ...``;
+``--koleo-weight W`` and ``--monitor-every N`` add the collapse options, docs/collapse.md).
 
 How the runner finds the moment to patch. The script is compiled from its source and executed as
 ``__main__`` (``sys.argv``, ``sys.path[0]`` and ``__file__`` as ``python SCRIPT`` would set them), with one
@@ -47,6 +48,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from .diagnostics import CollapseMonitor
 from .functional.centering import CENTERINGS
 from .special.vmf import MODES
 
@@ -199,11 +201,20 @@ class _Refused:
 
 
 def run_script(
-    codebase: str, script: str, argv: list[str], *, centering: str | None = None, mode: str = "exact"
+    codebase: str,
+    script: str,
+    argv: list[str],
+    *,
+    centering: str | None = None,
+    mode: str = "exact",
+    koleo_weight: float = 0.0,
+    monitor_every: int = 0,
 ) -> None:
     """Execute ``script`` with arguments ``argv`` as ``__main__``, with the vMF patch of ``codebase`` applied.
 
-    ``centering=None`` leaves the patch's default (see the module docstring).
+    ``centering=None`` leaves the patch's default (see the module docstring). ``koleo_weight`` and
+    ``monitor_every`` (a :class:`~vmf_head.diagnostics.CollapseMonitor` checking every so many steps and
+    printing its reports; 0: none) are the patches' collapse options (docs/collapse.md).
 
     Raises:
         ValueError: unknown ``codebase``, ``centering`` or ``mode``.
@@ -217,7 +228,9 @@ def run_script(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     target = TARGETS[codebase]
     reasons = dict(target.refused)
-    options = {"mode": mode} | ({"centering": centering} if centering is not None else {})
+    options = {"mode": mode, "koleo_weight": koleo_weight} | ({"centering": centering} if centering is not None else {})
+    if monitor_every:
+        options["monitor"] = CollapseMonitor(monitor_every, log=lambda report: print(_report_line(report), flush=True))
     path = os.path.abspath(script)
     with open(path, encoding="utf-8") as handle:
         code = instrument(handle.read(), path, target.name, tuple(reasons))
@@ -264,6 +277,11 @@ def run_script(
         )
 
 
+def _report_line(report) -> str:
+    figures = ", ".join(f"{k} {v:.4g}" for k, v in report.scalars().items() if k != "status")
+    return f"vmf_head collapse monitor, step {report.step}: {report.status}; {figures}"
+
+
 def _split_launcher_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
     """``torch.distributed.launch -m`` puts ``--local-rank=N`` before our arguments; hand it to the script."""
     own, passed = [], []
@@ -288,11 +306,28 @@ def main(argv: list[str] | None = None) -> int:
         "sinkhorn, DINOv3's own, for dinov3)",
     )
     parser.add_argument("--mode", choices=MODES, default="exact", help="log C_p computation (default: exact)")
+    parser.add_argument(
+        "--koleo-weight",
+        type=float,
+        default=0.0,
+        help="KoLeo on the student's prototypes, this weight (default 0: off)",
+    )
+    parser.add_argument(
+        "--monitor-every", type=int, default=0, help="check for collapse every N steps and print it (default 0: off)"
+    )
     parser.add_argument("script", help="the training script, e.g. main_dino.py")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own arguments")
     args = parser.parse_args(argv)
     try:
-        run_script(args.codebase, args.script, launcher + args.script_args, centering=args.centering, mode=args.mode)
+        run_script(
+            args.codebase,
+            args.script,
+            launcher + args.script_args,
+            centering=args.centering,
+            mode=args.mode,
+            koleo_weight=args.koleo_weight,
+            monitor_every=args.monitor_every,
+        )
     except RunnerError as error:
         print(f"vmf_head.run: error: {error}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..diagnostics import CollapseMonitor
 from ..nn import DINOvMFLoss
 from ._common import (
     copy_schedule,
@@ -75,6 +76,8 @@ def patch(
     centering: str = "probability",
     mode: str = "exact",
     backend: str = "auto",
+    koleo_weight: float = 0.0,
+    monitor: bool | CollapseMonitor | None = None,
 ) -> PatchedDINOLoss:
     """The DINO-vMF version of ``dino_loss``, for the networks ``student`` and ``teacher``.
 
@@ -88,6 +91,9 @@ def patch(
             carried over from ``dino_loss``) or ``"sinkhorn"``.
         mode: ``"exact"`` or ``"approx"`` log-normaliser, see :func:`vmf_head.log_vmf_normalizer`.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``, see :class:`vmf_head.DINOvMFLoss`.
+        koleo_weight, monitor: the collapse options (docs/collapse.md): KoLeo on the student's prototypes
+            added to the returned loss with this weight, and a collapse monitor fed with the teacher's
+            targets; see :meth:`vmf_head.nn.CenteredLoss.watch`.
 
     Returns:
         A :class:`PatchedDINOLoss` on the device of ``dino_loss.center``; use it in place of ``dino_loss``.
@@ -107,9 +113,11 @@ def patch(
     )
     layers = prototype_layers(student, teacher, dino_loss.center.shape[-1], loss_name="dino_loss")
     warn_if_frozen(layers[0], flag="--norm_last_layer false")
-    return from_dino_loss(
+    loss = from_dino_loss(
         PatchedDINOLoss, layers, dino_loss, dino_loss.ncrops, centering=centering, mode=mode, backend=backend
     )
+    loss.watch(layers[0], koleo_weight=koleo_weight, monitor=monitor)
+    return loss
 
 
 def from_dino_loss(

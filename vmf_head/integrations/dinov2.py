@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..diagnostics import CollapseMonitor
 from ..functional.centering import check_centering
 from ..functional.cross_entropy import Pairing
 from ..functional.dino_loss import masked_token_weights
@@ -94,6 +95,7 @@ class _VMFCenteredLoss(CenteredLoss):
         self._student_norms, self._teacher_norms = student_norms, teacher_norms
         self._centered: tuple[tuple, torch.Tensor | None] | None = None  # (layout, stat) of the last targets
         self._pending: tuple[torch.Tensor, int] | None = None  # (stat, rows) awaiting apply_center_update
+        self._koleo_due = False
 
     def _correction(self, norms: CapturedNorms, temperature, p: int) -> torch.Tensor:
         return corrections([(norms(), temperature)], p, mode=self.mode)[0]
@@ -101,8 +103,10 @@ class _VMFCenteredLoss(CenteredLoss):
     def _centered_targets(
         self, teacher_output: torch.Tensor, teacher_temp: float, centering: str, n_iterations: int = 3
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(q, stat)`` with the current center; ``stat`` None for Sinkhorn."""
-        return self._targets(
+        """``(q, stat)`` with the current center; ``stat`` None for Sinkhorn. The codebases ask for the
+        targets once per step, so this is where a step of :meth:`watch` begins: the monitor sees them,
+        and the next student term carries the KoLeo term."""
+        q, stat = self._targets(
             "center",
             teacher_output,
             teacher_temp,
@@ -110,6 +114,10 @@ class _VMFCenteredLoss(CenteredLoss):
             centering=centering,
             sinkhorn_iterations=n_iterations,
         )
+        self._koleo_due = True
+        if self.monitor is not None:
+            self._observe(lambda: q, None)
+        return q, stat
 
     @torch.no_grad()
     def softmax_center_teacher(
@@ -155,7 +163,11 @@ class _VMFCenteredLoss(CenteredLoss):
     ) -> torch.Tensor:
         """The cross-entropy with ``l_s = s / student_temp + log C_p(||w_s|| / student_temp)``."""
         correction = self._correction(self._student_norms, self.student_temp, self.p)
-        return self._cross_entropy(student, targets, pairing, correction, row_weight)
+        loss = self._cross_entropy(student, targets, pairing, correction, row_weight)
+        if self.koleo_weight and self._koleo_due:  # once per step (DINOv2 calls the DINO loss twice)
+            self._koleo_due = False
+            loss = loss + self._koleo()
+        return loss
 
 
 def _masked_token_weights(masks: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -252,7 +264,14 @@ class DINOv2iBOTPatchvMFLoss(_MaskedPatchTerms, _VMFCenteredLoss):
 
 
 def replace_losses(
-    model: nn.Module, losses: dict[str, tuple[type, str]], *, centering: str, mode: str, frozen_flag: str
+    model: nn.Module,
+    losses: dict[str, tuple[type, str]],
+    *,
+    centering: str,
+    mode: str,
+    frozen_flag: str,
+    koleo_weight: float = 0.0,
+    monitor: bool | CollapseMonitor | None = None,
 ) -> nn.Module:
     """Replace the losses of a DINOv2/DINOv3 ``SSLMetaArch`` by vMF losses reading its heads' norms.
 
@@ -261,6 +280,7 @@ def replace_losses(
         losses: attribute name -> (vMF loss class, key of the head it reads in ``student``/``teacher``).
         centering, mode: given to every new loss.
         frozen_flag: what makes the student's norms trainable, for :func:`warn_if_frozen`.
+        koleo_weight, monitor: the collapse options, given to ``model.dino_loss`` (the [CLS] term) only.
 
     Returns:
         ``model``, patched in place. Student temperature and center momentum are copied from the old
@@ -311,13 +331,22 @@ def replace_losses(
         )
         if centering == "logit":
             new.center.copy_(old.center)
+        if name == "dino_loss":
+            new.watch(student_layer, koleo_weight=koleo_weight, monitor=monitor)
         built[name] = new.to(device_of(old))
     for name, new in built.items():
         setattr(model, name, new)
     return model
 
 
-def patch(model: nn.Module, *, centering: str = "probability", mode: str = "exact") -> nn.Module:
+def patch(
+    model: nn.Module,
+    *,
+    centering: str = "probability",
+    mode: str = "exact",
+    koleo_weight: float = 0.0,
+    monitor: bool | CollapseMonitor | None = None,
+) -> nn.Module:
     """Replace ``model.dino_loss`` / ``model.ibot_patch_loss`` of a DINOv2 ``SSLMetaArch`` by vMF losses.
 
     Args:
@@ -327,6 +356,11 @@ def patch(model: nn.Module, *, centering: str = "probability", mode: str = "exac
         centering: what ``softmax_center_teacher`` does, see the module docstring. DINOv2's
             ``cfg.train.centering: sinkhorn_knopp`` still selects ``sinkhorn_knopp_teacher``.
         mode: ``"exact"`` or ``"approx"`` log-normaliser.
+        koleo_weight, monitor: as :func:`vmf_head.integrations.dino.patch`, on the [CLS] term: the
+            monitor sees the targets of ``softmax_center_teacher`` / ``sinkhorn_knopp_teacher``, and the
+            KoLeo term is added once per step, to the first ``dino_loss`` call after them, which the
+            codebase weighs by its DINO loss weight over its number of crop-pair terms: the effective
+            weight of KoLeo is ``koleo_weight`` times that factor.
 
     Returns:
         ``model``, patched in place (see :func:`replace_losses`).
@@ -341,4 +375,12 @@ def patch(model: nn.Module, *, centering: str = "probability", mode: str = "exac
         raise TypeError(
             f"model must be DINOv2's SSLMetaArch; {type(model).__name__} has neither dino_loss nor ibot_patch_loss"
         )
-    return replace_losses(model, losses, centering=centering, mode=mode, frozen_flag="a trainable last_layer.weight_g")
+    return replace_losses(
+        model,
+        losses,
+        centering=centering,
+        mode=mode,
+        frozen_flag="a trainable last_layer.weight_g",
+        koleo_weight=koleo_weight,
+        monitor=monitor,
+    )

@@ -45,6 +45,7 @@ import math
 import torch
 from torch import nn
 
+from ..diagnostics import CollapseMonitor
 from ..functional.centering import check_centering, initial_center
 from ..functional.cross_entropy import Pairing
 from .dinov2 import _MaskedPatchTerms, _rows, _VMFCenteredLoss, replace_losses
@@ -123,7 +124,14 @@ def _initialised(center: torch.Tensor) -> bool:
     return not center.is_meta and not bool(torch.isnan(center).all())
 
 
-def patch(model: nn.Module, *, centering: str = "sinkhorn", mode: str = "exact") -> nn.Module:
+def patch(
+    model: nn.Module,
+    *,
+    centering: str = "sinkhorn",
+    mode: str = "exact",
+    koleo_weight: float = 0.0,
+    monitor: bool | CollapseMonitor | None = None,
+) -> nn.Module:
     """Replace ``model.dino_loss`` / ``model.ibot_patch_loss`` of a DINOv3 ``SSLMetaArch`` by vMF losses.
 
     Args:
@@ -132,6 +140,7 @@ def patch(model: nn.Module, *, centering: str = "sinkhorn", mode: str = "exact")
         centering: what ``sinkhorn_knopp_teacher`` does: ``"sinkhorn"`` (default, DINOv3's),
             ``"probability"`` or ``"logit"``.
         mode: ``"exact"`` or ``"approx"`` log-normaliser.
+        koleo_weight, monitor: as :func:`vmf_head.integrations.dinov2.patch`.
 
     Returns:
         ``model``, patched in place. Student temperature and center momentum are copied from its
@@ -159,6 +168,8 @@ def patch(model: nn.Module, *, centering: str = "sinkhorn", mode: str = "exact")
         centering=centering,
         mode=mode,
         frozen_flag="a trainable last_layer.weight",
+        koleo_weight=koleo_weight,
+        monitor=monitor,
     )
     if centering != "logit":
         for name, center in old_centers.items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..diagnostics import CollapseMonitor
 from ..nn import iBOTvMFLoss
 from ._common import (
     copy_schedule,
@@ -84,6 +85,8 @@ def patch(
     centering: str = "probability",
     mode: str = "exact",
     backend: str = "auto",
+    koleo_weight: float = 0.0,
+    monitor: bool | CollapseMonitor | None = None,
 ) -> PatchediBOTLoss:
     """The iBOT-vMF version of ``ibot_loss``, for the networks ``student`` and ``teacher``.
 
@@ -95,6 +98,8 @@ def patch(
             ``mim_start_epoch`` carries over), K and K2 from ``center``/``center2``.
         centering, mode, backend: as :func:`vmf_head.integrations.dino.patch`; with ``"logit"`` both
             centers are carried over from ``ibot_loss``.
+        koleo_weight, monitor: as :func:`vmf_head.integrations.dino.patch` (KoLeo on the [CLS] prototypes,
+            the monitor on the [CLS] targets).
 
     Returns:
         A :class:`PatchediBOTLoss` on the device of ``ibot_loss.center``.
@@ -167,4 +172,5 @@ def patch(
     if centering == "logit":
         loss.center.copy_(ibot_loss.center)
         loss.center2.copy_(ibot_loss.center2)
+    loss.watch(student_layers[0], koleo_weight=koleo_weight, monitor=monitor)
     return loss.to(ibot_loss.center.device)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .._validation import check_int, check_temperature, check_tensor
+from ..diagnostics import CollapseMonitor
 from ..functional.centering import teacher_logits
 from ..functional.cross_entropy import Pairing
 from ..functional.vmf import compute_dtype
@@ -354,6 +355,8 @@ def patch(
     centering: str = "probability",
     mode: str = "exact",
     backend: str = "auto",
+    koleo_weight: float = 0.0,
+    monitor: bool | CollapseMonitor | None = None,
 ) -> PatchedLightlyDINOLoss:
     """The DINO-vMF version of lightly's ``DINOLoss`` for the given student and teacher heads.
 
@@ -365,7 +368,8 @@ def patch(
             ``center``. With ``centering="logit"`` its center is carried over too.
         centering: ``"probability"`` (DINO-vMF, default: NOT lightly's own centering), ``"logit"``
             (lightly's) or ``"sinkhorn"``.
-        mode, backend: as :func:`vmf_head.integrations.dino.patch`.
+        mode, backend, koleo_weight, monitor: as :func:`vmf_head.integrations.dino.patch`. In lightly's
+            DINOv2 recipe pass ``koleo_weight`` to one of ``patch`` and ``patch_ibot``, not both.
 
     Warns:
         FrozenNormsWarning: the student head was built with ``norm_last_layer=True`` (lightly's default).
@@ -402,6 +406,7 @@ def patch(
     )
     if centering == "logit":
         loss.center.copy_(dino_loss.center.view_as(loss.center))
+    loss.watch(student_layer, koleo_weight=koleo_weight, monitor=monitor)
     return loss.to(dino_loss.center.device)
 
 
@@ -413,6 +418,8 @@ def patch_ibot(
     centering: str = "probability",
     mode: str = "exact",
     backend: str = "auto",
+    koleo_weight: float = 0.0,
+    monitor: bool | CollapseMonitor | None = None,
 ) -> PatchedLightlyIBOTPatchLoss:
     """The iBOT-vMF version of lightly's ``IBOTPatchLoss`` for the heads that score the patch tokens.
 
@@ -424,7 +431,8 @@ def patch_ibot(
             center's momentum, K from the center. With ``centering="logit"`` its center is carried over too.
         centering: ``"probability"`` (iBOT-vMF, default: NOT lightly's own centering), ``"logit"``
             (lightly's) or ``"sinkhorn"`` (balances the batch's masked tokens, no center).
-        mode, backend: as :func:`vmf_head.integrations.dino.patch`.
+        mode, backend, koleo_weight, monitor: as :func:`vmf_head.integrations.dino.patch` (the monitor sees
+            the masked tokens' targets).
 
     Warns:
         FrozenNormsWarning: the student's ``last_layer.weight_g`` does not require grad.
@@ -457,4 +465,5 @@ def patch_ibot(
     )
     if centering == "logit":
         loss.center.center.copy_(center.view_as(loss.center.center))
+    loss.watch(student_layer, koleo_weight=koleo_weight, monitor=monitor)
     return loss.to(center.device)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..diagnostics import CollapseMonitor
 from ..nn.centered_loss import scheduled
 from ._common import prototype_layers, require_attributes, warn_if_frozen
 from .dino import PatchedDINOLoss, from_dino_loss
@@ -61,7 +62,13 @@ class PatchedSoloDINOLoss(PatchedDINOLoss):
 
 
 def patch(
-    method: nn.Module, *, centering: str = "probability", mode: str = "exact", backend: str = "auto"
+    method: nn.Module,
+    *,
+    centering: str = "probability",
+    mode: str = "exact",
+    backend: str = "auto",
+    koleo_weight: float = 0.0,
+    monitor: bool | CollapseMonitor | None = None,
 ) -> nn.Module:
     """Turn solo-learn's ``DINO`` method into DINO-vMF: its ``dino_loss_func`` becomes a
     :class:`PatchedSoloDINOLoss` bound to the prototype layers of ``head`` and ``momentum_head``.
@@ -70,7 +77,7 @@ def patch(
         method: solo-learn's ``solo.methods.DINO`` (a LightningModule), before training starts.
         centering: ``"probability"`` (DINO-vMF, default), ``"logit"`` (solo-learn's; the center is then
             carried over) or ``"sinkhorn"``.
-        mode, backend: as :func:`vmf_head.integrations.dino.patch`.
+        mode, backend, koleo_weight, monitor: as :func:`vmf_head.integrations.dino.patch`.
 
     Returns:
         ``method``, patched in place. Copied from its ``DINOLoss``: ``num_large_crops``,
@@ -103,5 +110,6 @@ def patch(
         backend=backend,
     )
     loss.epoch = dino_loss.epoch
+    loss.watch(layers[0], koleo_weight=koleo_weight, monitor=monitor)
     method.dino_loss_func = loss
     return method

@@ -25,10 +25,12 @@ from torch import nn
 
 from .._dispatch import check_backend
 from .._validation import check_choice, check_int, check_real, check_temperature, check_tensor
+from ..diagnostics.collapse import CollapseMonitor
 from ..functional._distributed import global_batch_sums
 from ..functional.centering import check_centering, initial_center, targets
 from ..functional.cross_entropy import Pairing
 from ..functional.dino_loss import centered_cross_entropy, patch_term
+from ..functional.koleo import koleo_prototype_loss
 from ..functional.vmf import corrections
 from ..special.vmf import MODES
 
@@ -134,6 +136,10 @@ class CenteredLoss(nn.Module):
         self.sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, minimum=0)
         self.check_finite = bool(check_finite)
         self._momenta: dict[str, float] = {}
+        self.koleo_weight = 0.0
+        self.monitor: CollapseMonitor | None = None
+        self._watched: tuple[nn.Module, ...] = ()  # a tuple: the layer is not this loss's submodule
+        self._observe = self._observe_eagerly
 
     def _register_center(self, name: str, shape: tuple[int, ...], momentum: object, momentum_name: str) -> None:
         """A center buffer ``name`` at its initial value, moved with ``momentum`` (also set as the
@@ -145,6 +151,48 @@ class CenteredLoss(nn.Module):
         self.get_submodule(owner).register_buffer(leaf, initial_center(self.centering, shape))
         self._momenta[name] = momentum
         setattr(self, momentum_name, momentum)
+
+    def watch(
+        self, student_layer: nn.Module, *, koleo_weight: float = 0.0, monitor: bool | CollapseMonitor | None = None
+    ) -> None:
+        """The collapse options every ``patch()`` takes (docs/collapse.md).
+
+        Args:
+            student_layer: the student's prototype layer (or head).
+            koleo_weight: adds ``koleo_weight * koleo_prototype_loss(student_layer)`` (KoLeo on the
+                prototype directions) to the loss this module returns; 0 leaves it out.
+            monitor: a :class:`~vmf_head.diagnostics.CollapseMonitor` (True: one with its defaults) that
+                gets this loss's teacher targets on its check steps, with the student's prototypes and
+                their concentrations ``||w_k|| / tau_s``; on the other steps it only counts. Its reports
+                go to the monitor's ``log``. The monitor runs outside ``torch.compile``'s graph.
+        """
+        self.koleo_weight = check_real("koleo_weight", koleo_weight, low=0.0)
+        if monitor is True:
+            monitor = CollapseMonitor()
+        if monitor is not None and monitor is not False and not isinstance(monitor, CollapseMonitor):
+            raise TypeError(f"monitor must be None, True or a CollapseMonitor, got {type(monitor).__name__}")
+        self.monitor = monitor or None
+        self._watched = (student_layer,)
+        if self.monitor is not None:
+            # (imports torch._dynamo: only for a loss that is watched)
+            self._observe = torch.compiler.disable(self._observe_eagerly)
+
+    def _observe_eagerly(self, targets: Callable[[], torch.Tensor], norms: torch.Tensor | None) -> None:
+        """One step for the monitor: ``targets()`` (the teacher's probabilities, (..., K)) only on its
+        check steps, so that a fused step computes them only then."""
+        if self.monitor is None:
+            return
+        if not self.monitor.due:
+            self.monitor.step(None)
+            return
+        q = targets()
+        kappa = None if norms is None else norms.detach() / self.student_temp
+        layer = self._watched[0] if self._watched else None
+        self.monitor.step(q.reshape(-1, q.shape[-1]), prototypes=layer, kappa=kappa)
+
+    def _koleo(self) -> torch.Tensor:
+        """``koleo_weight`` x KoLeo on the watched student layer's prototype directions."""
+        return self.koleo_weight * koleo_prototype_loss(self._watched[0])
 
     # -- step 2 --------------------------------------------------------------------------------
 
@@ -182,9 +230,13 @@ class CenteredLoss(nn.Module):
         teacher_temp: float | torch.Tensor,
         corrections: Norms,
         row_weight: torch.Tensor | None = None,
+        student_norms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One multi-crop term against the center ``center``: ``(loss, batch statistic)``. ``row_weight``
-        (B,) weighs the rows of a view (default ``1/B``), for codebases that hand in selected tokens."""
+        (B,) weighs the rows of a view (default ``1/B``), for codebases that hand in selected tokens. The
+        monitor of :meth:`watch` sees this term's targets (and ``student_norms``, for the concentrations)."""
+        if self.monitor is not None:
+            self._observe(lambda: self._targets(center, teacher, teacher_temp, corrections[1])[0], student_norms)
         return centered_cross_entropy(
             student,
             teacher,
@@ -268,12 +320,12 @@ class CenteredLoss(nn.Module):
         diagnose: Callable[[], tuple[Named, Named]],
     ) -> torch.Tensor:
         """Check ``total`` (when ``check_finite``) and move every center by its ``(local statistic,
-        local sample count)``. ``diagnose()`` returns the named inputs (outputs, centers) and prototype
-        norms to blame after a failure on the CPU."""
+        local sample count)``; add the KoLeo term of :meth:`watch`. ``diagnose()`` returns the named
+        inputs (outputs, centers) and prototype norms to blame after a failure on the CPU."""
         if self.check_finite:
             _assert_finite(total, temperatures, diagnose)
         self._update_centers(statistics)
-        return total
+        return total + self._koleo() if self.koleo_weight else total
 
     @torch.no_grad()
     def _update_centers(self, statistics: dict[str, tuple[torch.Tensor | None, int]]) -> None:

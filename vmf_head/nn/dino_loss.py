@@ -135,6 +135,7 @@ class DINOvMFLoss(CenteredLoss):
             Pairing(n_views, n_teacher_views),
             teacher_temp=teacher_temp,
             corrections=corrections,
+            student_norms=norms[0],
         )
         temperatures = {names["teacher_temp"]: teacher_temp}
         return self._finish(

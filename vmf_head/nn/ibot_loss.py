@@ -200,6 +200,7 @@ class iBOTvMFLoss(CenteredLoss):
             Pairing(self.ncrops, self.ngcrops),
             teacher_temp=temp,
             corrections=corrections,
+            student_norms=s_norms[0],
         )
         loss_patch, stat2 = self._patch_term(
             "center2", student_patch, teacher_patch, mask, teacher_temp=temp2, corrections=corrections2
