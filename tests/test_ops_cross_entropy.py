@@ -657,6 +657,25 @@ def test_custom_ops_pass_opcheck(centering):
 
 
 @needs_kernels
+def test_a_python_float_temperature_stays_an_input_of_the_compiled_graph():
+    """A teacher temperature passed as a changing Python float: dynamo specialises the first value, then
+    one graph serves every other (the fused op takes it as a tensor made inside the graph)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    student, teacher, center, _, _ = (_to(x, torch.float32) for x in dino_inputs(64, 3, 2, 1, "probability", False))
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(temp):
+        return fused_dino_vmf_loss(student, teacher, center, n_views=3, student_temp=0.1, teacher_temp=temp)[0]
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for temp in (0.04, 0.05, 0.06, 0.07):
+        torch.testing.assert_close(compiled(temp), step(temp))
+    assert counter.frame_count == 2
+
+
+@needs_kernels
 def test_torch_compile_traces_the_fused_loss_in_one_graph():
     """fullgraph=True: no graph break around the fused op (the dispatch picks it inside compiled
     training steps), and the compiled loss and gradients equal the eager ones."""

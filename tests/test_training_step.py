@@ -279,6 +279,34 @@ def test_ibot_loss_compiles_in_one_graph_with_aot_autograd(centering):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_python_float_temperature_compiles_in_two_graphs():
+    """lightly's example passes its teacher temperature as a Python float that changes every step:
+    fullgraph works, dynamo specialises the first value and then traces one graph for all others, and
+    the values are those of eager."""
+    lightly = pytest.importorskip("lightly.loss")
+    from lightly.models.modules import DINOProjectionHead
+
+    from vmf_head.integrations import lightly as vmf_lightly
+
+    results = []
+    for compile_it in (True, False):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        torch.manual_seed(0)
+        s_head, t_head = DINOProjectionHead(12, 24, P, K, norm_last_layer=False), DINOProjectionHead(12, 24, P, K)
+        criterion = vmf_lightly.patch(s_head, t_head, lightly.DINOLoss(K, warmup_teacher_temp_epochs=2))
+        views = [torch.randn(B, 12, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+        def step(temp):
+            return criterion([t_head(v).detach() for v in views[:2]], [s_head(v) for v in views], teacher_temp=temp)
+
+        fn = torch.compile(step, backend=counter, fullgraph=True) if compile_it else step
+        losses = [fn(temp) for temp in (0.04, 0.05, 0.06, 0.07)]
+        assert counter.frame_count == (2 if compile_it else 0)
+        results.append(torch.stack([loss.detach() for loss in losses]))
+    torch.testing.assert_close(*results, rtol=1e-5, atol=1e-6)
+
+
 def test_integration_losses_compile_in_one_graph():
     """The losses of DINO's and lightly's one-line patches under torch.compile(fullgraph=True)
     (AOTAutograd), with the heads' forward in the graph: the same loss and norm gradient as eager."""

@@ -40,7 +40,8 @@ def check_real(
     for a non-real (str, bool, tensor, None), ValueError for NaN, infinities or a value outside."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{name} must be a real number, got {_kind(value)} {value!r}")
-    if isinstance(value, _SYMBOLIC):
+    if isinstance(value, _SYMBOLIC) or torch.compiler.is_compiling():
+        # a number torch.compile traces as an input (a changing temperature) has no value to read here
         return value  # type: ignore[return-value]
     value = float(value)
     bracket = "(" if open_low else "["
@@ -68,6 +69,8 @@ def temperature_tensor(tau: float | torch.Tensor, device: torch.device) -> torch
     is filled in on the device (``torch.full``: no host-to-device copy), a tensor cast and moved."""
     if isinstance(tau, torch.Tensor):
         return tau.detach().to(device=device, dtype=torch.float64)
+    if torch.compiler.is_compiling():  # a product keeps a traced temperature an input of the graph
+        return torch.ones((), dtype=torch.float64, device=device) * tau
     return torch.full((), tau, dtype=torch.float64, device=device)
 
 

@@ -56,6 +56,8 @@ def scaled_logits(
         return x.to(dtype).mul_(inv_temp) if x.dtype != dtype else torch.mul(x, inv_temp)
     if isinstance(inv_temp, torch.Tensor):
         return torch.addcmul(bias.to(dtype), x, inv_temp.to(dtype))
+    if torch.compiler.is_compiling():  # (alpha= would make a traced temperature a constant of the graph)
+        return x.to(dtype) * inv_temp + bias.to(dtype)
     return torch.add(bias.to(dtype), x, alpha=inv_temp)
 
 
