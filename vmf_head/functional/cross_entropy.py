@@ -17,8 +17,8 @@ paired target views, up to the rounding of the targets actually used),
 The same sums, written twice for two compilers (docs/design.md, "Two formulations"):
 
 * eager: an autograd Function that allocates ONE (V B, K) buffer, writes the logits into it, turns
-  them into the log-softmax in place and, in the backward, into the gradient in place: every B x K
-  tensor is read or written as few times as ATen's operators allow;
+  them into the softmax in place and, in the backward, into the gradient in place: every B x K tensor
+  is read or written as few times as ATen's operators allow, and the exponentials run once;
 * traced (under ``torch.compile``): the plain differentiable formula above, which Inductor fuses
   into a few loops over the student logits (it cannot fuse an opaque autograd Function's buffers).
 """
@@ -69,8 +69,10 @@ def _row_dots(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.
 
 class _EagerCrossEntropy(torch.autograd.Function):
     """The eager formulation (module docstring): one (V B, K) buffer holds the logits, then their
-    log-softmax, then the gradient. ``Q_j`` is never formed: it is the sum ``T`` of all target views,
-    minus view j's own target for the first ``n_same`` views."""
+    softmax, then the gradient. ``Q_j`` is never formed: it is the sum ``T`` of all target views,
+    minus view j's own target for the first ``n_same`` views. The exponentials run once: the dot
+    products are taken with the logits before the softmax overwrites them, and the log-sum-exp comes
+    from the softmax itself, whose largest entry is ``exp(max l - lse)``."""
 
     @staticmethod
     def forward(ctx, student, correction, targets, row_weight, pairing: Pairing, inv_temp):
@@ -80,36 +82,40 @@ class _EagerCrossEntropy(torch.autograd.Function):
         q = targets.to(dtype).view(pairing.n_teacher_views, batch, k)
         total = q[0] if pairing.n_teacher_views == 1 else q.sum(0)
         logits = scaled_logits(student, inv_temp, None if correction is None else shifted(correction, dtype), dtype)
-        log_p = torch.log_softmax(logits, dim=-1, out=logits).view(pairing.n_views, batch, k)
-        # sum_j Q_j . log_p_j = T . sum_j log_p_j - sum_{j < n_same} q_j . log_p_j: one pass over the
-        # views and 1 + n_same row-wise dot products instead of one per view
+        views = logits.view(pairing.n_views, batch, k)
+        # sum_j Q_j . l_j = T . sum_j l_j - sum_{j < n_same} q_j . l_j: one pass over the views and
+        # 1 + n_same row-wise dot products instead of one per view
         scratch = torch.empty_like(total)
-        dots = _row_dots(log_p.sum(0), total, scratch)
+        dots = _row_dots(views.sum(0), total, scratch)
         for j in range(pairing.n_same):
-            dots -= _row_dots(log_p[j], q[j], scratch)
+            dots -= _row_dots(views[j], q[j], scratch)
+        top = views.amax(dim=-1)
+        probs = torch.softmax(logits, dim=-1, out=logits).view_as(views)
+        lse = top - probs.amax(dim=-1).log()
+        n_lse = lse.sum(0) * pairing.n_teacher_views - lse[: pairing.n_same].sum(0)  # sum_j n_j lse_j
         weight = _row_weight(row_weight, batch, dtype, student.device)
-        ctx.save_for_backward(log_p, weight, total, q[: pairing.n_same])
+        ctx.save_for_backward(probs, weight, total, q[: pairing.n_same])
         ctx.pairing, ctx.inv_temp = pairing, inv_temp
         ctx.student_dtype = student.dtype
         ctx.correction_dtype = None if correction is None else correction.dtype
-        return -(dots * weight).sum() / pairing.n_pairs
+        return ((n_lse - dots) * weight).sum() / pairing.n_pairs
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        log_p, weight, total, same = ctx.saved_tensors
+        probs, weight, total, same = ctx.saved_tensors
         pairing = ctx.pairing
         # dL/ds = dL/dl * inv_temp: the temperature rides in the coefficient, and the buffer is
         # overwritten in one pass, probs_j <- coef (n_j w probs_j - w T) (+ coef w q_j for j < n_same),
         # with n_j the number of target views paired with view j.
-        coef = grad_loss.to(log_p.dtype) * (ctx.inv_temp / pairing.n_pairs)
+        coef = grad_loss.to(probs.dtype) * (ctx.inv_temp / pairing.n_pairs)
         # filled on the device: torch.tensor of Python numbers would be a host-to-device copy
         n_paired = torch.full(
-            (pairing.n_views,), float(pairing.n_teacher_views), dtype=log_p.dtype, device=log_p.device
+            (pairing.n_views,), float(pairing.n_teacher_views), dtype=probs.dtype, device=probs.device
         )
         n_paired[: pairing.n_same] -= 1
         row_scale = (coef * n_paired[:, None] * weight)[..., None]
-        grad = torch.addcmul((total * weight[:, None]).mul_(-coef), log_p.exp_(), row_scale, out=log_p)
+        grad = torch.addcmul((total * weight[:, None]).mul_(-coef), probs, row_scale, out=probs)
         for j in range(pairing.n_same):
             grad[j].addcmul_(same[j], weight[:, None] * coef)
         grad = grad.view(-1, grad.shape[-1])
@@ -136,11 +142,13 @@ class _TracedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, correction, q, weight, pairing: Pairing, inv_temp):
         logits, paired, n_paired = _traced_terms(student, correction, q, pairing, inv_temp)
-        lse = torch.logsumexp(logits, dim=-1)
+        # every reduction over the same (V B, K) rows, so that Inductor can merge their loops
+        flat, k = logits.reshape(-1, logits.shape[-1]), logits.shape[-1]
+        lse = torch.logsumexp(flat, dim=-1).view(n_paired.shape[0], -1)
+        dots = (flat * paired.reshape(-1, k)).sum(-1).view_as(lse)
         ctx.save_for_backward(student, correction, q, weight, lse)
         ctx.pairing, ctx.inv_temp = pairing, inv_temp
-        per_row = n_paired * lse - (logits * paired).sum(-1)
-        return (per_row * weight).sum() / pairing.n_pairs
+        return ((n_paired * lse - dots) * weight).sum() / pairing.n_pairs
 
     @staticmethod
     def backward(ctx, grad_loss):

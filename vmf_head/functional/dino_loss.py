@@ -283,7 +283,7 @@ def dino_vmf_loss(
         with ``l_s = student_output / student_temp + student_correction`` (float32, or float64 for
         float64 outputs; 0 for an empty batch), and the ``(1, K)`` local-batch statistic for the
         center (mean raw teacher output for ``logit``, mean uncentered teacher posterior for
-        ``probability``, None for ``sinkhorn``; NaN for an empty batch).
+        ``probability``, None for ``sinkhorn``; 0 for an empty batch, which the modules never apply).
     """
     check_centering(centering)
     _, k = check_dino_inputs(student_output, teacher_output, n_views=n_views, n_global=n_global)
