@@ -20,6 +20,15 @@ candidate moves: ``benchmarks/traffic.py``.
     python benchmarks/loss.py --threads 1 --scale 1    # peaked teachers: t / 0.04 spans +-125
     python benchmarks/loss.py --device cuda --repeats 20
 
+The allocator (CPU). A step's (V B, K) tensors are 160 MiB: glibc maps such a block on allocation and
+unmaps it on free, so each step pays the kernel's page faults and zeroing (about 60 ms for 160 MiB on
+one thread here) unless the process happens to reuse memory, which depends on what ran in it before:
+measured alone or round-robin, the same candidate can differ 2-3x, and not by the same factor for
+every candidate. ``--allocator steady`` (the default) runs the timing in a process whose heap never
+returns memory to the system (``MALLOC_MMAP_MAX_=0``, a huge ``MALLOC_TRIM_THRESHOLD_``): no page
+faults after the warm-up, the steady state of a training loop, and the CPU's analogue of CUDA's
+caching allocator; ``--allocator system`` keeps glibc's defaults.
+
 ``--scale`` is the standard deviation of the raw outputs w^T y (0.3 by default). At 1, the teacher's
 logits t / 0.04 span about +-125 and most of its probabilities are below float32's normal range
 (subnormal numbers, which slow a CPU's arithmetic on them tenfold or more).
@@ -205,7 +214,8 @@ def _memory_in_subprocess(name: str, argv: list[str]) -> float:
     # A fixed glibc mmap threshold: every block >= 128 KiB is mapped on allocation and unmapped on
     # free, so the resident set follows the live tensors (by default glibc raises the threshold
     # after the first large free and keeps later blocks of up to 32 MiB resident).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")}
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     out = subprocess.run(
         [sys.executable, __file__, *argv, "--memory-of", name], check=True, capture_output=True, text=True, env=env
     )
@@ -223,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument(
+        "--allocator",
+        choices=["steady", "system"],
+        default="steady",
+        help="steady: a heap that keeps its memory (no page faults per step); system: glibc's defaults",
+    )
     parser.add_argument("--only", nargs="*", help="names of the candidates to run (default: all for the device)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile candidates")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -230,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
+    steady = os.environ.get("MALLOC_MMAP_MAX_") == "0"
+    if args.allocator == "steady" and args.device == "cpu" and not steady and not args.memory_of:
+        # glibc reads these when the process starts: run again with them
+        env = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+        return subprocess.run([sys.executable, __file__, *raw], env=env, check=False).returncode
     args.dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -260,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         f"loss fwd+bwd, B={args.batch}, 2+{args.local_crops} crops, K={args.out_dim}, {str(args.dtype)[6:]}, "
         f"outputs with std {args.scale:g}, "
         f"{device}, torch {torch.__version__}, {args.repeats} repeats after {args.warmup} warm-up"
+        + (f", {args.allocator} allocator" if args.device == "cpu" else "")
     )
     mem_what = "CUDA max_memory_allocated" if args.device == "cuda" else "peak RSS growth, VmHWM"
     versus = " | ".join(f"vs {b}" for b in bases)

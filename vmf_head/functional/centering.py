@@ -40,19 +40,23 @@ def initial_center(centering: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.full(shape, 1.0 / shape[-1] if centering == "probability" else 0.0)
 
 
-def softmax_flushed_(logits: torch.Tensor) -> torch.Tensor:
-    """``softmax(logits)`` over the last dim, in place, with every probability below the smallest
-    normal float set to 0.
+def flush_(probs: torch.Tensor) -> torch.Tensor:
+    """``probs`` in place with every value below the smallest normal float set to 0.
 
     Such a probability contributes nothing a float32 sum of the loss can hold, but a teacher at
-    temperature 0.04 is mostly such values, and the CPU's arithmetic slows down on subnormal
-    operands (torch.set_flush_denormal reaches only the calling thread, not OpenMP's workers)."""
-    q = torch.softmax(logits, dim=-1, out=logits)
-    return torch.threshold_(q, torch.finfo(q.dtype).tiny, 0.0)
+    temperature 0.04 is mostly such values, and the CPU's arithmetic (a matrix product most of all)
+    slows down on subnormal operands (torch.set_flush_denormal reaches only the calling thread, not
+    OpenMP's workers)."""
+    return torch.threshold_(probs, torch.finfo(probs.dtype).tiny, 0.0)
+
+
+def softmax_flushed_(logits: torch.Tensor) -> torch.Tensor:
+    """``softmax(logits)`` over the last dim, in place, flushed (:func:`flush_`)."""
+    return flush_(torch.softmax(logits, dim=-1, out=logits))
 
 
 def flush_exp_(log_q: torch.Tensor) -> torch.Tensor:
-    """``exp`` in place of log-probabilities, 0 where the result would be subnormal (see ``softmax_flushed_``)."""
+    """``exp`` in place of log-probabilities, 0 where the result would be subnormal (see :func:`flush_`)."""
     return torch.threshold_(log_q, math.log(torch.finfo(log_q.dtype).tiny), float("-inf")).exp_()
 
 
@@ -126,7 +130,7 @@ def targets(
             logits = teacher_logits(teacher_output, teacher_temp, teacher_correction, center.reshape(-1))
             return softmax_flushed_(logits), batch_mean(teacher_output.detach().to(dtype))
         logits = teacher_logits(teacher_output, teacher_temp, teacher_correction)
-        stat = batch_mean(torch.softmax(logits, dim=-1))  # (a sum: subnormal terms cost nothing there)
+        stat = batch_mean(torch.softmax(logits, dim=-1))
         # An entry of the center that underflowed gets the smallest normal number, a finite weight.
         logits -= center.to(dtype).clamp_min(torch.finfo(dtype).tiny).log()
         return softmax_flushed_(logits), stat
