@@ -4,7 +4,7 @@ from .functional import vmf_logits
 from .nn import DINOvMFLoss, VMFLinearPrototypeHead, VMFPrototypeHead, iBOTvMFHead, iBOTvMFLoss
 from .normalizer import log_vmf_normalizer, prototype_log_normalizer, vmf_mean_resultant_length
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "DINOvMFLoss",
