@@ -247,7 +247,7 @@ def test_empty_batch_keeps_the_center_and_gives_zero_loss():
     student = torch.empty(0, K, requires_grad=True)
     value = loss(student, torch.empty(0, K), 0, _norms().requires_grad_(), _norms())
     value.backward()
-    assert float(value) == 0.0 and torch.equal(student.grad, torch.zeros(0, K))
+    assert value.item() == 0.0 and torch.equal(student.grad, torch.zeros(0, K))
     assert torch.equal(loss.center, before)
 
 

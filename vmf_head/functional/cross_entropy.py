@@ -83,15 +83,17 @@ class _EagerCrossEntropy(torch.autograd.Function):
         total = q[0] if pairing.n_teacher_views == 1 else q.sum(0)
         logits = scaled_logits(student, inv_temp, None if correction is None else shifted(correction, dtype), dtype)
         views = logits.view(pairing.n_views, batch, k)
+        # Each row shifted to a maximum of 0 (the loss and the softmax do not see it): a loss near 0
+        # is then a difference of numbers near 0, as in -Q . log_softmax(l), not of two large ones.
+        views.sub_(views.amax(dim=-1, keepdim=True))
         # sum_j Q_j . l_j = T . sum_j l_j - sum_{j < n_same} q_j . l_j: one pass over the views and
         # 1 + n_same row-wise dot products instead of one per view
         scratch = torch.empty_like(total)
         dots = _row_dots(views.sum(0), total, scratch)
         for j in range(pairing.n_same):
             dots -= _row_dots(views[j], q[j], scratch)
-        top = views.amax(dim=-1)
         probs = torch.softmax(logits, dim=-1, out=logits).view_as(views)
-        lse = top - probs.amax(dim=-1).log()
+        lse = -probs.amax(dim=-1).log()  # of the shifted rows, whose largest softmax entry is exp(-lse)
         n_lse = lse.sum(0) * pairing.n_teacher_views - lse[: pairing.n_same].sum(0)  # sum_j n_j lse_j
         weight = _row_weight(row_weight, batch, dtype, student.device)
         ctx.save_for_backward(probs, weight, total, q[: pairing.n_same])
