@@ -372,3 +372,57 @@ def test_center_is_checkpoint_state():
     fresh = _dino(centering="logit")
     fresh.load_state_dict(state)
     assert torch.equal(fresh.center, loss.center) and fresh.center.abs().sum() > 0
+
+
+def _count_tensor_checks(monkeypatch) -> list[int]:
+    """Spy on ``check_tensor`` in every module of the package that imported it; the ids of the
+    tensors it was asked to check, in order."""
+    import sys
+
+    from vmf_head import _validation
+
+    seen: list[int] = []
+    original = _validation.check_tensor
+
+    def spy(name, x, *args, **kwargs):
+        seen.append(id(x))
+        return original(name, x, *args, **kwargs)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("vmf_head") and getattr(module, "check_tensor", None) is original:
+            monkeypatch.setattr(module, "check_tensor", spy)
+    return seen
+
+
+@pytest.mark.parametrize("centering", ["probability", "logit", "sinkhorn"])
+def test_each_input_is_validated_once_per_public_call(monkeypatch, centering):
+    student, teacher = _batch()
+    s_norms, t_norms = _norms().requires_grad_(), _norms()
+    center = torch.full((1, K), 1.0 / K) if centering == "probability" else torch.zeros(1, K)
+    loss = _dino(centering=centering)
+    seen = _count_tensor_checks(monkeypatch)
+    loss(student, teacher, 0, s_norms, t_norms).backward()
+    for x in (student, teacher, s_norms, t_norms):
+        assert seen.count(id(x)) == 1
+    seen.clear()
+    F.dino_vmf_loss(
+        student,
+        teacher,
+        None if centering == "sinkhorn" else center,
+        n_views=NCROPS,
+        student_temp=0.1,
+        teacher_temp=0.04,
+        student_correction=torch.zeros(K),
+        centering=centering,
+    )
+    for x in (student, teacher):
+        assert seen.count(id(x)) == 1
+
+
+def test_ibot_inputs_are_validated_once_per_call(monkeypatch):
+    s, t, local, masks = _ibot_batch()
+    s_norms, t_norms = (_norms(), _norms(8)), (_norms(), _norms(8))
+    seen = _count_tensor_checks(monkeypatch)
+    _ibot()(s, t, local, masks, 0, s_norms, t_norms)
+    for x in (*s, *t, local, *masks[:2], *s_norms, *t_norms):  # iBOT reads the global crops' masks only
+        assert seen.count(id(x)) == 1

@@ -154,23 +154,28 @@ def check_dino_inputs(
     return batch, k
 
 
-def check_patch_inputs(
-    student_patch: torch.Tensor, teacher_patch: torch.Tensor, mask: torch.Tensor
+def check_patch_outputs(
+    student_patch: torch.Tensor,
+    teacher_patch: torch.Tensor,
+    names: tuple[str, str] = ("student_patch", "teacher_patch"),
 ) -> tuple[int, int, int]:
-    """Check the shapes of iBOT's patch outputs and mask; return ``(images, tokens, K)``."""
-    for name, x in (("student_patch", student_patch), ("teacher_patch", teacher_patch)):
+    """Check the shapes of iBOT's patch outputs (``names`` as the caller calls them); return
+    ``(images, tokens, K)``."""
+    for name, x in zip(names, (student_patch, teacher_patch)):
         check_tensor(name, x, dims=3, shape="(images, tokens, K)")
     if student_patch.shape != teacher_patch.shape:
         raise ValueError(
-            f"student_patch {tuple(student_patch.shape)} and teacher_patch {tuple(teacher_patch.shape)} differ in shape"
-        )
-    check_tensor("mask", mask, floating=False, shape=f"(images, tokens) = {tuple(student_patch.shape[:2])}")
-    if tuple(mask.shape) != tuple(student_patch.shape[:2]):
-        raise ValueError(
-            f"mask must have shape (images, tokens) = {tuple(student_patch.shape[:2])}, got {tuple(mask.shape)}"
+            f"{names[0]} {tuple(student_patch.shape)} and {names[1]} {tuple(teacher_patch.shape)} differ in shape"
         )
     images, tokens, k = student_patch.shape
     return images, tokens, k
+
+
+def check_patch_mask(mask: torch.Tensor, images: int, tokens: int) -> None:
+    """Check that ``mask`` is an ``(images, tokens)`` bool or integer tensor."""
+    check_tensor("mask", mask, floating=False, shape=f"(images, tokens) = {(images, tokens)}")
+    if tuple(mask.shape) != (images, tokens):
+        raise ValueError(f"mask must have shape (images, tokens) = {(images, tokens)}, got {tuple(mask.shape)}")
 
 
 def _check_center(center: object, centering: str, shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -345,7 +350,8 @@ def ibot_patch_vmf_loss(
         kernels skip the unmasked ones.
     """
     check_centering(centering)
-    *_, k = check_patch_inputs(student_patch, teacher_patch, mask)
+    images, tokens, k = check_patch_outputs(student_patch, teacher_patch)
+    check_patch_mask(mask, images, tokens)
     term = _check_term(
         k,
         centering,

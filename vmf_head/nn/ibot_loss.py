@@ -14,7 +14,7 @@ import torch
 
 from .._validation import check_int, check_real, check_tensor
 from ..functional.cross_entropy import Pairing
-from ..functional.dino_loss import check_dino_inputs, check_patch_inputs
+from ..functional.dino_loss import check_dino_inputs, check_patch_outputs
 from .centered_loss import CenteredLoss, scheduled, temperature_schedule
 
 
@@ -25,6 +25,7 @@ def _stack_masks(
     first ``ngcrops`` belong to the global views; or one tensor for the stacked global views) as
     ``(ngcrops * B, N)``."""
     if isinstance(student_mask, torch.Tensor):
+        check_tensor("student_mask", student_mask, floating=False, shape="(ngcrops * B, H, W) or (ngcrops * B, N)")
         masks = student_mask
     elif isinstance(student_mask, Sequence) and len(student_mask) >= ngcrops:
         for i, m in enumerate(student_mask[:ngcrops]):
@@ -173,9 +174,10 @@ class iBOTvMFLoss(CenteredLoss):
                     )
             student_cls = torch.cat([student_cls, student_local_cls])
         _, k = check_dino_inputs(student_cls, teacher_cls, n_views=self.ncrops, n_global=self.ngcrops)
-        check_tensor("student_output[1]", student_patch, dims=3, shape="(ngcrops * B, N, K2)")
-        mask = _stack_masks(student_mask, self.ngcrops, student_patch.shape[0], student_patch.shape[1])
-        images, tokens, k2 = check_patch_inputs(student_patch, teacher_patch, mask)
+        images, tokens, k2 = check_patch_outputs(
+            student_patch, teacher_patch, names=("student_output[1]", "teacher_output[1]")
+        )
+        mask = _stack_masks(student_mask, self.ngcrops, images, tokens)
         if teacher_cls.shape[0] != images:
             raise ValueError(
                 f"the [CLS] outputs cover {teacher_cls.shape[0]} global images but the patch outputs {images}"
