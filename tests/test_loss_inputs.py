@@ -426,3 +426,15 @@ def test_ibot_inputs_are_validated_once_per_call(monkeypatch):
     _ibot()(s, t, local, masks, 0, s_norms, t_norms)
     for x in (*s, *t, local, *masks[:2], *s_norms, *t_norms):  # iBOT reads the global crops' masks only
         assert seen.count(id(x)) == 1
+
+
+def test_a_floating_mask_is_refused():
+    """A float mask would silently weight the tokens by its values."""
+    s, t, local, masks = _ibot_batch()
+    with pytest.raises(TypeError, match="student_mask must be a bool"):
+        _ibot()(s, t, local, torch.rand(2 * B, 6), 0)
+    with pytest.raises(TypeError, match=r"student_mask\[0\] must be a bool"):
+        _ibot()(s, t, local, [m.float() for m in masks], 0)
+    with pytest.raises(TypeError, match="mask must be a bool"):
+        center = torch.zeros(1, 1, 8)
+        F.ibot_patch_vmf_loss(s[1], t[1], torch.rand(2 * B, 6), center, student_temp=0.1, teacher_temp=0.04)

@@ -82,9 +82,15 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
 
 
 def check_tensor(
-    name: str, value: object, *, dims: int | tuple[int, ...] | None = None, floating: bool = True, shape: str = ""
+    name: str,
+    value: object,
+    *,
+    dims: int | tuple[int, ...] | None = None,
+    floating: bool | None = True,
+    shape: str = "",
 ) -> torch.Tensor:
-    """``value`` if it is a tensor (floating when ``floating``) with ``dims`` dimensions.
+    """``value`` if it is a tensor with ``dims`` dimensions, of a floating dtype when ``floating``, of
+    a bool or integer one (a mask) when False, of any when None.
 
     TypeError names the argument and the type or dtype received; ValueError the shape. ``shape``
     describes the expected layout in the message (e.g. "(K,)").
@@ -94,6 +100,8 @@ def check_tensor(
         raise TypeError(f"{name} must be a torch.Tensor{layout}, got {_kind(value)}")
     if floating and not value.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {value.dtype}")
+    if floating is False and (value.is_floating_point() or value.is_complex()):
+        raise TypeError(f"{name} must be a bool (or 0/1 integer) mask, got {value.dtype}")
     if dims is not None:
         allowed = (dims,) if isinstance(dims, int) else dims
         if value.dim() not in allowed:

@@ -265,7 +265,7 @@ class PatchedLightlyIBOTPatchLoss(CenteredLoss):
                     f"{name} has shape {tuple(x.shape)}; teacher_out and student_out must both be "
                     f"(masked tokens, K = {self.output_dim}), teacher_out is {tuple(teacher_out.shape)}"
                 )
-        check_tensor("mask", mask, dims=(2, 3), floating=False, shape="(B, H, W) or (B, N)")
+        check_tensor("mask", mask, dims=(2, 3), floating=None, shape="(B, H, W) or (B, N)")  # dtype: below
         if mask.dtype != torch.bool or mask.device != teacher_out.device:
             raise ValueError(
                 f"mask must be a bool tensor on the outputs' device {teacher_out.device}, "
