@@ -5,13 +5,15 @@ finite; the backend choice; the center as checkpoint state."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmf_head import DINOvMFLoss, VMFPrototypeHead, _dispatch, iBOTvMFLoss
+from vmf_head import DINOvMFLoss, VMFPrototypeHead, _dispatch, _validation, iBOTvMFLoss
 from vmf_head import functional as F
 
 K, NCROPS, B = 16, 4, 3
@@ -377,10 +379,6 @@ def test_center_is_checkpoint_state():
 def _count_tensor_checks(monkeypatch) -> list[int]:
     """Spy on ``check_tensor`` in every module of the package that imported it; the ids of the
     tensors it was asked to check, in order."""
-    import sys
-
-    from vmf_head import _validation
-
     seen: list[int] = []
     original = _validation.check_tensor
 
